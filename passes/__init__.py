@@ -1,0 +1,1 @@
+"""Graph passes over an ``onnx_ir.Model`` (installed as ``quantlab.passes``)."""

@@ -1,0 +1,233 @@
+"""Weight-only quantization of the graph's linears.
+
+    MatMul(x, W) -> com.microsoft.MatMulNBits(x, B, scales, zero_points)          format "matmulnbits"
+    MatMul(x, W) -> MatMul(x, DequantizeLinear(Wq, scale, zero_point, axis=0, block_size))   format "qdq"
+
+Both carry the same integers and scales, so they compute the same product (a test holds them to
+it); "qdq" uses standard ONNX ops only (opset 21 blocked quantization, uint4/uint8 storage), for
+runtimes without onnxruntime's contrib ops.
+
+The integers come either from ``precomputed`` (GPTQ, AWQ: calibrated before the pass, passed in as
+values) or from round-to-nearest over the weight the graph already holds. Either way each packed
+tensor is an ``onnx_ir.LazyTensor``: quantization runs when the emitter writes it, one linear at a
+time, so peak memory stays about one weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from quantlab.quant.packing import matmul_nbits_attributes, pack_matmul_nbits
+from quantlab.quant.rtn import QuantizedWeight, rtn_quantize
+from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("matmulnbits", "qdq")
+
+
+def linear_name_of(weight_name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``."""
+    return weight_name.removesuffix(".weight")
+
+
+def quantizable_linears(model: ir.Model) -> dict[str, ir.Node]:
+    """Linear name -> its MatMul node, for every MatMul whose right operand is a weight initializer."""
+    found = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = node.inputs[1]
+        if w is not None and w.is_initializer() and w.name.endswith(".weight") and w.const_value is not None:
+            found[linear_name_of(w.name)] = node
+    return found
+
+
+class _OnePerLinear:
+    """Quantize a linear once even though three lazy tensors (B, scales, zero points) need it."""
+
+    def __init__(self, fn: Callable[[], QuantizedWeight]):
+        self.fn = fn
+        self.packed: tuple | None = None
+        self.uses = 0
+
+    def get(self, expected_uses: int):
+        if self.packed is None:
+            self.packed = self.fn()
+        result = self.packed
+        self.uses += 1
+        if self.uses >= expected_uses:  # every tensor of this linear written: free it
+            self.packed = None
+            self.uses = 0
+        return result
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """MatMul(x, W) -> MatMulNBits(x, B, scales, zp) (or DequantizeLinear -> MatMul), per linear scheme.
+
+    ``schemes`` maps linear names (``model.layers.3.self_attn.q_proj``, ``lm_head``) to their scheme;
+    linears not in it stay as they are. ``precomputed`` holds calibrated integers for some of them.
+    """
+
+    def __init__(
+        self,
+        schemes: Mapping[str, QuantScheme],
+        *,
+        precomputed: Mapping[str, QuantizedWeight] | None = None,
+        format: str = "matmulnbits",
+        accuracy_level: int = 4,
+    ):
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        self.schemes = dict(schemes)
+        self.precomputed = dict(precomputed or {})
+        self.format = format
+        self.accuracy_level = accuracy_level
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for linear, node in quantizable_linears(model).items():
+            scheme = self.schemes.get(linear)
+            if scheme is None:
+                continue
+            if not scheme.weight_only:
+                raise ValueError(f"{linear}: {scheme} is not a weight-only scheme")
+            w_value = node.inputs[1]
+            k, n = w_value.shape  # stored (in, out) for MatMul(x, W)
+            if linear in self.precomputed:
+                qw = self.precomputed[linear]
+                if qw.shape != (n, k):
+                    raise ValueError(f"{linear}: precomputed weight is {qw.shape}, graph needs {(n, k)}")
+                source = _constant(qw)
+            else:
+                source = _rtn_of(w_value.const_value, scheme)
+            if self.format == "matmulnbits":
+                self._to_matmul_nbits(model, node, linear, scheme, source, k, n)
+            else:
+                self._to_qdq(model, node, linear, scheme, source, k, n)
+            modified = True
+        if modified and self.format == "matmulnbits":
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, modified)
+
+    def _to_matmul_nbits(self, model, node, linear, scheme, source, k, n) -> None:
+        probe = QuantizedWeight(
+            np.zeros((1, k), np.uint8),
+            np.zeros((1, _groups(k, scheme)), np.float32),
+            None,
+            scheme.bits,
+            scheme.group_size,
+        )
+        attrs = matmul_nbits_attributes(probe)
+        attrs["N"] = n
+        block = attrs["block_size"]
+        n_blocks = -(-k // block)
+        blob = block * scheme.bits // 8
+        once = _OnePerLinear(lambda: pack_matmul_nbits(source()))
+        uses = 2 if scheme.symmetric else 3
+        graph = model.graph
+        b = _initializer(graph, f"{linear}.qweight", ir.DataType.UINT8, (n, n_blocks, blob), lambda: once.get(uses)[0])
+        scales = _initializer(graph, f"{linear}.scales", ir.DataType.FLOAT, (n, n_blocks), lambda: once.get(uses)[1])
+        inputs = [node.inputs[0], b, scales]
+        if not scheme.symmetric:
+            zp_bytes = -(-n_blocks * scheme.bits // 8)
+            inputs.append(
+                _initializer(graph, f"{linear}.qzeros", ir.DataType.UINT8, (n, zp_bytes), lambda: once.get(uses)[2])
+            )
+        new = ir.Node(
+            "com.microsoft",
+            "MatMulNBits",
+            inputs,
+            attributes=[
+                ir.AttrInt64(key, value) for key, value in {**attrs, "accuracy_level": self.accuracy_level}.items()
+            ],
+            name=f"{linear}.MatMulNBits",
+            num_outputs=1,
+        )
+        _replace(graph, node, new)
+
+    def _to_qdq(self, model, node, linear, scheme, source, k, n) -> None:
+        group = k if scheme.group_size == PER_CHANNEL else scheme.group_size
+        n_groups = -(-k // group)
+        once = _OnePerLinear(source)
+        uses = 2 if scheme.symmetric else 3
+        code_type = ir.DataType.UINT4 if scheme.bits == 4 else ir.DataType.UINT8
+        graph = model.graph
+        # (K, N) codes and (n_groups, N) scales: blocked along axis 0, the input dimension of MatMul(x, W)
+        codes = _initializer(
+            graph, f"{linear}.qweight", code_type, (k, n), lambda: np.ascontiguousarray(once.get(uses).q.T)
+        )
+        scales = _initializer(
+            graph,
+            f"{linear}.scales",
+            ir.DataType.FLOAT,
+            (n_groups, n),
+            lambda: np.ascontiguousarray(once.get(uses).scales.T),
+        )
+        zp_fn = (
+            (lambda: np.ascontiguousarray(once.get(uses).zero_points.T))
+            if not scheme.symmetric
+            else (lambda: np.full((n_groups, n), 1 << (scheme.bits - 1), dtype=np.uint8))
+        )
+        zps = _initializer(graph, f"{linear}.qzeros", code_type, (n_groups, n), zp_fn)
+        dq = ir.Node(
+            "",
+            "DequantizeLinear",
+            [codes, scales, zps],
+            attributes=[ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", group)],
+            name=f"{linear}.DequantizeLinear",
+            num_outputs=1,
+        )
+        dq.outputs[0].name = f"{linear}.weight_dq"
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+
+
+def _constant(qw: QuantizedWeight) -> Callable[[], QuantizedWeight]:
+    return lambda: qw
+
+
+def _rtn_of(tensor: ir.TensorProtocol, scheme: QuantScheme) -> Callable[[], QuantizedWeight]:
+    """Round-to-nearest of a graph weight stored (in, out), computed when first asked for."""
+
+    def quantize() -> QuantizedWeight:
+        weight = np.asarray(tensor.numpy(), dtype=np.float32).T  # (out, in), as the maths expects
+        return rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.symmetric)
+
+    return quantize
+
+
+def _groups(k: int, scheme: QuantScheme) -> int:
+    return 1 if scheme.group_size == PER_CHANNEL else -(-k // scheme.group_size)
+
+
+def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape, fn) -> ir.Value:
+    if dtype == ir.DataType.UINT4:
+
+        def load():
+            return ir.Tensor(fn(), dtype=ir.DataType.UINT4, name=name)
+    else:
+
+        def load():
+            return ir.Tensor(fn(), name=name)
+
+    tensor = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    out = old.outputs[0]
+    name = out.name
+    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+    graph.insert_before(old, new)
+    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=out in graph.outputs)
+    graph.remove(old, safe=True)
+    out.name = None
+    new.outputs[0].name = name

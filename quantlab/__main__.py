@@ -1,0 +1,3 @@
+from quantlab.cli.main import entry
+
+entry()

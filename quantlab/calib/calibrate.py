@@ -1,0 +1,209 @@
+"""Calibrated quantization, layer by layer: GPTQ, AWQ and SmoothQuant decide each layer's integers.
+
+    result = calibrate(ckpt, recipe, tokens)        # an analysis: returns a CalibrationResult
+    QuantizeWeightsPass(schemes, precomputed=result.quantized)   # a pass consumes it
+
+Per layer: observe the inputs of its linears on the calibration data (fp weights, earlier layers
+already quantized), let the method decide, then run the layer again quantized and hand its outputs
+to the next layer. The progress bar shows each layer's relative output error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from quantlab.build.decoder import LINEAR_INPUTS
+from quantlab.calib.layerwise import (
+    ROLES,
+    CalibrationResult,
+    LayerRunner,
+    embed_tokens,
+    observe_layer,
+    progress_bar,
+    relative_error,
+    with_overrides,
+)
+from quantlab.io.spec import Checkpoint
+from quantlab.quant import awq, smoothquant
+from quantlab.quant.gptq import GPTQConfig, gptq_quantize
+from quantlab.quant.rtn import dequantize, rtn_quantize
+from quantlab.quant.scheme import PER_CHANNEL
+from quantlab.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+# Tokens per linear input kept for AWQ's searches (spread over all calibration sequences).
+AWQ_SAMPLE_TOKENS = 4096
+_ROLE_BY_SHORT_NAME = {role.split(".")[-1]: role for role in ROLES}
+
+
+def calibrate(
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    tokens: np.ndarray,
+    *,
+    batch: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """tokens (n, seq) int64 -> the integers and folded scales for every linear the recipe quantizes."""
+    method = recipe.method
+    if method not in METHODS:
+        raise ValueError(f"calibrate() is for {sorted(METHODS)}, not {method!r}")
+    decide = METHODS[method]
+    hidden = embed_tokens(ckpt, tokens)  # (n, seq, hidden)
+    result = CalibrationResult()
+    seed = recipe.calibration.seed
+    with progress_bar(ckpt.spec.num_layers, f"calibrate {method}", progress) as bar:
+        for i in range(ckpt.spec.num_layers):
+            fp = with_overrides(ckpt, result.float_overrides)
+            fp_out, stats = observe_layer(
+                LayerRunner(fp, i, threads),
+                hidden,
+                batch=batch,
+                hessians=method == "gptq",
+                samples=AWQ_SAMPLE_TOKENS if method == "awq" else 0,
+                absmax=method == "smoothquant",
+                seed=seed + i,
+            )
+            layer_weights = decide(fp, i, stats, recipe, result)
+            quantized = with_overrides(ckpt, {**result.float_overrides, **layer_weights})
+            runner = LayerRunner(quantized, i, threads)
+            q_out = np.empty_like(hidden)
+            for start in range(0, hidden.shape[0], batch):
+                q_out[start : start + batch], _ = runner.run(hidden[start : start + batch])
+            result.layer_errors.append(relative_error(q_out, fp_out))
+            bar.set_postfix(layer=i, rel_err=f"{result.layer_errors[-1]:.2e}")
+            bar.update()
+            logger.info("layer %d: relative output error %.3e", i, result.layer_errors[-1])
+            hidden = q_out  # sequential: the next layer sees this layer's quantized outputs
+    return result
+
+
+def _linear(i: int, role: str) -> str:
+    return f"model.layers.{i}.{role}"
+
+
+def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: CalibrationResult) -> dict:
+    """GPTQ (arXiv 2210.17323) for every linear of layer i, from the Hessian of its input."""
+    dequantized = {}
+    for role in ROLES:
+        name = _linear(i, role)
+        scheme = recipe.scheme_for(name)
+        if scheme is None:
+            continue
+        weight = fp.tensors.load(name + ".weight")
+        config = GPTQConfig.from_scheme(
+            scheme, percdamp=recipe.gptq.damp, act_order=recipe.gptq.act_order, block_size=recipe.gptq.block_size
+        )
+        qw = gptq_quantize(weight, stats.hessians[LINEAR_INPUTS[role]], config)
+        result.quantized[name] = qw
+        dequantized[name + ".weight"] = dequantize(qw)
+    return dequantized
+
+
+def _scaled_groups(fp: Checkpoint, i: int, recipe: Recipe, scales_for) -> tuple[dict, dict, dict]:
+    """Apply per-input-channel scales group by group (AWQ_MAPPINGS), folding 1/s into the producer.
+
+    scales_for(roles, x_name) -> s (K,) or None to leave that group alone. Returns the scaled weights
+    by role, the divisor each role's input now carries, and float overrides for the producers.
+    """
+    weights = {role: fp.tensors.load(_linear(i, role) + ".weight") for role in ROLES}
+    divisors: dict[str, np.ndarray] = {}
+    overrides: dict[str, np.ndarray] = {}
+    for mapping in awq.AWQ_MAPPINGS:
+        roles = [_ROLE_BY_SHORT_NAME[n] for n in mapping.linears]
+        x_name = LINEAR_INPUTS[roles[0]]
+        if mapping.previous_kind == "linear":
+            previous = _ROLE_BY_SHORT_NAME[mapping.previous]
+            if weights[previous].shape[0] != weights[roles[0]].shape[1]:
+                continue  # v_proj -> o_proj under grouped-query attention: widths differ, no fold
+        s = scales_for(roles, x_name, weights)
+        if s is None:
+            continue
+        for role in roles:
+            weights[role] = awq.scale_input_channels(weights[role], s)
+            divisors[role] = s
+        if mapping.previous_kind == "norm":
+            name = f"model.layers.{i}.{mapping.previous}.weight"
+            overrides[name], _ = awq.fold_into_norm(fp.tensors.load(name), s)
+        else:
+            bias_name = _linear(i, previous) + ".bias"
+            bias = fp.tensors.load(bias_name) if bias_name in fp.tensors.names() else None
+            weights[previous], new_bias = awq.fold_into_previous_linear(weights[previous], s, bias)
+            if new_bias is not None:
+                overrides[bias_name] = new_bias
+    return weights, divisors, overrides
+
+
+def _finish(
+    i: int, recipe: Recipe, weights: dict, touched: set, overrides: dict, result: CalibrationResult, quantize
+) -> dict:
+    """Quantize the scaled weights; keep scaled float weights for linears the recipe leaves in float."""
+    result.float_overrides.update(overrides)
+    dequantized = {}
+    for role in ROLES:
+        name = _linear(i, role)
+        scheme = recipe.scheme_for(name)
+        if scheme is None:
+            if role in touched:
+                result.float_overrides[name + ".weight"] = weights[role]
+            continue
+        dequantized[name + ".weight"] = quantize(name, role, scheme, weights[role])
+    return dequantized
+
+
+def _decide_awq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: CalibrationResult) -> dict:
+    """AWQ (arXiv 2306.00978): scale search per group of linears, then clipping search, then RTN."""
+
+    def scales_for(roles, x_name, weights):
+        schemes = [recipe.scheme_for(_linear(i, r)) for r in roles]
+        if all(s is None for s in schemes):
+            return None
+        scheme = next(s for s in schemes if s is not None)
+        return awq.search_awq_scales(stats.sample(x_name), [weights[r] for r in roles], scheme, grid=recipe.awq.grid)
+
+    weights, divisors, overrides = _scaled_groups(fp, i, recipe, scales_for)
+
+    def quantize(name, role, scheme, weight):
+        if recipe.awq.clip and role.split(".")[-1] not in awq.AWQ_CLIP_SKIP:
+            x = stats.sample(LINEAR_INPUTS[role])
+            if role in divisors:
+                x = x / divisors[role]  # the input this scaled weight will see
+            max_val = awq.search_awq_clip(x, weight, scheme, grid=recipe.awq.grid)
+            weight = awq.apply_awq_clip(weight, max_val, scheme.group_size)
+        qw = rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.symmetric)
+        result.quantized[name] = qw
+        return dequantize(qw)
+
+    return _finish(i, recipe, weights, set(divisors), overrides, result, quantize)
+
+
+def _decide_smoothquant(fp: Checkpoint, i: int, stats, recipe: Recipe, result: CalibrationResult) -> dict:
+    """SmoothQuant (arXiv 2211.10438): move activation outliers into the weights, then int8 per channel."""
+
+    def scales_for(roles, x_name, weights):
+        if all(recipe.scheme_for(_linear(i, r)) is None for r in roles):
+            return None
+        return smoothquant.smooth_scales(
+            stats.absmax[x_name], [weights[r] for r in roles], alpha=recipe.smoothquant.alpha
+        )
+
+    weights, divisors, overrides = _scaled_groups(fp, i, recipe, scales_for)
+
+    def quantize(name, role, scheme, weight):
+        if scheme.weight_only:  # an override to a weight-only scheme inside a W8A8 recipe
+            qw = rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.symmetric)
+            result.quantized[name] = qw
+            return dequantize(qw)
+        q, scales = smoothquant.quantize_weight_per_channel_int8(weight)
+        result.int8[name] = (q, scales)
+        return q.astype(np.float32) * scales[:, None]
+
+    return _finish(i, recipe, weights, set(divisors), overrides, result, quantize)
+
+
+METHODS = {"gptq": _decide_gptq, "awq": _decide_awq, "smoothquant": _decide_smoothquant}
+assert PER_CHANNEL == -1

@@ -1,0 +1,174 @@
+"""Calibration that executes the graph one decoder layer at a time, in onnxruntime.
+
+Each layer is built alone (:func:`quantlab.build.decoder.build_layer`: that layer's weights, no
+cache), fed the previous layer's outputs for every calibration sequence, and observed at the input
+of each of its linears. So peak memory is one layer's weights plus the calibration activations,
+never the whole model with every intermediate tensor exposed.
+
+Sequential mode (GPTQ, arXiv 2210.17323, section 4): once layer i is quantized, it runs again with
+its quantized weights and *those* outputs feed layer i + 1, so later layers calibrate on what they
+will really see.
+
+The result is a value (:class:`CalibrationResult`); the graph passes consume it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from quantlab.build.decoder import LINEAR_INPUTS, build_layer
+from quantlab.io.spec import Checkpoint
+from quantlab.quant.rtn import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+ROLES = tuple(LINEAR_INPUTS)  # self_attn.q_proj, ..., mlp.down_proj
+
+
+class OverlaySource:
+    """A TensorSource that answers some names from ``overrides`` and the rest from ``base``."""
+
+    def __init__(self, base, overrides: dict[str, np.ndarray]):
+        self.base = base
+        self.overrides = overrides
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.overrides[name].shape) if name in self.overrides else self.base.shape(name)
+
+    def load(self, name: str) -> np.ndarray:
+        if name in self.overrides:
+            return np.array(self.overrides[name], dtype=np.float32)
+        return self.base.load(name)
+
+
+def with_overrides(ckpt: Checkpoint, overrides: dict[str, np.ndarray]) -> Checkpoint:
+    if not overrides:
+        return ckpt
+    return dataclasses.replace(ckpt, tensors=OverlaySource(ckpt.tensors, overrides))
+
+
+class LayerRunner:
+    """One decoder layer as an onnxruntime session: hidden (batch, seq, hidden) -> (hidden, taps)."""
+
+    def __init__(self, ckpt: Checkpoint, index: int, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.index = index
+        model = build_layer(ckpt, index)
+        proto = ir.serde.serialize_model(model)  # one layer: far below protobuf's 2 GB
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, hidden: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """hidden (batch, seq, hidden) -> output (batch, seq, hidden), {role input name: activations}."""
+        batch, seq, _ = hidden.shape
+        feeds = {
+            "hidden_states": np.ascontiguousarray(hidden, dtype=np.float32),
+            "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(),
+            "attention_mask": np.ones((batch, seq), dtype=np.int64),
+        }
+        outputs = self.session.run(self.output_names, feeds)
+        prefix = f"model.layers.{self.index}."
+        taps = {
+            name.removeprefix(prefix): value for name, value in zip(self.output_names[1:], outputs[1:], strict=True)
+        }
+        return outputs[0], taps
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """What calibration observed at the inputs of one layer's linears, keyed by role input name
+    (``input_layernorm.out``, ``self_attn.ctx_flat``, ``post_attention_layernorm.out``, ``mlp.act``)."""
+
+    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (K, K), H = 2/n sum x x^T
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)  # token subsets (t, K)
+    absmax: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (K,)
+
+    def sample(self, name: str) -> np.ndarray:
+        return np.concatenate(self.samples[name], axis=0)
+
+
+def observe_layer(
+    runner: LayerRunner, hidden: np.ndarray, *, batch: int, hessians: bool, samples: int, absmax: bool, seed: int
+) -> tuple[np.ndarray, LayerStats]:
+    """Run the layer over all calibration sequences; return its outputs and the statistics asked for.
+
+    ``samples``: how many tokens per linear input to keep (evenly spread, seeded) for searches that
+    need the activations themselves (AWQ); 0 keeps none.
+    """
+    from quantlab.quant.gptq import accumulate_hessian
+
+    stats = LayerStats()
+    out = np.empty_like(hidden)
+    rng = np.random.default_rng(seed)
+    n_total = hidden.shape[0] * hidden.shape[1]
+    for sl in batches(hidden.shape[0], batch):
+        out[sl], taps = runner.run(hidden[sl])
+        for name, x in taps.items():
+            x = x.reshape(-1, x.shape[-1])  # (tokens, K)
+            if hessians:
+                stats.hessians[name], stats.counts[name] = accumulate_hessian(
+                    stats.hessians.get(name), stats.counts.get(name, 0), x
+                )
+            if samples:
+                keep = max(1, round(samples * x.shape[0] / n_total))
+                idx = np.sort(rng.choice(x.shape[0], size=min(keep, x.shape[0]), replace=False))
+                stats.samples.setdefault(name, []).append(np.array(x[idx]))
+            if absmax:
+                m = np.abs(x).max(axis=0)
+                stats.absmax[name] = m if name not in stats.absmax else np.maximum(stats.absmax[name], m)
+    return out, stats
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    """What calibration decided, for the graph passes to apply.
+
+    quantized: linear name -> integers (weight-only methods).
+    int8: linear name -> (codes int8 (N, K), scales (N,)) for W8A8.
+    float_overrides: canonical tensor name -> new float values (norm weights with scales folded in,
+        float linears whose rows absorbed a scale).
+    layer_errors: per layer, ||y_q - y|| / ||y|| of the layer output on the calibration data.
+    """
+
+    quantized: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
+    int8: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    float_overrides: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    layer_errors: list[float] = dataclasses.field(default_factory=list)
+
+
+def relative_error(approx: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(approx - reference) / max(np.linalg.norm(reference), 1e-30))
+
+
+def embed_tokens(ckpt: Checkpoint, tokens: np.ndarray) -> np.ndarray:
+    """tokens (n, seq) -> hidden states (n, seq, hidden), the graph's Gather done once in numpy."""
+    table = ckpt.tensors.load("model.embed_tokens.weight")  # (vocab, hidden)
+    hidden = table[tokens]
+    del table
+    return hidden
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled)

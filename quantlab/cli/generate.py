@@ -1,0 +1,112 @@
+"""Generate text with an artifact folder, over onnxruntime with the KV cache.
+
+Greedy with --greedy; otherwise seeded sampling (--temperature, --top-k, --top-p, --seed), which
+gives the same tokens for the same seed. --json prints one object with the ids and the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from quantlab.errors import InputError
+
+HELP = "generate text from an artifact"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="folder written by quantlab convert")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, used as is (no BOS added)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens (default 64)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _prompt_ids(args, tok) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError as e:
+            raise InputError(None, "--prompt-ids", "expected comma-separated integers") from e
+        if not ids:
+            raise InputError(None, "--prompt-ids", "empty prompt")
+        return ids
+    if args.chat:
+        return tok.encode_chat(args.prompt)
+    return tok.encode(args.prompt)  # the tokenizer's own BOS rule
+
+
+def continuation_text(tok, prompt: list[int], ids: list[int]) -> str:
+    """The text the generated ids add after the prompt, decoded in the prompt's context (a
+    SentencePiece piece after BOS drops its leading space, as llama2.c's run.c does)."""
+    ids = [t for t in ids if t not in tok.eos_token_ids]
+    base = tok.decode(prompt)
+    full = tok.decode(prompt + ids)
+    return full[len(base) :] if full.startswith(base) else tok.decode(ids)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantlab.runtime.generate import OrtDecoder, SamplingConfig, generate
+    from quantlab.runtime.tokenizer import load_tokenizer
+
+    folder = Path(args.artifact)
+    if not (folder / "model.onnx").is_file():
+        raise InputError(folder, "model.onnx", "not an artifact folder (no model.onnx)")
+    if args.max_new_tokens < 1:
+        raise InputError(None, "--max-new-tokens", "must be >= 1")
+    try:
+        sampling = SamplingConfig(
+            greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        )
+    except ValueError as e:
+        raise InputError(None, "sampling", str(e)) from e
+    tok = load_tokenizer(folder)
+    prompt = _prompt_ids(args, tok)
+    vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+    if any(not 0 <= t < vocab for t in prompt):
+        raise InputError(None, "--prompt-ids", f"token ids must be in [0, {vocab})")
+    decoder = OrtDecoder(folder, threads=args.threads)
+    stop = () if args.ignore_eos else sorted(tok.eos_token_ids)
+    ids: list[int] = []
+    start = time.perf_counter()
+    first = None
+    printed = ""
+    for token in generate(decoder, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop):
+        first = first or time.perf_counter()
+        ids.append(token)
+        if not args.json:  # stream: print what the new token adds to the decoded text
+            text = continuation_text(tok, prompt, ids)
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+    end = time.perf_counter()
+    text = continuation_text(tok, prompt, ids)
+    if args.json:
+        tpot = (end - first) / (len(ids) - 1) if len(ids) > 1 else None
+        print(
+            json.dumps(
+                {
+                    "prompt_ids": prompt,
+                    "ids": ids,
+                    "text": text,
+                    "ttft_s": round(first - start, 6) if first else None,
+                    "tpot_s": round(tpot, 6) if tpot else None,
+                }
+            )
+        )
+    else:
+        sys.stdout.write("\n")
+    return 0

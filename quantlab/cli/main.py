@@ -1,0 +1,70 @@
+"""``quantlab`` command line: one module per subcommand, each with ``add_arguments`` and ``run``.
+
+Exit codes: 0 success, 2 bad input or usage, 1 internal error, 130 interrupted, 143 terminated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from quantlab import __version__
+from quantlab.errors import InputError
+
+SUBCOMMANDS = {
+    "convert": "quantlab.cli.convert",
+    "eval": "quantlab.cli.eval",
+    "generate": "quantlab.cli.generate",
+    "inspect": "quantlab.cli.inspect",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quantlab", description="Quantize and compile LLM checkpoints to ONNX.")
+    parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step (passes, files written)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args._run(args) or 0)
+    except InputError as e:
+        print(f"quantlab: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantlab: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # a bug in quantlab, not in the user's input
+        traceback.print_exc()
+        print(f"quantlab: internal error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,25 @@
+"""Errors that carry the file and the field a user has to fix.
+
+Bad input raises :class:`InputError`; the CLI prints its one-line message and exits 2.
+Anything else that escapes is a bug in quantlab and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class InputError(Exception):
+    """Bad user input: a file, a field in it, and what is wrong with it."""
+
+    def __init__(self, path: str | os.PathLike | None, field: str | None, message: str):
+        self.path = None if path is None else os.fspath(path)
+        self.field = field
+        self.message = message
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        parts = [p for p in (self.path, self.field) if p]
+        where = ": ".join(parts)
+        text = f"{where}: {self.message}" if where else self.message
+        return " ".join(text.split())  # never more than one line

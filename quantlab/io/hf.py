@@ -1,0 +1,279 @@
+"""Hugging Face checkpoint folders: ``config.json`` + safetensors (single file or sharded).
+
+The architecture table below is the only place that knows how the supported families differ;
+its defaults are those of the transformers config classes for keys a config.json leaves out.
+Both the transformers 4.x config shape (``rope_theta`` + ``rope_scaling``) and the 5.x shape
+(``rope_parameters`` with ``rope_theta`` inside) are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from quantlab.errors import InputError
+from quantlab.io.common import (
+    HF_FIELDS,
+    check_head_layout,
+    check_tensor_shapes,
+    inside_folder,
+    positive_float,
+    positive_int,
+    with_tokenizer_ids,
+)
+from quantlab.io.hf_tokenizer import hf_tokenizer_spec
+from quantlab.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile
+from quantlab.io.spec import Checkpoint, ModelSpec, RopeScaling
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    defaults: dict = field(default_factory=dict)  # transformers' defaults for keys config.json may omit
+    attention_bias: bool | None = None  # fixed by the architecture; None: read config["attention_bias"]
+    qk_norm: bool = False
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture(
+        "llama",
+        {"num_key_value_heads": None, "head_dim": None, "max_position_embeddings": 2048, "attention_bias": False},
+    ),
+    "MistralForCausalLM": Architecture(
+        "mistral",
+        {"num_key_value_heads": 8, "head_dim": None, "max_position_embeddings": 131072, "sliding_window": 4096},
+        attention_bias=False,
+    ),
+    "Qwen2ForCausalLM": Architecture(
+        "qwen2", {"num_key_value_heads": 32, "head_dim": None, "max_position_embeddings": 32768}, attention_bias=True
+    ),
+    "Qwen3ForCausalLM": Architecture(
+        "qwen3",
+        {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "attention_bias": False},
+        qk_norm=True,
+    ),
+}
+MODEL_TYPES = {arch.family: name for name, arch in ARCHITECTURES.items()}  # for configs without "architectures"
+COMMON_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0, "hidden_act": "silu"}
+REQUIRED_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def read_config(folder: Path) -> tuple[Path, dict]:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, None, "config.json not found in the checkpoint folder") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, None, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(path, None, "config.json must hold a JSON object")
+    return path, config
+
+
+def architecture_of(config: dict, path) -> tuple[str, Architecture]:
+    names = config.get("architectures")
+    if names is None and config.get("model_type") in MODEL_TYPES:
+        names = [MODEL_TYPES[config["model_type"]]]
+    if not isinstance(names, list) or len(names) != 1 or names[0] not in ARCHITECTURES:
+        raise InputError(path, "architectures", f"unsupported {names!r}; supported: {', '.join(ARCHITECTURES)}")
+    return names[0], ARCHITECTURES[names[0]]
+
+
+def _rope(config: dict, path) -> tuple[float, RopeScaling | None]:
+    """(theta, llama3 scaling or None) from either config shape."""
+    params = config.get("rope_parameters")
+    if params is not None:
+        prefix = "rope_parameters"
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise InputError(path, prefix, "per-layer-type RoPE parameters are not supported")
+        theta = params.get("rope_theta", config.get("rope_theta", COMMON_DEFAULTS["rope_theta"]))
+        scaling = params
+    else:
+        prefix = "rope_scaling"
+        theta = config.get("rope_theta", COMMON_DEFAULTS["rope_theta"])
+        scaling = config.get("rope_scaling") or {}
+        if not isinstance(scaling, dict):
+            raise InputError(path, prefix, f"expected an object or null, got {scaling!r}")
+    theta = positive_float(theta, path, f"{prefix}.rope_theta" if params is not None else "rope_theta")
+    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise InputError(path, "partial_rotary_factor", f"partial rotary embeddings ({partial}) are not supported")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in (None, "default"):
+        return theta, None
+    if rope_type != "llama3":
+        raise InputError(
+            path, f"{prefix}.rope_type", f"unsupported RoPE type {rope_type!r}; supported: default, llama3"
+        )
+    values = {}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if key not in scaling:
+            raise InputError(path, f"{prefix}.{key}", "missing (llama3 RoPE scaling needs it)")
+        values[key] = positive_float(scaling[key], path, f"{prefix}.{key}")
+    key = "original_max_position_embeddings"
+    if key not in scaling:
+        raise InputError(path, f"{prefix}.{key}", "missing (llama3 RoPE scaling needs it)")
+    return theta, RopeScaling(**values, original_max_position_embeddings=positive_int(scaling[key], path, key))
+
+
+def _token_ids(value, path, field: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise InputError(path, field, f"expected a token id or a list of token ids, got {value!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def spec_from_hf_config(config: dict, path: str | os.PathLike) -> ModelSpec:
+    """Validate a Llama/Mistral/Qwen2/Qwen3 config.json and normalize it into a ModelSpec."""
+    _, arch = architecture_of(config, path)
+    cfg = {**COMMON_DEFAULTS, **arch.defaults, **config}  # an explicit null keeps its meaning (derive it)
+    if "quantization_config" in config:
+        raise InputError(path, "quantization_config", "already-quantized checkpoints are not supported")
+    for key in REQUIRED_DIMS:
+        if key not in config:
+            raise InputError(path, key, "missing")
+    dims = {key: positive_int(cfg[key], path, key) for key in REQUIRED_DIMS}
+    heads = dims["num_attention_heads"]
+    kv_heads = positive_int(cfg.get("num_key_value_heads") or heads, path, "num_key_value_heads")
+    head_dim = positive_int(cfg.get("head_dim") or dims["hidden_size"] // heads, path, "head_dim")
+    check_head_layout(path, heads=heads, kv_heads=kv_heads, head_dim=head_dim, fields=HF_FIELDS)
+    if cfg["hidden_act"] != "silu":
+        raise InputError(path, "hidden_act", f"only silu (SwiGLU) MLPs are supported, got {cfg['hidden_act']!r}")
+    if cfg.get("mlp_bias"):
+        raise InputError(path, "mlp_bias", "MLP biases are not supported")
+    if cfg.get("use_sliding_window"):
+        raise InputError(path, "use_sliding_window", "sliding-window attention is not supported")
+    max_pos = positive_int(cfg["max_position_embeddings"], path, "max_position_embeddings")
+    window = cfg.get("sliding_window") if arch.family == "mistral" else None
+    if window is not None and positive_int(window, path, "sliding_window") < max_pos:
+        # Within the window, sliding attention is full attention: cap the context where results are exact.
+        logger.warning("%s: sliding_window %d < max_position_embeddings %d; capping the context", path, window, max_pos)
+        max_pos = int(window)
+    theta, scaling = _rope(config, path)
+    bias = arch.attention_bias if arch.attention_bias is not None else cfg.get("attention_bias", False)
+    if not isinstance(bias, bool):
+        raise InputError(path, "attention_bias", f"expected true or false, got {bias!r}")
+    tie = cfg["tie_word_embeddings"]
+    if not isinstance(tie, bool):
+        raise InputError(path, "tie_word_embeddings", f"expected true or false, got {tie!r}")
+    bos = _token_ids(config.get("bos_token_id"), path, "bos_token_id")
+    return ModelSpec(
+        family=arch.family,
+        vocab_size=dims["vocab_size"],
+        hidden_size=dims["hidden_size"],
+        intermediate_size=dims["intermediate_size"],
+        num_layers=dims["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=positive_float(cfg["rms_norm_eps"], path, "rms_norm_eps"),
+        rope_theta=theta,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        rope_interleaved=False,
+        rope_scaling=scaling,
+        attention_bias=bias,
+        qk_norm=arch.qk_norm,
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=_token_ids(config.get("eos_token_id"), path, "eos_token_id"),
+    )
+
+
+def select_tensors(spec: ModelSpec, shapes: dict, *, config_path, weights_path) -> None:
+    """Check shapes against the spec; tensors the spec does not use are an error unless harmless."""
+    for name in check_tensor_shapes(spec, shapes, config_path=config_path, fields=HF_FIELDS, weights_path=weights_path):
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and spec.tie_word_embeddings:
+            logger.warning("%s: tie_word_embeddings is true; ignoring the stored lm_head.weight", config_path)
+            continue
+        raise InputError(weights_path, name, "tensor not described by config.json (a feature this reader lacks?)")
+
+
+class SafetensorsSource:
+    """TensorSource over one or more validated safetensors files."""
+
+    def __init__(self, files: dict[str, SafetensorsFile], names: list[str]):
+        self._files = files  # canonical name -> the file that holds it
+        self._names = names
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._files[name].shape(name)
+
+    def load(self, name: str) -> np.ndarray:
+        return self._files[name].load(name)
+
+
+def _open_shards(folder: Path) -> tuple[Path, dict[str, SafetensorsFile]]:
+    """(the file to blame for missing tensors, tensor name -> file), with the index validated."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(index_path, None, f"not valid JSON ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(index_path, "weight_map", "must be a non-empty object of tensor name -> shard file")
+        shards: dict[str, SafetensorsFile] = {}
+        for name, shard in weight_map.items():
+            if shard not in shards:
+                shards[shard] = SafetensorsFile(inside_folder(folder, shard, index_path, "weight_map"))
+            if name not in shards[shard].tensors:
+                raise InputError(index_path, "weight_map", f"{name!r} is mapped to {shard!r}, which does not hold it")
+        owner: dict[str, SafetensorsFile] = {}
+        for shard_file in shards.values():
+            for name in shard_file.tensors:
+                if name in owner:
+                    raise InputError(shard_file.path, name, f"tensor also stored in {owner[name].path.name}")
+                owner[name] = shard_file
+        return index_path, owner
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        candidates = sorted(folder.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise InputError(folder, "model.safetensors", "not found (and no model.safetensors.index.json)")
+        single = candidates[0]
+    one = SafetensorsFile(single)
+    return single, {name: one for name in one.tensors}
+
+
+def load_hf_folder(folder: str | os.PathLike, *, tokenizer_path=None) -> Checkpoint:
+    """Read a Hugging Face checkpoint folder; tensors stay on disk until loaded."""
+    folder = Path(folder)
+    config_path, config = read_config(folder)
+    spec = spec_from_hf_config(config, config_path)
+    weights_path, owner = _open_shards(folder)
+    shapes = {name: f.shape(name) for name, f in owner.items()}
+    select_tensors(spec, shapes, config_path=config_path, weights_path=weights_path)
+    names = list(spec.expected_shapes())
+    for name in names:
+        if owner[name].tensors[name].dtype not in FLOAT_DTYPES:
+            raise InputError(owner[name].path, name, f"dtype {owner[name].tensors[name].dtype} is not a float type")
+    tokenizer = hf_tokenizer_spec(folder, spec, tokenizer_path=tokenizer_path)
+    if tokenizer is not None:
+        spec = with_tokenizer_ids(spec, tokenizer)
+    files = sorted({str(f.path) for f in owner.values()})
+    extra = [str(p) for p in (weights_path,) if p.name.endswith(".index.json")]
+    return Checkpoint(
+        spec=spec,
+        tensors=SafetensorsSource({n: owner[n] for n in names}, names),
+        tokenizer=tokenizer,
+        source_format="hf-safetensors",
+        source_files=(str(config_path), *extra, *files),
+        hf_config=config,
+    )

@@ -1,0 +1,217 @@
+"""GPTQ: accurate post-training quantization from second-order (Hessian) information.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv:2210.17323.
+
+Per linear layer the objective is ``argmin_Q ||W X - Q X||^2`` with ``H = 2 X X^T`` its Hessian.
+Columns of ``W`` are quantized one at a time; the error of each is spread over the not yet
+quantized columns through the inverse Hessian (Optimal Brain Quantization), with the paper's three
+changes: a fixed column order shared by all rows, lazy batch updates in blocks of 128 columns, and
+a Cholesky factor of ``H^-1`` for numerical stability.
+
+The integer grid (scale and zero point per group, rounding) is the RTN one from
+:mod:`quantlab.quant.rtn`, so a GPTQ weight packs and dequantizes exactly like an RTN weight.
+With ``act_order`` the columns are visited in order of decreasing ``diag(H)``, but the group
+scales and zero points are *static*: computed from the original weight in natural column order
+before any update, so every column keeps the parameters of its natural group and the emitted
+weight needs no ``g_idx`` (MatMulNBits's deprecated input) to be read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quantlab.quant.rtn import QuantizedWeight, group_count, grouped, scales_zero_points
+from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ settings. percdamp: damping as a fraction of mean(diag(H)); block_size: lazy-batch width."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
+        if self.group_size != PER_CHANNEL and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
+        if not 0.0 <= self.percdamp < 1.0 or self.block_size <= 0:
+            raise ValueError(f"need 0 <= percdamp < 1 and block_size > 0, got {self.percdamp}, {self.block_size}")
+
+    @classmethod
+    def from_scheme(cls, scheme: QuantScheme, **overrides: object) -> GPTQConfig:
+        """The weight format of ``scheme`` with GPTQ defaults, optionally overridden."""
+        fields = {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric}
+        return cls(**{**fields, **overrides})
+
+
+@dataclass(frozen=True, eq=False)
+class GPTQResult:
+    """weight: the codes. dequantized: the algorithm's own Q (N, K) float32, natural column order.
+    loss: the GPTQ objective's estimate, sum over columns of (w - q)^2 / [H^-1]_qq / 2."""
+
+    weight: QuantizedWeight
+    dequantized: np.ndarray
+    loss: float
+
+
+def accumulate_hessian(hessian: np.ndarray | None, n_samples: int, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Fold a calibration batch into the running Hessian ``H = 2/n * sum_t x_t x_t^T``.
+
+    hessian: (K, K) float32 from earlier batches, or None to start; n_samples: the token count in
+    it; x: activations (..., K) entering the layer. Returns the new (H, n); the input is not modified.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    k = x.shape[-1]
+    tokens = x.reshape(-1, k)  # (tokens, K)
+    total = n_samples + tokens.shape[0]
+    if total == 0:
+        raise ValueError("no calibration tokens")
+    if hessian is None:
+        updated = np.zeros((k, k), dtype=np.float32)
+    else:
+        if hessian.shape != (k, k):
+            raise ValueError(f"hessian has shape {hessian.shape}, activations have K={k}")
+        updated = np.asarray(hessian, dtype=np.float32) * np.float32(n_samples / total)
+    # Why the sqrt: scaling x once keeps the update one GEMM, (2/n) x^T x = (sqrt(2/n) x)^T (sqrt(2/n) x).
+    scaled = tokens * np.float32(np.sqrt(2.0 / total))
+    updated += scaled.T @ scaled
+    return updated, total
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C roundf (half away from zero), as :func:`quantlab.quant.rtn.roundf`."""
+    whole = torch.trunc(x)
+    return whole + torch.where((x - whole).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+
+
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scale and zero point (as float) of each row of ``w`` (N, group), RTN formulas."""
+    scales, zero_points = scales_zero_points(w.min(dim=1).values.numpy(), w.max(dim=1).values.numpy(), bits, symmetric)
+    zp = np.full(scales.shape, 1 << (bits - 1), np.float32) if zero_points is None else zero_points
+    return torch.from_numpy(scales), torch.from_numpy(zp.astype(np.float32))
+
+
+def _quantize_column(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values of one column, bit-identical to rtn.quantize_with_params/dequantize."""
+    reciprocal = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = torch.clamp(_roundf(w * reciprocal + zero), 0, max_code)
+    return codes, (codes - zero) * scale
+
+
+def _static_params(W: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, n_groups) scales and zero points of every group, from W in natural column order."""
+    groups = grouped(W.numpy(), config.group_size)  # (N, n_groups, group)
+    scales, zero_points = scales_zero_points(groups.min(axis=2), groups.max(axis=2), config.bits, config.symmetric)
+    zp = np.full(scales.shape, 1 << (config.bits - 1), np.float32) if zero_points is None else zero_points
+    return torch.from_numpy(scales), torch.from_numpy(zp.astype(np.float32))
+
+
+def _inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag(H)) (paper, section 4)."""
+    damp = percdamp * torch.mean(torch.diag(H))
+    H = H + damp * torch.eye(H.shape[0], dtype=H.dtype)
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+def _quantize_block(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    i1: int,
+    i2: int,
+    perm: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    codes: torch.Tensor,
+    Q: torch.Tensor,
+    config: GPTQConfig,
+) -> float:
+    """Columns i1..i2-1 of Algorithm 1 (symbols: :func:`run_gptq`); fills codes and Q, updates W.
+
+    Returns the block's share of the loss. Fits dynamic group parameters into scales/zeros in place.
+    """
+    k = W.shape[1]
+    size = k if config.group_size == PER_CHANNEL else config.group_size
+    W1 = W[:, i1:i2].clone()
+    Err1 = torch.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    loss = 0.0
+    for i in range(i2 - i1):
+        column = int(perm[i1 + i])  # natural index of this column
+        group = column // size
+        if not config.act_order and column % size == 0:
+            # Dynamic groups: fit on the group's columns as updated so far. This block's part of
+            # the group is W1; a part past the block still lacks the pending lazy update from
+            # columns i1 .. i1+i-1, applied here so the result is independent of the block width.
+            end = min(i1 + i + size, k)
+            pending = Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
+            ahead = torch.cat([W1[:, i : end - i1], W[:, i2:end] - pending], dim=1)  # (N, group)
+            scales[:, group], zeros[:, group] = _group_params(ahead, config.bits, config.symmetric)
+        w = W1[:, i]
+        d = Hinv1[i, i]
+        code, q = _quantize_column(w, scales[:, group], zeros[:, group], (1 << config.bits) - 1)
+        codes[:, i1 + i], Q[:, i1 + i] = code, q
+        loss += float(torch.sum((w - q) ** 2)) / float(d) ** 2 / 2
+        err = (w - q) / d
+        W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+        Err1[:, i] = err
+    W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
+    return loss
+
+
+def run_gptq(weight: np.ndarray, hessian: np.ndarray, config: GPTQConfig) -> GPTQResult:
+    """GPTQ (arXiv:2210.17323, Algorithm 1) on ``weight`` (N, K) with Hessian ``hessian`` (K, K).
+
+    Symbols: W the weight being updated (N, K), H the Hessian, Hinv the upper Cholesky factor of
+    H^-1, Q the quantized columns, Err1 the scaled errors of the current block (the paper's E),
+    d = [Hinv]_qq. Columns with ``H_qq == 0`` (dead: their input is always zero) get ``H_qq = 1``
+    and weight 0. Linear algebra runs in torch float32 on CPU.
+    """
+    W = torch.tensor(np.asarray(weight, dtype=np.float32))
+    H = torch.tensor(np.asarray(hessian, dtype=np.float32))
+    n, k = W.shape
+    if H.shape != (k, k):
+        raise ValueError(f"hessian has shape {tuple(H.shape)}, expected ({k}, {k})")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    n_groups = group_count(k, config.group_size)
+    scales, zeros = torch.zeros(n, n_groups), torch.zeros(n, n_groups)
+    perm = torch.arange(k)
+    if config.act_order:
+        scales, zeros = _static_params(W, config)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv = _inverse_hessian_factor(H, config.percdamp)
+    Q, codes = torch.zeros_like(W), torch.zeros_like(W)
+    loss = 0.0
+    for i1 in range(0, k, config.block_size):
+        i2 = min(i1 + config.block_size, k)
+        loss += _quantize_block(W, Hinv, i1, i2, perm, scales, zeros, codes, Q, config)
+
+    inverse = torch.argsort(perm)
+    codes, Q = codes[:, inverse], Q[:, inverse]
+    zero_points = None if config.symmetric else zeros.numpy().astype(np.uint8)
+    quantized = QuantizedWeight(
+        codes.numpy().astype(np.uint8), scales.numpy(), zero_points, config.bits, config.group_size
+    )
+    return GPTQResult(quantized, Q.numpy(), loss)
+
+
+def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: GPTQConfig) -> QuantizedWeight:
+    """GPTQ codes of ``weight`` (N, K) for Hessian ``hessian`` (K, K); see :func:`run_gptq`."""
+    return run_gptq(weight, hessian, config).weight

@@ -1,0 +1,335 @@
+"""Build a decoder-only transformer with a KV cache as a plain-ONNX ``onnx_ir.Model``.
+
+One builder serves every family in scope (Llama, Mistral, Qwen2, Qwen3, SmolLM): what differs between
+them is data on the :class:`~quantlab.io.spec.ModelSpec` (qkv bias, q/k norm, RoPE layout and scaling,
+tied embeddings), never a branch on the family's name.
+
+Graph contract (the names optimum and onnxruntime-genai use, so both load what we emit):
+
+    inputs   input_ids                    int64 (batch, sequence_length)
+             attention_mask               int64 (batch, total_sequence_length)
+             position_ids                 int64 (batch, sequence_length)
+             past_key_values.{i}.key      f32   (batch, kv_heads, past_sequence_length, head_dim)
+             past_key_values.{i}.value    f32   (batch, kv_heads, past_sequence_length, head_dim)
+    outputs  logits                       f32   (batch, sequence_length, vocab)
+             present.{i}.key / .value     f32   (batch, kv_heads, total_sequence_length, head_dim)
+
+Every linear is ``MatMul(x, W)`` with ``W`` an initializer of shape (in, out), named after the
+checkpoint tensor it came from (``model.layers.0.self_attn.q_proj.weight``), so weight passes find
+them by pattern and by name. Weights are ``onnx_ir.LazyTensor``s: nothing is read from the
+checkpoint until the emitter writes that tensor, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+
+from quantlab.build.rope import rope_inv_freq
+from quantlab.io.spec import Checkpoint, ModelSpec
+
+OPSET = 21
+IR_VERSION = 10
+# Masked attention scores are replaced by this instead of -inf so that a fully masked row (a padded
+# query) gives a uniform softmax rather than NaN.
+MASKED_SCORE = float(np.finfo(np.float32).min)
+
+_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+_IR_DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How to lay out the graph. ``weight_dtype`` fp16 stores weights in half precision and casts
+    them to fp32 in the graph, so a CPU runs fp32 arithmetic on half the bytes on disk."""
+
+    weight_dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.weight_dtype not in _NP_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {sorted(_NP_DTYPES)}, got {self.weight_dtype!r}")
+
+
+class _Builder:
+    def __init__(self, ckpt: Checkpoint, options: BuildOptions):
+        self.spec: ModelSpec = ckpt.spec
+        self.source = ckpt.tensors
+        self.options = options
+        self.tape = ir_tape.Tape()
+        self._consts: dict[tuple, ir.Value] = {}
+
+    # -- initializers ----------------------------------------------------------------------------
+    def _lazy(self, name: str, shape: tuple[int, ...], fn: Callable[[], np.ndarray], dtype: str) -> ir.Value:
+        np_dtype = _NP_DTYPES[dtype]
+
+        def load() -> ir.Tensor:
+            return ir.Tensor(np.ascontiguousarray(fn(), dtype=np_dtype), name=name)
+
+        tensor = ir.LazyTensor(load, dtype=_IR_DTYPES[dtype], shape=ir.Shape(shape), name=name)
+        return self.tape.initializer(tensor, name=name)
+
+    def _as_f32(self, value: ir.Value) -> ir.Value:
+        if self.options.weight_dtype == "fp32":
+            return value
+        return self.tape.op("Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{value.name}.Cast")
+
+    def linear_weight(self, name: str) -> ir.Value:
+        """A torch-layout (out, in) weight stored transposed as (in, out) for ``MatMul(x, W)``."""
+        out_f, in_f = self.source.shape(name)
+        w = self._lazy(name, (in_f, out_f), lambda: self.source.load(name).T, self.options.weight_dtype)
+        return self._as_f32(w)
+
+    def vector(self, name: str) -> ir.Value:
+        """Norm weights and biases stay fp32: they are tiny and numerically sensitive."""
+        return self._lazy(name, self.source.shape(name), lambda: self.source.load(name), "fp32")
+
+    def embedding(self) -> ir.Value:
+        name = "model.embed_tokens.weight"
+        w = self._lazy(name, self.source.shape(name), lambda: self.source.load(name), self.options.weight_dtype)
+        return self._as_f32(w)
+
+    def const(self, array: np.ndarray, name: str) -> ir.Value:
+        key = (name, array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.tape.initializer(ir.tensor(array, name=name), name=name)
+        return self._consts[key]
+
+    def i64(self, values: list[int], name: str) -> ir.Value:
+        return self.const(np.array(values, dtype=np.int64), name)
+
+    def f32(self, value: float, name: str) -> ir.Value:
+        return self.const(np.array(value, dtype=np.float32), name)
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def op(self, op_type: str, inputs, attributes=None, *, name: str) -> ir.Value:
+        return self.tape.op(op_type, inputs, attributes, name=name, output=ir.Value(name=name))
+
+    def rms_norm(self, x: ir.Value, weight_name: str, prefix: str) -> ir.Value:
+        """x * rsqrt(mean(x^2, -1) + eps) * w, the Llama RMSNorm."""
+        sq = self.op("Mul", [x, x], name=f"{prefix}.sq")
+        mean = self.op("ReduceMean", [sq, self.i64([-1], "axes_last")], {"keepdims": 1}, name=f"{prefix}.mean")
+        var = self.op("Add", [mean, self.f32(self.spec.rms_norm_eps, "rms_eps")], name=f"{prefix}.var_eps")
+        inv = self.op("Reciprocal", [self.op("Sqrt", [var], name=f"{prefix}.std")], name=f"{prefix}.inv_std")
+        normed = self.op("Mul", [x, inv], name=f"{prefix}.normed")
+        return self.op("Mul", [normed, self.vector(weight_name)], name=f"{prefix}.out")
+
+    def linear(self, x: ir.Value, prefix: str, bias: bool = False) -> ir.Value:
+        y = self.op("MatMul", [x, self.linear_weight(f"{prefix}.weight")], name=f"{prefix}.MatMul")
+        if bias:
+            y = self.op("Add", [y, self.vector(f"{prefix}.bias")], name=f"{prefix}.Add")
+        return y
+
+    def rope_tables(self, position_ids: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """cos and sin of position * inv_freq, shape (batch, 1, seq, head_dim/2), shared by all layers."""
+        s = self.spec
+        inv_freq = rope_inv_freq(s.head_dim, s.rope_theta, s.rope_scaling)
+        pos = self.op("Cast", [position_ids], {"to": ir.DataType.FLOAT}, name="rope.pos_f32")
+        pos = self.op("Unsqueeze", [pos, self.i64([-1], "axes_last")], name="rope.pos")  # (batch, seq, 1)
+        freqs = self.op("Mul", [pos, self.const(inv_freq, "rope.inv_freq")], name="rope.freqs")  # (batch, seq, d/2)
+        freqs = self.op("Unsqueeze", [freqs, self.i64([1], "axes_1")], name="rope.freqs_h")  # (batch, 1, seq, d/2)
+        return self.op("Cos", [freqs], name="rope.cos"), self.op("Sin", [freqs], name="rope.sin")
+
+    def apply_rope(self, x: ir.Value, cos: ir.Value, sin: ir.Value, prefix: str) -> ir.Value:
+        """Rotate x (batch, heads, seq, head_dim) in the layout the checkpoint's q/k rows are in."""
+        d = self.spec.head_dim
+        if self.spec.rope_interleaved:  # llama2.c / GGUF storage: pairs (2i, 2i+1)
+            x1 = self.op("Slice", [x, self.i64([0], "zero1"), self.i64([d], "d1"), self.i64([-1], "axes_last"),
+                                   self.i64([2], "two1")], name=f"{prefix}.even")
+            x2 = self.op("Slice", [x, self.i64([1], "one1"), self.i64([d], "d1"), self.i64([-1], "axes_last"),
+                                   self.i64([2], "two1")], name=f"{prefix}.odd")
+        else:  # Hugging Face: halves (i, i + d/2)
+            x1 = self.op("Slice", [x, self.i64([0], "zero1"), self.i64([d // 2], "half_d1"),
+                                   self.i64([-1], "axes_last")], name=f"{prefix}.lo")
+            x2 = self.op("Slice", [x, self.i64([d // 2], "half_d1"), self.i64([d], "d1"),
+                                   self.i64([-1], "axes_last")], name=f"{prefix}.hi")
+        r1 = self.op("Sub", [self.op("Mul", [x1, cos], name=f"{prefix}.x1c"),
+                             self.op("Mul", [x2, sin], name=f"{prefix}.x2s")], name=f"{prefix}.r1")
+        r2 = self.op("Add", [self.op("Mul", [x2, cos], name=f"{prefix}.x2c"),
+                             self.op("Mul", [x1, sin], name=f"{prefix}.x1s")], name=f"{prefix}.r2")
+        if not self.spec.rope_interleaved:
+            return self.op("Concat", [r1, r2], {"axis": -1}, name=f"{prefix}.out")
+        # interleave back: (batch, heads, seq, d/2, 2) -> (batch, heads, seq, d)
+        r1 = self.op("Unsqueeze", [r1, self.i64([-1], "axes_last")], name=f"{prefix}.r1u")
+        r2 = self.op("Unsqueeze", [r2, self.i64([-1], "axes_last")], name=f"{prefix}.r2u")
+        pairs = self.op("Concat", [r1, r2], {"axis": -1}, name=f"{prefix}.pairs")
+        return self.op("Reshape", [pairs, self.i64([0, 0, 0, d], "shape_bhsd")], name=f"{prefix}.out")
+
+    def attention_mask(self, queries: ir.Value, attention_mask: ir.Value) -> ir.Value:
+        """Boolean (batch, 1, seq, total_seq): key j visible to query i iff j <= past + i and not padding.
+
+        ``queries`` is any value shaped (batch, seq, ...): the input ids, or a layer's hidden states.
+        """
+        total = self.op("Shape", [attention_mask], {"start": 1, "end": 2}, name="mask.total")
+        seq = self.op("Shape", [queries], {"start": 1, "end": 2}, name="mask.seq")
+        total_s = self.op("Squeeze", [total], name="mask.total_s")
+        past_s = self.op("Squeeze", [self.op("Sub", [total, seq], name="mask.past")], name="mask.past_s")
+        one = self.const(np.array(1, dtype=np.int64), "one_scalar")
+        zero = self.const(np.array(0, dtype=np.int64), "zero_scalar")
+        q_pos = self.op("Range", [past_s, total_s, one], name="mask.q_pos")  # (seq,)
+        k_pos = self.op("Range", [zero, total_s, one], name="mask.k_pos")  # (total,)
+        q_col = self.op("Unsqueeze", [q_pos, self.i64([1], "axes_1")], name="mask.q_col")  # (seq, 1)
+        k_row = self.op("Unsqueeze", [k_pos, self.i64([0], "axes_0")], name="mask.k_row")  # (1, total)
+        causal = self.op("LessOrEqual", [k_row, q_col], name="mask.causal")  # (seq, total)
+        keep = self.op("Cast", [attention_mask], {"to": ir.DataType.BOOL}, name="mask.keep")
+        keep = self.op("Unsqueeze", [keep, self.i64([1, 2], "axes_12")], name="mask.keep4")  # (batch,1,1,total)
+        return self.op("And", [causal, keep], name="mask.allowed")  # (batch, 1, seq, total)
+
+    def heads(self, x: ir.Value, n_heads: int, prefix: str) -> ir.Value:
+        """(batch, seq, n_heads * head_dim) -> (batch, n_heads, seq, head_dim)."""
+        shape = self.i64([0, 0, n_heads, self.spec.head_dim], f"shape_bs{n_heads}d")
+        x = self.op("Reshape", [x, shape], name=f"{prefix}.split_heads")
+        return self.op("Transpose", [x], {"perm": [0, 2, 1, 3]}, name=f"{prefix}.bhsd")
+
+    def repeat_kv(self, x: ir.Value, prefix: str) -> ir.Value:
+        """GQA: (batch, kv_heads, total, d) -> (batch, heads, total, d), each kv head shared by a group."""
+        s = self.spec
+        group = s.num_heads // s.num_kv_heads
+        if group == 1:
+            return x
+        x = self.op("Unsqueeze", [x, self.i64([2], "axes_2")], name=f"{prefix}.u")  # (b, kvh, 1, t, d)
+        x = self.op("Expand", [x, self.i64([1, 1, group, 1, 1], "gqa_expand")], name=f"{prefix}.expand")
+        return self.op("Reshape", [x, self.i64([0, s.num_heads, -1, s.head_dim], "shape_b_h_t_d")],
+                       name=f"{prefix}.rep")
+
+    def attention(self, x, i, cos, sin, allowed, past_k, past_v):
+        s = self.spec
+        p = f"model.layers.{i}.self_attn"
+        q = self.heads(self.linear(x, f"{p}.q_proj", s.attention_bias), s.num_heads, f"{p}.q")
+        k = self.heads(self.linear(x, f"{p}.k_proj", s.attention_bias), s.num_kv_heads, f"{p}.k")
+        v = self.heads(self.linear(x, f"{p}.v_proj", s.attention_bias), s.num_kv_heads, f"{p}.v")
+        if s.qk_norm:  # Qwen3: RMSNorm over head_dim before RoPE
+            q = self.rms_norm(q, f"{p}.q_norm.weight", f"{p}.q_norm")
+            k = self.rms_norm(k, f"{p}.k_norm.weight", f"{p}.k_norm")
+        q = self.apply_rope(q, cos, sin, f"{p}.q_rope")
+        k = self.apply_rope(k, cos, sin, f"{p}.k_rope")
+        present_k = self.op("Concat", [past_k, k], {"axis": 2}, name=f"present.{i}.key")
+        present_v = self.op("Concat", [past_v, v], {"axis": 2}, name=f"present.{i}.value")
+        k_all = self.repeat_kv(present_k, f"{p}.k")
+        v_all = self.repeat_kv(present_v, f"{p}.v")
+        k_t = self.op("Transpose", [k_all], {"perm": [0, 1, 3, 2]}, name=f"{p}.k_t")
+        scores = self.op("MatMul", [q, k_t], name=f"{p}.qk")  # (batch, heads, seq, total)
+        scale = self.f32(1.0 / float(np.sqrt(s.head_dim)), "attn_scale")
+        scores = self.op("Mul", [scores, scale], name=f"{p}.scaled")
+        scores = self.op("Where", [allowed, scores, self.f32(MASKED_SCORE, "masked_score")], name=f"{p}.masked")
+        probs = self.op("Softmax", [scores], {"axis": -1}, name=f"{p}.probs")
+        ctx = self.op("MatMul", [probs, v_all], name=f"{p}.ctx")  # (batch, heads, seq, d)
+        ctx = self.op("Transpose", [ctx], {"perm": [0, 2, 1, 3]}, name=f"{p}.ctx_bshd")
+        ctx = self.op("Reshape", [ctx, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.ctx_flat")
+        return self.linear(ctx, f"{p}.o_proj"), present_k, present_v
+
+    def mlp(self, x: ir.Value, i: int) -> ir.Value:
+        p = f"model.layers.{i}.mlp"
+        gate = self.linear(x, f"{p}.gate_proj")
+        up = self.linear(x, f"{p}.up_proj")
+        silu = self.op("Mul", [gate, self.op("Sigmoid", [gate], name=f"{p}.sigmoid")], name=f"{p}.silu")
+        return self.linear(self.op("Mul", [silu, up], name=f"{p}.act"), f"{p}.down_proj")
+
+
+    def layer(self, x, i, cos, sin, allowed, past_k, past_v):
+        """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+        h = self.rms_norm(x, f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.input_layernorm")
+        attn, pk, pv = self.attention(h, i, cos, sin, allowed, past_k, past_v)
+        x = self.op("Add", [x, attn], name=f"model.layers.{i}.attn_residual")
+        h = self.rms_norm(x, f"model.layers.{i}.post_attention_layernorm.weight",
+                          f"model.layers.{i}.post_attention_layernorm")
+        x = self.op("Add", [x, self.mlp(h, i)], name=f"model.layers.{i}.mlp_residual")
+        return x, pk, pv
+
+
+# The value feeding each linear of layer i, by role: what calibration observes (the input X of
+# y = X W), named as the builder names it. q/k/v share one input, and so do gate/up.
+LINEAR_INPUTS = {
+    "self_attn.q_proj": "input_layernorm.out",
+    "self_attn.k_proj": "input_layernorm.out",
+    "self_attn.v_proj": "input_layernorm.out",
+    "self_attn.o_proj": "self_attn.ctx_flat",
+    "mlp.gate_proj": "post_attention_layernorm.out",
+    "mlp.up_proj": "post_attention_layernorm.out",
+    "mlp.down_proj": "mlp.act",
+}
+
+
+def _io(name: str, dtype: ir.DataType, dims: list) -> ir.Value:
+    return ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
+
+
+def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.Model:
+    """Checkpoint -> plain-ONNX decoder graph with KV cache I/O (see the module docstring)."""
+    options = options or BuildOptions()
+    s = ckpt.spec
+    b = _Builder(ckpt, options)
+    f32 = ir.DataType.FLOAT
+    input_ids = _io("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    attention_mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
+    position_ids = _io("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    cache_dims = ["batch_size", s.num_kv_heads, "past_sequence_length", s.head_dim]
+    pasts = [(_io(f"past_key_values.{i}.key", f32, cache_dims), _io(f"past_key_values.{i}.value", f32, cache_dims))
+             for i in range(s.num_layers)]
+
+    x = b.op("Gather", [b.embedding(), input_ids], {"axis": 0}, name="model.embed_tokens")  # (batch, seq, hidden)
+    cos, sin = b.rope_tables(position_ids)
+    allowed = b.attention_mask(input_ids, attention_mask)
+    presents = []
+    for i in range(s.num_layers):
+        x, pk, pv = b.layer(x, i, cos, sin, allowed, *pasts[i])
+        presents += [pk, pv]
+    x = b.rms_norm(x, "model.norm.weight", "model.norm")
+    if s.tie_word_embeddings:
+        # A transposed copy of the embedding, so the head is a MatMul like every other linear and weight
+        # passes treat it uniformly (the fp32 artifact pays vocab * hidden * 4 bytes for it).
+        name = "model.embed_tokens.weight"
+        v, h = ckpt.tensors.shape(name)
+        head = b._as_f32(b._lazy("lm_head.weight", (h, v), lambda: ckpt.tensors.load(name).T,
+                                 options.weight_dtype))
+    else:
+        head = b.linear_weight("lm_head.weight")
+    logits = b.op("MatMul", [x, head], name="logits")
+    logits.shape = ir.Shape(["batch_size", "sequence_length", s.vocab_size])
+    logits.type = ir.TensorType(f32)
+    total_dims = ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim]
+    for p in presents:
+        p.shape, p.type = ir.Shape(total_dims), ir.TensorType(f32)
+
+    graph = ir.Graph(
+        inputs=[input_ids, attention_mask, position_ids] + [v for kv in pasts for v in kv],
+        outputs=[logits, *presents],
+        nodes=b.tape.nodes,
+        initializers=b.tape.initializers,
+        opset_imports={"": OPSET},
+        name="quantlab_decoder",
+    )
+    return ir.Model(graph, ir_version=IR_VERSION, producer_name="quantlab")
+
+
+def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None) -> ir.Model:
+    """Decoder layer ``i`` alone, for calibration: one layer's weights, no cache.
+
+    inputs   hidden_states (batch, seq, hidden) f32, position_ids (batch, seq) int64,
+             attention_mask (batch, seq) int64
+    outputs  hidden_out (batch, seq, hidden), then every distinct value in LINEAR_INPUTS, named
+             ``model.layers.{i}.<role input>`` (e.g. model.layers.3.mlp.act)
+    """
+    options = options or BuildOptions()
+    s = ckpt.spec
+    b = _Builder(ckpt, options)
+    f32 = ir.DataType.FLOAT
+    hidden = _io("hidden_states", f32, ["batch_size", "sequence_length", s.hidden_size])
+    position_ids = _io("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    attention_mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    cos, sin = b.rope_tables(position_ids)
+    allowed = b.attention_mask(hidden, attention_mask)
+    empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), dtype=np.float32)  # (batch, kv_heads, 0, head_dim)
+    past = b.const(empty, "empty_cache")
+    out, _, _ = b.layer(hidden, i, cos, sin, allowed, past, past)
+    out = b.op("Identity", [out], name="hidden_out")
+    taps = []
+    produced = {v.name: v for node in b.tape.nodes for v in node.outputs}
+    for role_input in dict.fromkeys(LINEAR_INPUTS.values()):
+        taps.append(produced[f"model.layers.{i}.{role_input}"])
+    graph = ir.Graph(inputs=[hidden, position_ids, attention_mask], outputs=[out, *taps], nodes=b.tape.nodes,
+                     initializers=b.tape.initializers, opset_imports={"": OPSET}, name=f"quantlab_layer_{i}")
+    return ir.Model(graph, ir_version=IR_VERSION, producer_name="quantlab")

@@ -22,12 +22,16 @@ logger = logging.getLogger(__name__)
 
 
 def pass_config(p: ir.passes.PassBase) -> dict:
-    """The constructor arguments of a pass, for the manifest (dataclass fields or public attributes)."""
-    if dataclasses.is_dataclass(p):
-        raw = dataclasses.asdict(p)
-    else:
-        raw = {k: v for k, v in vars(p).items() if not k.startswith("_")}
-    return {k: v if isinstance(v, (bool, int, float, str, type(None), list, dict)) else repr(v) for k, v in raw.items()}
+    """A pass's configuration for the manifest: its ``config()`` if it has one, else its plain public
+    attributes (anything that is not a number, string or flag is summarized by its type)."""
+    if hasattr(p, "config"):
+        return p.config()
+    raw = (
+        dataclasses.asdict(p)
+        if dataclasses.is_dataclass(p)
+        else {k: v for k, v in vars(p).items() if not k.startswith("_")}
+    )
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__ for k, v in raw.items()}
 
 
 def run_passes(

@@ -16,11 +16,13 @@ time, so peak memory stays about one weight.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
+from quantlab.passes.graph_utils import add_initializer, replace_node
 from quantlab.quant.packing import matmul_nbits_attributes, pack_matmul_nbits
 from quantlab.quant.rtn import QuantizedWeight, rtn_quantize
 from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
@@ -47,7 +49,7 @@ def quantizable_linears(model: ir.Model) -> dict[str, ir.Node]:
     return found
 
 
-class _OnePerLinear:
+class OnePerLinear:
     """Quantize a linear once even though three lazy tensors (B, scales, zero points) need it."""
 
     def __init__(self, fn: Callable[[], QuantizedWeight]):
@@ -89,6 +91,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.format = format
         self.accuracy_level = accuracy_level
 
+    def config(self) -> dict:
+        """For the manifest: which scheme how many linears got, and how many were calibrated."""
+        return {
+            "format": self.format,
+            "accuracy_level": self.accuracy_level,
+            "schemes": dict(sorted(Counter(str(s) for s in self.schemes.values()).items())),
+            "precomputed": len(self.precomputed),
+        }
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for linear, node in quantizable_linears(model).items():
@@ -128,7 +139,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         block = attrs["block_size"]
         n_blocks = -(-k // block)
         blob = block * scheme.bits // 8
-        once = _OnePerLinear(lambda: pack_matmul_nbits(source()))
+        once = OnePerLinear(lambda: pack_matmul_nbits(source()))
         uses = 2 if scheme.symmetric else 3
         graph = model.graph
         b = _initializer(graph, f"{linear}.qweight", ir.DataType.UINT8, (n, n_blocks, blob), lambda: once.get(uses)[0])
@@ -149,12 +160,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             name=f"{linear}.MatMulNBits",
             num_outputs=1,
         )
-        _replace(graph, node, new)
+        replace_node(graph, node, new)
 
     def _to_qdq(self, model, node, linear, scheme, source, k, n) -> None:
         group = k if scheme.group_size == PER_CHANNEL else scheme.group_size
         n_groups = -(-k // group)
-        once = _OnePerLinear(source)
+        once = OnePerLinear(source)
         uses = 2 if scheme.symmetric else 3
         code_type = ir.DataType.UINT4 if scheme.bits == 4 else ir.DataType.UINT8
         graph = model.graph
@@ -192,12 +203,31 @@ def _constant(qw: QuantizedWeight) -> Callable[[], QuantizedWeight]:
     return lambda: qw
 
 
+# Rows quantized at a time: RTN is row-independent, and its float temporaries for a whole
+# vocabulary-sized head (128256 x 2048) would be several GB.
+RTN_CHUNK_ELEMENTS = 1 << 24
+
+
 def _rtn_of(tensor: ir.TensorProtocol, scheme: QuantScheme) -> Callable[[], QuantizedWeight]:
     """Round-to-nearest of a graph weight stored (in, out), computed when first asked for."""
 
     def quantize() -> QuantizedWeight:
-        weight = np.asarray(tensor.numpy(), dtype=np.float32).T  # (out, in), as the maths expects
-        return rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.symmetric)
+        weight = np.asarray(tensor.numpy(), dtype=np.float32).T  # (out, in) view, as the maths expects
+        rows = max(1, RTN_CHUNK_ELEMENTS // weight.shape[1])
+        parts = [
+            rtn_quantize(np.ascontiguousarray(weight[r : r + rows]), scheme.bits, scheme.group_size, scheme.symmetric)
+            for r in range(0, weight.shape[0], rows)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        zero_points = None if scheme.symmetric else np.concatenate([p.zero_points for p in parts])
+        return QuantizedWeight(
+            np.concatenate([p.q for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            zero_points,
+            scheme.bits,
+            scheme.group_size,
+        )
 
     return quantize
 
@@ -207,27 +237,7 @@ def _groups(k: int, scheme: QuantScheme) -> int:
 
 
 def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape, fn) -> ir.Value:
-    if dtype == ir.DataType.UINT4:
+    def load() -> ir.Tensor:  # UINT4 needs its dtype spelled out; numpy holds the codes as uint8
+        return ir.Tensor(fn(), dtype=dtype if dtype == ir.DataType.UINT4 else None, name=name)
 
-        def load():
-            return ir.Tensor(fn(), dtype=ir.DataType.UINT4, name=name)
-    else:
-
-        def load():
-            return ir.Tensor(fn(), name=name)
-
-    tensor = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
-    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
-    out = old.outputs[0]
-    name = out.name
-    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
-    graph.insert_before(old, new)
-    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=out in graph.outputs)
-    graph.remove(old, safe=True)
-    out.name = None
-    new.outputs[0].name = name
+    return add_initializer(graph, name, ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name))

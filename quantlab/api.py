@@ -2,28 +2,60 @@
 
 from quantlab import api
 api.convert("SmolLM2-135M-Instruct.Q4_1.gguf", "out/smollm2-fp32")
+api.convert("SmolLM2-135M-Instruct.Q4_1.gguf", "out/smollm2-w4", recipe="w4a16-g128-gptq", calib_from_model=128)
 ids = api.generate_ids("out/smollm2-fp32", [1, 2, 3], max_new_tokens=16)
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from quantlab.build.decoder import BuildOptions, build_decoder
-from quantlab.emit.artifact import write_artifact
-from quantlab.io import load_checkpoint
+from quantlab.emit.artifact import save_model, write_artifact
+from quantlab.errors import InputError, QualityBudgetError
+from quantlab.io import Checkpoint, load_checkpoint
 from quantlab.passes.check import CheckModelPass, InferShapesPass
 from quantlab.passes.dead_nodes import RemoveDeadNodesPass
 from quantlab.passes.fold_constants import FoldConstantsPass
 from quantlab.passes.manager import run_passes
+from quantlab.passes.quantize_dynamic import QuantizeDynamicInt8Pass
+from quantlab.passes.quantize_embedding import QuantizeEmbeddingPass
+from quantlab.passes.quantize_weights import QuantizeWeightsPass, quantizable_linears
+from quantlab.recipe import Recipe, load_recipe
 from quantlab.runtime.generate import GREEDY, OrtDecoder, SamplingConfig, generate
 
 logger = logging.getLogger(__name__)
+
+# Held-out text for the quality figures in the manifest: sampled from the full-precision model with a
+# seed calibration never uses.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityBudget:
+    max_kld: float | None = None
+    min_top1: float | None = None
+    samples: int = 16
+    seq_len: int = 128
+
+    def check(self, report: dict) -> None:
+        misses = []
+        if self.max_kld is not None and report["kld_mean"] > self.max_kld:
+            misses.append(f"kld_mean {report['kld_mean']:.5f} > --max-kld {self.max_kld}")
+        if self.min_top1 is not None and report["top1_agreement"] < self.min_top1:
+            misses.append(f"top1_agreement {report['top1_agreement']:.4f} < --min-top1 {self.min_top1}")
+        if misses:
+            raise QualityBudgetError("; ".join(misses) + f" (over {report['tokens']} tokens; nothing written)")
 
 
 def cleanup_pipeline() -> list[ir.passes.PassBase]:
@@ -31,24 +63,172 @@ def cleanup_pipeline() -> list[ir.passes.PassBase]:
     return [RemoveDeadNodesPass(), FoldConstantsPass(), RemoveDeadNodesPass(), InferShapesPass(), CheckModelPass()]
 
 
+def quantization_pipeline(model: ir.Model, recipe: Recipe, calibration=None) -> list[ir.passes.PassBase]:
+    """The weight passes a recipe asks for (empty for a float recipe)."""
+    if recipe.scheme is None:
+        return []
+    schemes = {name: recipe.scheme_for(name) for name in quantizable_linears(model)}
+    weight_only = {n: s for n, s in schemes.items() if s is not None and s.weight_only}
+    pipeline: list[ir.passes.PassBase] = []
+    if calibration is not None and calibration.int8:
+        pipeline.append(QuantizeDynamicInt8Pass(calibration.int8))
+    if recipe.embedding is not None:
+        pipeline.append(QuantizeEmbeddingPass(recipe.embedding))
+    pipeline.append(
+        QuantizeWeightsPass(
+            weight_only,
+            precomputed=calibration.quantized if calibration is not None else None,
+            format=recipe.format,
+            accuracy_level=recipe.accuracy_level,
+        )
+    )
+    return pipeline
+
+
+@contextlib.contextmanager
+def _baseline_artifact(ckpt: Checkpoint, near: Path, progress: bool) -> Iterator[Path]:
+    """A temporary fp32 artifact of the checkpoint, for data-free calibration and quality figures."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{near.name}.baseline-", dir=near.parent))
+    try:
+        model = build_decoder(ckpt)
+        model, _ = run_passes(model, [RemoveDeadNodesPass()])
+        save_model(model, folder, progress=progress)
+        from quantlab.emit.artifact import genai_config, write_json
+        from quantlab.runtime.tokenizer import write_tokenizer_files
+
+        write_json(folder / "genai_config.json", genai_config(ckpt))
+        if ckpt.tokenizer:
+            write_tokenizer_files(ckpt.tokenizer, folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def calibration_tokens(
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    *,
+    calib: str | None,
+    calib_from_model: int | None,
+    baseline: Path | None,
+    progress: bool,
+):
+    """The calibration set as TokenData: a user file, or text sampled from the fp32 model itself."""
+    from quantlab.eval.data import load_token_data, make_token_data, sample_from_model
+    from quantlab.runtime.tokenizer import tokenizer_from_spec
+
+    cfg = recipe.calibration
+    if calib is not None:
+        tok = tokenizer_from_spec(ckpt.tokenizer) if ckpt.tokenizer else None
+        data = load_token_data(
+            calib, tok, seq_len=cfg.seq_len, max_sequences=cfg.samples, vocab_size=ckpt.spec.vocab_size
+        )
+        full = data.lengths == data.seq_len
+        if full.any() and not full.all():  # drop the short, padded tail: its padding would skew statistics
+            data = make_token_data(data.ids[full], data.source)
+        return data
+    assert baseline is not None and calib_from_model is not None
+    decoder = OrtDecoder(baseline)
+    bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else min(ckpt.spec.eos_token_ids or (0,))
+    ids = sample_from_model(decoder, calib_from_model, cfg.seq_len, cfg.seed, bos, progress=progress)
+    return make_token_data(ids, f"sampled from the fp32 model: {calib_from_model} x {cfg.seq_len}, seed {cfg.seed}")
+
+
+def measure_quality(
+    candidate: Path, baseline: Path, ckpt: Checkpoint, budget: QualityBudget, seed: int, progress: bool
+) -> dict:
+    from quantlab.eval.data import make_token_data, sample_from_model
+    from quantlab.eval.quality import evaluate
+
+    bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else min(ckpt.spec.eos_token_ids or (0,))
+    ids = sample_from_model(OrtDecoder(baseline), budget.samples, budget.seq_len, seed + EVAL_SEED_OFFSET, bos)
+    data = make_token_data(
+        ids, f"sampled from the fp32 model: {budget.samples} x {budget.seq_len}, seed {seed + EVAL_SEED_OFFSET}"
+    )
+    report = evaluate(candidate, data, baseline, progress=progress).to_dict()
+    report.pop("candidate", None)
+    report.pop("baseline", None)
+    budget.check(report)
+    return report
+
+
 def convert(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    weight_dtype: str = "fp32",
+    recipe: str | Recipe = "fp32",
+    weight_dtype: str | None = None,
+    calib: str | None = None,
+    calib_from_model: int | None = None,
+    budget: QualityBudget | None = None,
+    evaluate_quality: bool = True,
     overwrite: bool = False,
     allow_pickle: bool = False,
     tokenizer: str | os.PathLike | None = None,
     dump_ir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
-    """Checkpoint -> artifact folder. Raises quantlab.errors.InputError on bad input."""
+    """Checkpoint -> artifact folder. Raises InputError on bad input, QualityBudgetError on a missed budget."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if weight_dtype is not None:
+        recipe = dataclasses.replace(recipe, weight_dtype=weight_dtype)
+    if calib is not None and calib_from_model is not None:
+        raise InputError(None, "--calib", "give --calib FILE or --calib-from-model N, not both")
+    if recipe.needs_calibration and calib is None and calib_from_model is None:
+        raise InputError(
+            None,
+            "--recipe",
+            f"{recipe.name} calibrates on data: give --calib FILE or "
+            "--calib-from-model N (data-free: text sampled from the model itself)",
+        )
+    if calib_from_model is not None and calib_from_model < 1:
+        raise InputError(None, "--calib-from-model", "must be >= 1")
     ckpt = load_checkpoint(source, allow_pickle=allow_pickle, tokenizer_path=tokenizer)
-    options = BuildOptions(weight_dtype=weight_dtype)
-    model = build_decoder(ckpt, options)
-    model, records = run_passes(model, cleanup_pipeline(), dump_dir=dump_ir)
-    recipe = {"weights": weight_dtype, "activations": "fp32", "kv_cache": "fp32"}
-    return write_artifact(model, ckpt, out_dir, recipe=recipe, passes=records, overwrite=overwrite, progress=progress)
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise InputError(out, None, "output already exists (pass --force to replace it)")
+    budget = budget or QualityBudget()
+    gated = budget.max_kld is not None or budget.min_top1 is not None
+    needs_baseline = calib_from_model is not None or (recipe.scheme is not None and (evaluate_quality or gated))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        baseline = stack.enter_context(_baseline_artifact(ckpt, out, progress)) if needs_baseline else None
+        calibration, extra = None, {}
+        if recipe.needs_calibration:
+            from quantlab.calib.calibrate import calibrate
+            from quantlab.calib.layerwise import with_overrides
+
+            data = calibration_tokens(
+                ckpt, recipe, calib=calib, calib_from_model=calib_from_model, baseline=baseline, progress=progress
+            )
+            calibration = calibrate(ckpt, recipe, np.asarray(data.ids), progress=progress)
+            extra["calibration"] = {
+                **data.describe(),
+                "layer_relative_errors": [round(e, 6) for e in calibration.layer_errors],
+            }
+            ckpt_for_build = with_overrides(ckpt, calibration.float_overrides)
+        else:
+            ckpt_for_build = ckpt
+        model = build_decoder(ckpt_for_build, BuildOptions(weight_dtype=recipe.weight_dtype))
+        pipeline = quantization_pipeline(model, recipe, calibration) + cleanup_pipeline()
+        model, records = run_passes(model, pipeline, dump_dir=dump_ir)
+
+        def check(stage: Path) -> dict:
+            if baseline is None or recipe.scheme is None:
+                return {}
+            return {"quality": measure_quality(stage, baseline, ckpt, budget, recipe.calibration.seed, progress)}
+
+        return write_artifact(
+            model,
+            ckpt_for_build,
+            out,
+            recipe=recipe.to_dict(),
+            passes=records,
+            overwrite=overwrite,
+            progress=progress,
+            extra_manifest=extra,
+            check=check,
+        )
 
 
 def generate_ids(

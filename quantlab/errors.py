@@ -23,3 +23,10 @@ class InputError(Exception):
         where = ": ".join(parts)
         text = f"{where}: {self.message}" if where else self.message
         return " ".join(text.split())  # never more than one line
+
+
+class QualityBudgetError(Exception):
+    """The quantized model missed the quality budget the user set (``--max-kld``, ``--min-top1``).
+
+    The CLI prints the measured figures against the budget and exits 3; nothing is written.
+    """

@@ -8,6 +8,7 @@ TOML/YAML file with a strict schema (unknown keys are errors):
     format = "matmulnbits"           # matmulnbits (com.microsoft) | qdq (standard DequantizeLinear + MatMul)
     accuracy_level = 4               # MatMulNBits compute: 0 as the input type, 4 int8 activations
     lm_head = "w8a16-g128-asym"      # or "none" to keep the head in full precision
+    embedding = "w8a16-g64-asym"     # the token embedding table, or "none"
 
     [[override]]                     # first match wins; patterns are fnmatch on linear names
     pattern = "model.layers.*.mlp.down_proj"
@@ -71,6 +72,8 @@ class GptqOptions:
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
+    # True: each layer calibrates on the previous layers' quantized outputs (one more forward per layer).
+    sequential: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class Recipe:
     format: str = "matmulnbits"
     accuracy_level: int = 4
     lm_head: QuantScheme | None = field(default_factory=lambda: parse_scheme("w8a16-g128-asym"))
+    # the token embedding table (GatherBlockQuantized); only when the recipe quantizes at all
+    embedding: QuantScheme | None = field(default_factory=lambda: parse_scheme("w8a16-g64-asym"))
     overrides: tuple[Override, ...] = ()
     calibration: CalibrationConfig = CalibrationConfig()
     gptq: GptqOptions = GptqOptions()
@@ -118,11 +123,23 @@ class Recipe:
         return self.scheme
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["scheme"] = str(self.scheme) if self.scheme else None
-        d["lm_head"] = str(self.lm_head) if self.lm_head else None
-        d["overrides"] = [{"pattern": o.pattern, "scheme": str(o.scheme) if o.scheme else None} for o in self.overrides]
-        d["method"] = self.method
+        """The recipe in the file schema: ``recipe_from_dict(r.to_dict()) == r``."""
+        d = {
+            "name": self.name,
+            "weight_dtype": self.weight_dtype,
+            "format": self.format,
+            "accuracy_level": self.accuracy_level,
+            "lm_head": str(self.lm_head) if self.lm_head else "none",
+            "embedding": str(self.embedding) if self.embedding else "none",
+            "override": [
+                {"pattern": o.pattern, "scheme": str(o.scheme)} if o.scheme else {"pattern": o.pattern, "skip": True}
+                for o in self.overrides
+            ],
+        }
+        if self.scheme is not None:
+            d["scheme"] = str(self.scheme)
+        for key in _SECTIONS:
+            d[key] = dataclasses.asdict(getattr(self, key))
         return d
 
 
@@ -130,6 +147,7 @@ _TOP_KEYS = {
     "name",
     "scheme",
     "method",
+    "embedding",
     "format",
     "accuracy_level",
     "lm_head",
@@ -194,6 +212,9 @@ def recipe_from_dict(raw: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
     if level not in (0, 1, 2, 3, 4) or isinstance(level, bool):
         raise InputError(path, "accuracy_level", f"expected 0..4, got {level!r}")
     lm_head = _scheme(str(raw.get("lm_head", "w8a16-g128-asym")), path, "lm_head")
+    embedding = _scheme(str(raw.get("embedding", "w8a16-g64-asym")), path, "embedding")
+    if embedding is not None and (not embedding.weight_only or embedding.method != "rtn"):
+        raise InputError(path, "embedding", f"the embedding takes a weight-only RTN scheme, got {embedding}")
     overrides = []
     for n, o in enumerate(raw.get("override", [])):
         key = f"override[{n}]"
@@ -221,6 +242,7 @@ def recipe_from_dict(raw: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
         format=fmt,
         accuracy_level=level,
         lm_head=lm_head,
+        embedding=embedding,
         overrides=tuple(overrides),
         **sections,
     )

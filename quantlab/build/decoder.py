@@ -137,19 +137,37 @@ class _Builder:
         """Rotate x (batch, heads, seq, head_dim) in the layout the checkpoint's q/k rows are in."""
         d = self.spec.head_dim
         if self.spec.rope_interleaved:  # llama2.c / GGUF storage: pairs (2i, 2i+1)
-            x1 = self.op("Slice", [x, self.i64([0], "zero1"), self.i64([d], "d1"), self.i64([-1], "axes_last"),
-                                   self.i64([2], "two1")], name=f"{prefix}.even")
-            x2 = self.op("Slice", [x, self.i64([1], "one1"), self.i64([d], "d1"), self.i64([-1], "axes_last"),
-                                   self.i64([2], "two1")], name=f"{prefix}.odd")
+            x1 = self.op(
+                "Slice",
+                [x, self.i64([0], "zero1"), self.i64([d], "d1"), self.i64([-1], "axes_last"), self.i64([2], "two1")],
+                name=f"{prefix}.even",
+            )
+            x2 = self.op(
+                "Slice",
+                [x, self.i64([1], "one1"), self.i64([d], "d1"), self.i64([-1], "axes_last"), self.i64([2], "two1")],
+                name=f"{prefix}.odd",
+            )
         else:  # Hugging Face: halves (i, i + d/2)
-            x1 = self.op("Slice", [x, self.i64([0], "zero1"), self.i64([d // 2], "half_d1"),
-                                   self.i64([-1], "axes_last")], name=f"{prefix}.lo")
-            x2 = self.op("Slice", [x, self.i64([d // 2], "half_d1"), self.i64([d], "d1"),
-                                   self.i64([-1], "axes_last")], name=f"{prefix}.hi")
-        r1 = self.op("Sub", [self.op("Mul", [x1, cos], name=f"{prefix}.x1c"),
-                             self.op("Mul", [x2, sin], name=f"{prefix}.x2s")], name=f"{prefix}.r1")
-        r2 = self.op("Add", [self.op("Mul", [x2, cos], name=f"{prefix}.x2c"),
-                             self.op("Mul", [x1, sin], name=f"{prefix}.x1s")], name=f"{prefix}.r2")
+            x1 = self.op(
+                "Slice",
+                [x, self.i64([0], "zero1"), self.i64([d // 2], "half_d1"), self.i64([-1], "axes_last")],
+                name=f"{prefix}.lo",
+            )
+            x2 = self.op(
+                "Slice",
+                [x, self.i64([d // 2], "half_d1"), self.i64([d], "d1"), self.i64([-1], "axes_last")],
+                name=f"{prefix}.hi",
+            )
+        r1 = self.op(
+            "Sub",
+            [self.op("Mul", [x1, cos], name=f"{prefix}.x1c"), self.op("Mul", [x2, sin], name=f"{prefix}.x2s")],
+            name=f"{prefix}.r1",
+        )
+        r2 = self.op(
+            "Add",
+            [self.op("Mul", [x2, cos], name=f"{prefix}.x2c"), self.op("Mul", [x1, sin], name=f"{prefix}.x1s")],
+            name=f"{prefix}.r2",
+        )
         if not self.spec.rope_interleaved:
             return self.op("Concat", [r1, r2], {"axis": -1}, name=f"{prefix}.out")
         # interleave back: (batch, heads, seq, d/2, 2) -> (batch, heads, seq, d)
@@ -192,8 +210,9 @@ class _Builder:
             return x
         x = self.op("Unsqueeze", [x, self.i64([2], "axes_2")], name=f"{prefix}.u")  # (b, kvh, 1, t, d)
         x = self.op("Expand", [x, self.i64([1, 1, group, 1, 1], "gqa_expand")], name=f"{prefix}.expand")
-        return self.op("Reshape", [x, self.i64([0, s.num_heads, -1, s.head_dim], "shape_b_h_t_d")],
-                       name=f"{prefix}.rep")
+        return self.op(
+            "Reshape", [x, self.i64([0, s.num_heads, -1, s.head_dim], "shape_b_h_t_d")], name=f"{prefix}.rep"
+        )
 
     def attention(self, x, i, cos, sin, allowed, past_k, past_v):
         s = self.spec
@@ -228,14 +247,14 @@ class _Builder:
         silu = self.op("Mul", [gate, self.op("Sigmoid", [gate], name=f"{p}.sigmoid")], name=f"{p}.silu")
         return self.linear(self.op("Mul", [silu, up], name=f"{p}.act"), f"{p}.down_proj")
 
-
     def layer(self, x, i, cos, sin, allowed, past_k, past_v):
         """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
         h = self.rms_norm(x, f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.input_layernorm")
         attn, pk, pv = self.attention(h, i, cos, sin, allowed, past_k, past_v)
         x = self.op("Add", [x, attn], name=f"model.layers.{i}.attn_residual")
-        h = self.rms_norm(x, f"model.layers.{i}.post_attention_layernorm.weight",
-                          f"model.layers.{i}.post_attention_layernorm")
+        h = self.rms_norm(
+            x, f"model.layers.{i}.post_attention_layernorm.weight", f"model.layers.{i}.post_attention_layernorm"
+        )
         x = self.op("Add", [x, self.mlp(h, i)], name=f"model.layers.{i}.mlp_residual")
         return x, pk, pv
 
@@ -267,8 +286,10 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
     attention_mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
     position_ids = _io("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
     cache_dims = ["batch_size", s.num_kv_heads, "past_sequence_length", s.head_dim]
-    pasts = [(_io(f"past_key_values.{i}.key", f32, cache_dims), _io(f"past_key_values.{i}.value", f32, cache_dims))
-             for i in range(s.num_layers)]
+    pasts = [
+        (_io(f"past_key_values.{i}.key", f32, cache_dims), _io(f"past_key_values.{i}.value", f32, cache_dims))
+        for i in range(s.num_layers)
+    ]
 
     x = b.op("Gather", [b.embedding(), input_ids], {"axis": 0}, name="model.embed_tokens")  # (batch, seq, hidden)
     cos, sin = b.rope_tables(position_ids)
@@ -283,8 +304,7 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
         # passes treat it uniformly (the fp32 artifact pays vocab * hidden * 4 bytes for it).
         name = "model.embed_tokens.weight"
         v, h = ckpt.tensors.shape(name)
-        head = b._as_f32(b._lazy("lm_head.weight", (h, v), lambda: ckpt.tensors.load(name).T,
-                                 options.weight_dtype))
+        head = b._as_f32(b._lazy("lm_head.weight", (h, v), lambda: ckpt.tensors.load(name).T, options.weight_dtype))
     else:
         head = b.linear_weight("lm_head.weight")
     logits = b.op("MatMul", [x, head], name="logits")
@@ -330,6 +350,12 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None) -
     produced = {v.name: v for node in b.tape.nodes for v in node.outputs}
     for role_input in dict.fromkeys(LINEAR_INPUTS.values()):
         taps.append(produced[f"model.layers.{i}.{role_input}"])
-    graph = ir.Graph(inputs=[hidden, position_ids, attention_mask], outputs=[out, *taps], nodes=b.tape.nodes,
-                     initializers=b.tape.initializers, opset_imports={"": OPSET}, name=f"quantlab_layer_{i}")
+    graph = ir.Graph(
+        inputs=[hidden, position_ids, attention_mask],
+        outputs=[out, *taps],
+        nodes=b.tape.nodes,
+        initializers=b.tape.initializers,
+        opset_imports={"": OPSET},
+        name=f"quantlab_layer_{i}",
+    )
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="quantlab")

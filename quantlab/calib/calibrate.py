@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Tokens per linear input kept for AWQ's searches (spread over all calibration sequences).
 AWQ_SAMPLE_TOKENS = 4096
+# Tokens per linear input kept to report each layer's quantization error.
+ERROR_SAMPLE_TOKENS = 512
 _ROLE_BY_SHORT_NAME = {role.split(".")[-1]: role for role in ROLES}
 
 
@@ -53,6 +55,7 @@ def calibrate(
     if method not in METHODS:
         raise ValueError(f"calibrate() is for {sorted(METHODS)}, not {method!r}")
     decide = METHODS[method]
+    sequential = recipe.gptq.sequential if method == "gptq" else True
     hidden = embed_tokens(ckpt, tokens)  # (n, seq, hidden)
     result = CalibrationResult()
     seed = recipe.calibration.seed
@@ -64,22 +67,37 @@ def calibrate(
                 hidden,
                 batch=batch,
                 hessians=method == "gptq",
-                samples=AWQ_SAMPLE_TOKENS if method == "awq" else 0,
+                samples=AWQ_SAMPLE_TOKENS if method == "awq" else ERROR_SAMPLE_TOKENS,
                 absmax=method == "smoothquant",
                 seed=seed + i,
             )
-            layer_weights = decide(fp, i, stats, recipe, result)
-            quantized = with_overrides(ckpt, {**result.float_overrides, **layer_weights})
-            runner = LayerRunner(quantized, i, threads)
-            q_out = np.empty_like(hidden)
-            for start in range(0, hidden.shape[0], batch):
-                q_out[start : start + batch], _ = runner.run(hidden[start : start + batch])
-            result.layer_errors.append(relative_error(q_out, fp_out))
+            layer_weights, divisors = decide(fp, i, stats, recipe, result)
+            result.layer_errors.append(_linear_errors(fp, i, stats, layer_weights, divisors))
             bar.set_postfix(layer=i, rel_err=f"{result.layer_errors[-1]:.2e}")
             bar.update()
-            logger.info("layer %d: relative output error %.3e", i, result.layer_errors[-1])
-            hidden = q_out  # sequential: the next layer sees this layer's quantized outputs
+            logger.info("layer %d: relative output error of its linears %.3e", i, result.layer_errors[-1])
+            if sequential:  # the next layer calibrates on this layer's quantized outputs
+                runner = LayerRunner(with_overrides(ckpt, {**result.float_overrides, **layer_weights}), i, threads)
+                for start in range(0, hidden.shape[0], batch):
+                    hidden[start : start + batch], _ = runner.run(hidden[start : start + batch])
+            else:
+                hidden = fp_out
     return result
+
+
+def _linear_errors(fp: Checkpoint, i: int, stats, layer_weights: dict, divisors: dict) -> float:
+    """Mean over the layer's quantized linears of ||x W^T - (x / s) W_q^T|| / ||x W^T|| on sampled tokens,
+    where s is the input scale AWQ or SmoothQuant folded in (1 when none)."""
+    errors = []
+    for role in ROLES:
+        name = _linear(i, role) + ".weight"
+        if name not in layer_weights:
+            continue
+        x = stats.sample(LINEAR_INPUTS[role])[:ERROR_SAMPLE_TOKENS]  # (tokens, K)
+        reference = x @ fp.tensors.load(name).T
+        scaled_x = x / divisors[role] if role in divisors else x
+        errors.append(relative_error(scaled_x @ layer_weights[name].T, reference))
+    return float(np.mean(errors)) if errors else 0.0
 
 
 def _linear(i: int, role: str) -> str:
@@ -101,7 +119,7 @@ def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: Calibrat
         qw = gptq_quantize(weight, stats.hessians[LINEAR_INPUTS[role]], config)
         result.quantized[name] = qw
         dequantized[name + ".weight"] = dequantize(qw)
-    return dequantized
+    return dequantized, {}
 
 
 def _scaled_groups(fp: Checkpoint, i: int, recipe: Recipe, scales_for) -> tuple[dict, dict, dict]:
@@ -178,7 +196,7 @@ def _decide_awq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: Calibrati
         result.quantized[name] = qw
         return dequantize(qw)
 
-    return _finish(i, recipe, weights, set(divisors), overrides, result, quantize)
+    return _finish(i, recipe, weights, set(divisors), overrides, result, quantize), divisors
 
 
 def _decide_smoothquant(fp: Checkpoint, i: int, stats, recipe: Recipe, result: CalibrationResult) -> dict:
@@ -202,7 +220,7 @@ def _decide_smoothquant(fp: Checkpoint, i: int, stats, recipe: Recipe, result: C
         result.int8[name] = (q, scales)
         return q.astype(np.float32) * scales[:, None]
 
-    return _finish(i, recipe, weights, set(divisors), overrides, result, quantize)
+    return _finish(i, recipe, weights, set(divisors), overrides, result, quantize), divisors
 
 
 METHODS = {"gptq": _decide_gptq, "awq": _decide_awq, "smoothquant": _decide_smoothquant}

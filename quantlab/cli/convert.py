@@ -1,13 +1,16 @@
 """Convert a checkpoint (Hugging Face folder, GGUF file, llama2.c .bin) into an ONNX artifact folder.
 
 The folder holds model.onnx + model.onnx.data, the tokenizer, genai_config.json (onnxruntime-genai),
-config.json (optimum) and manifest.json (provenance). It is written to a staging folder and renamed
-into place, so a failed or interrupted conversion leaves nothing behind.
+config.json (optimum) and manifest.json (provenance, and for quantized recipes the measured quality
+against the fp32 model). It is written to a staging folder and renamed into place, so a failed or
+interrupted conversion, or a missed --max-kld/--min-top1 budget, leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from quantlab.errors import InputError
 
 HELP = "checkpoint -> ONNX artifact folder"
 
@@ -16,11 +19,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="HF folder (config.json + *.safetensors), .gguf file, or llama2.c .bin")
     p.add_argument("-o", "--output", required=True, help="artifact folder to create")
     p.add_argument(
+        "--recipe",
+        default="fp32",
+        help="what to do to the weights: a built-in (fp32, fp16, w8a16-g128, w4a16-g128-asym, w4a16-g32-sym, "
+        "w4a16-g128-gptq, w4a16-g128-awq, w8a8-smoothquant, ...) or a .toml/.yaml recipe file with per-layer "
+        "overrides (default fp32)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["fp32", "fp16"],
-        default="fp32",
-        help="weight storage precision (fp16 halves the file; CPU arithmetic stays fp32)",
+        default=None,
+        help="storage of the weights that stay in float (fp16 halves them; CPU arithmetic stays fp32)",
     )
+    calib = p.add_mutually_exclusive_group()
+    calib.add_argument(
+        "--calib", metavar="FILE", help='calibration data: text, JSONL with {"text": ...}, or token ids (.npy/.json)'
+    )
+    calib.add_argument(
+        "--calib-from-model",
+        metavar="N",
+        type=int,
+        help="data-free calibration: N sequences sampled from the full-precision model itself",
+    )
+    p.add_argument(
+        "--max-kld", type=float, help="fail (exit 3, nothing written) if mean KL divergence to fp32 exceeds this"
+    )
+    p.add_argument(
+        "--min-top1", type=float, help="fail (exit 3, nothing written) if top-1 agreement with fp32 is below this"
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=16,
+        help="sequences sampled from the fp32 model to measure quality for the manifest (default 16)",
+    )
+    p.add_argument("--no-eval", action="store_true", help="skip the quality measurement (unless a budget is set)")
     p.add_argument("--tokenizer", help="tokenizer file, when it is not beside the checkpoint (llama2.c)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument(
@@ -36,10 +69,18 @@ def run(args: argparse.Namespace) -> int:
     from quantlab import api
     from quantlab.emit.artifact import read_manifest
 
+    if args.eval_samples < 1:
+        raise InputError(None, "--eval-samples", "must be >= 1")
+    budget = api.QualityBudget(max_kld=args.max_kld, min_top1=args.min_top1, samples=args.eval_samples)
     out = api.convert(
         args.source,
         args.output,
+        recipe=args.recipe,
         weight_dtype=args.dtype,
+        calib=args.calib,
+        calib_from_model=args.calib_from_model,
+        budget=budget,
+        evaluate_quality=not args.no_eval,
         overwrite=args.force,
         allow_pickle=args.allow_pickle,
         tokenizer=args.tokenizer,
@@ -49,4 +90,10 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(out)
     size = sum(f["bytes"] for f in manifest["files"].values())
     print(f"wrote {out} ({size / 1e6:.1f} MB, {manifest['graph']['parameters'] / 1e6:.2f}M parameters)")
+    q = manifest.get("quality")
+    if q:
+        print(
+            f"quality vs fp32 ({q['tokens']} tokens): kld_mean {q['kld_mean']:.5f}, "
+            f"top1_agreement {q['top1_agreement']:.4f}, ppl {q['ppl']:.3f} (fp32 {q['baseline_ppl']:.3f})"
+        )
     return 0

@@ -1,6 +1,7 @@
 """``quantlab`` command line: one module per subcommand, each with ``add_arguments`` and ``run``.
 
-Exit codes: 0 success, 2 bad input or usage, 1 internal error, 130 interrupted, 143 terminated.
+Exit codes: 0 success, 2 bad input or usage, 3 quality budget missed, 1 internal error,
+130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import sys
 import traceback
 
 from quantlab import __version__
-from quantlab.errors import InputError
+from quantlab.errors import InputError, QualityBudgetError
 
 SUBCOMMANDS = {
+    "bench": "quantlab.cli.bench",
     "convert": "quantlab.cli.convert",
     "eval": "quantlab.cli.eval",
     "generate": "quantlab.cli.generate",
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"quantlab: error: {e.one_line()}", file=sys.stderr)
         return 2
+    except QualityBudgetError as e:
+        print(f"quantlab: quality budget missed: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("quantlab: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,13 @@ def write_artifact(
     overwrite: bool = False,
     progress: bool = True,
     extra_manifest: dict | None = None,
+    check: Callable[[Path], dict] | None = None,
 ) -> Path:
-    """Write everything into a staging folder, then rename it to ``out_dir``. Returns ``out_dir``."""
+    """Write everything into a staging folder, then rename it to ``out_dir``. Returns ``out_dir``.
+
+    ``check(staging_folder)`` runs on the complete model files before the manifest is written: what it
+    returns joins the manifest (measured quality, say), and if it raises nothing is left behind.
+    """
     from quantlab.runtime.tokenizer import write_tokenizer_files
 
     with staged_output(out_dir, overwrite=overwrite) as stage:
@@ -152,6 +158,7 @@ def write_artifact(
         write_json(stage / "genai_config.json", genai_config(ckpt))
         if ckpt.hf_config:
             write_json(stage / "config.json", ckpt.hf_config)
+        measured = check(stage) if check is not None else {}
         files = {}
         for path in sorted(p for p in stage.iterdir() if p.is_file()):
             files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -176,8 +183,8 @@ def write_artifact(
             "tokenizer": {"kind": ckpt.tokenizer.kind if ckpt.tokenizer else None, "files": tokenizer_files},
             "files": files,
         }
-        if extra_manifest:
-            manifest.update(extra_manifest)
+        manifest.update(extra_manifest or {})
+        manifest.update(measured)
         write_json(stage / MANIFEST_FILE, manifest)
     logger.info("wrote %s", out_dir)
     return Path(out_dir)

@@ -127,26 +127,29 @@ def _inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 def _quantize_block(
-    W: torch.Tensor,
+    Wt: torch.Tensor,
     Hinv: torch.Tensor,
     i1: int,
     i2: int,
     perm: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
-    codes: torch.Tensor,
-    Q: torch.Tensor,
+    codes_t: torch.Tensor,
+    Qt: torch.Tensor,
     config: GPTQConfig,
 ) -> float:
     """Columns i1..i2-1 of Algorithm 1 (symbols: :func:`run_gptq`); fills codes and Q, updates W.
 
+    Works on the transposes (Wt = W^T, (K, N)) so that a column of W is a contiguous row: the
+    per-column steps then stream memory instead of striding across every row of W.
     Returns the block's share of the loss. Fits dynamic group parameters into scales/zeros in place.
     """
-    k = W.shape[1]
+    k = Wt.shape[0]
     size = k if config.group_size == PER_CHANNEL else config.group_size
-    W1 = W[:, i1:i2].clone()
+    W1 = Wt[i1:i2].clone()  # (block, N)
     Err1 = torch.zeros_like(W1)
     Hinv1 = Hinv[i1:i2, i1:i2]
+    max_code = (1 << config.bits) - 1
     loss = 0.0
     for i in range(i2 - i1):
         column = int(perm[i1 + i])  # natural index of this column
@@ -156,18 +159,18 @@ def _quantize_block(
             # the group is W1; a part past the block still lacks the pending lazy update from
             # columns i1 .. i1+i-1, applied here so the result is independent of the block width.
             end = min(i1 + i + size, k)
-            pending = Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
-            ahead = torch.cat([W1[:, i : end - i1], W[:, i2:end] - pending], dim=1)  # (N, group)
-            scales[:, group], zeros[:, group] = _group_params(ahead, config.bits, config.symmetric)
-        w = W1[:, i]
+            pending = Hinv[i1 : i1 + i, i2:end].T @ Err1[:i]  # (end - i2, N)
+            ahead = torch.cat([W1[i : end - i1], Wt[i2:end] - pending], dim=0)  # (group, N)
+            scales[:, group], zeros[:, group] = _group_params(ahead.T, config.bits, config.symmetric)
+        w = W1[i]
         d = Hinv1[i, i]
-        code, q = _quantize_column(w, scales[:, group], zeros[:, group], (1 << config.bits) - 1)
-        codes[:, i1 + i], Q[:, i1 + i] = code, q
-        loss += float(torch.sum((w - q) ** 2)) / float(d) ** 2 / 2
+        code, q = _quantize_column(w, scales[:, group], zeros[:, group], max_code)
+        codes_t[i1 + i], Qt[i1 + i] = code, q
         err = (w - q) / d
-        W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-        Err1[:, i] = err
-    W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
+        loss += float(torch.dot(w - q, w - q)) / float(d) ** 2 / 2
+        W1[i:] -= Hinv1[i, i:, None] * err[None, :]
+        Err1[i] = err
+    Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1  # lazy batch update of the columns after the block
     return loss
 
 
@@ -197,19 +200,34 @@ def run_gptq(weight: np.ndarray, hessian: np.ndarray, config: GPTQConfig) -> GPT
         W, H = W[:, perm], H[perm][:, perm]
 
     Hinv = _inverse_hessian_factor(H, config.percdamp)
-    Q, codes = torch.zeros_like(W), torch.zeros_like(W)
+    Wt = W.T.contiguous()  # (K, N): a column of W per row
+    Qt, codes_t = torch.zeros_like(Wt), torch.zeros_like(Wt)
     loss = 0.0
-    for i1 in range(0, k, config.block_size):
-        i2 = min(i1 + config.block_size, k)
-        loss += _quantize_block(W, Hinv, i1, i2, perm, scales, zeros, codes, Q, config)
+    with _single_threaded():  # thousands of small vector ops: thread hand-offs would cost more than they save
+        for i1 in range(0, k, config.block_size):
+            i2 = min(i1 + config.block_size, k)
+            loss += _quantize_block(Wt, Hinv, i1, i2, perm, scales, zeros, codes_t, Qt, config)
 
     inverse = torch.argsort(perm)
-    codes, Q = codes[:, inverse], Q[:, inverse]
+    codes, Q = codes_t.T[:, inverse], Qt.T[:, inverse]
     zero_points = None if config.symmetric else zeros.numpy().astype(np.uint8)
     quantized = QuantizedWeight(
-        codes.numpy().astype(np.uint8), scales.numpy(), zero_points, config.bits, config.group_size
+        np.ascontiguousarray(codes.numpy()).astype(np.uint8),
+        scales.numpy(),
+        zero_points,
+        config.bits,
+        config.group_size,
     )
-    return GPTQResult(quantized, Q.numpy(), loss)
+    return GPTQResult(quantized, np.ascontiguousarray(Q.numpy()), loss)
+
+
+class _single_threaded:
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: GPTQConfig) -> QuantizedWeight:

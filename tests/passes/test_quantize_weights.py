@@ -132,3 +132,19 @@ def test_precomputed_integers_are_emitted_as_given(tmp_path):
         IDS,
     )
     np.testing.assert_allclose(run_decoder(model, ckpt, tmp_path / "q", IDS), reference, atol=EXACT_ATOL, rtol=0)
+
+
+def test_rtn_in_row_chunks_equals_whole(tmp_path, monkeypatch):
+    """Big heads are quantized a few rows at a time; the integers must not depend on it."""
+    import quantlab.passes.quantize_weights as qw_module
+
+    ckpt = tiny_checkpoint()
+    names = ("lm_head.qweight", "lm_head.scales", "lm_head.qzeros")
+    whole = build_decoder(ckpt)
+    QuantizeWeightsPass(_schemes(ckpt, "w4a16-g32-asym"), accuracy_level=0)(whole)
+    expected = [whole.graph.initializers[n].const_value.numpy() for n in names]  # evaluated now, unchunked
+    monkeypatch.setattr(qw_module, "RTN_CHUNK_ELEMENTS", 64 * 7)  # 7 rows at a time, a ragged last chunk
+    chunked = build_decoder(ckpt)
+    QuantizeWeightsPass(_schemes(ckpt, "w4a16-g32-asym"), accuracy_level=0)(chunked)
+    for name, a in zip(names, expected, strict=True):
+        np.testing.assert_array_equal(chunked.graph.initializers[name].const_value.numpy(), a)

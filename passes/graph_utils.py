@@ -1,0 +1,29 @@
+"""Small graph edits the passes share."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Put ``new`` where ``old`` was: its (single) output takes over old's uses, name, shape and type."""
+    out = old.outputs[0]
+    name = out.name
+    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+    graph.insert_before(old, new)
+    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=out in graph.outputs)
+    graph.remove(old, safe=True)
+    out.name = None
+    new.outputs[0].name = name
+
+
+def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register ``tensor`` (eager or lazy) as an initializer named ``name``."""
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def add_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    return add_initializer(graph, name, ir.tensor(array, name=name))

@@ -19,8 +19,8 @@ _SKIP_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniform
 class FoldConstantsPass(ir.passes.InPlacePass):
     """Op(const, const, ...) -> const, for standard-domain nodes with small outputs.
 
-    ``max_elements`` bounds both inputs and outputs: folding a Cast of a weight would trade a small
-    graph for a doubled file, so big tensors are left to the runtime. Folded values become
+    ``max_elements`` bounds both inputs and outputs, and a fold that would make the stored bytes grow
+    (a Cast of fp16-stored weights to fp32) is left to the runtime. Folded values become
     initializers; nodes left without users go with RemoveDeadNodesPass.
     """
 
@@ -42,6 +42,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             outputs = _evaluate(node, model.opset_imports.get("", 21))
             if outputs is None or any(o.size > self.max_elements for o in outputs):
                 continue
+            if sum(o.nbytes for o in outputs) > sum(v.const_value.nbytes for v in inputs):
+                continue  # folding must not grow the model (a Cast of fp16-stored weights to fp32, say)
             for value, array in zip(node.outputs, outputs, strict=True):
                 folded = ir.Value(
                     name=f"{value.name}.folded",

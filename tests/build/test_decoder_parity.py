@@ -22,20 +22,45 @@ LOGITS_ATOL = 1e-4
 # fp16 weight storage: the oracle runs on the same fp16-rounded weights, so only arithmetic order differs.
 FP16_LOGITS_ATOL = 1e-4
 
-COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=512, rms_norm_eps=1e-5)
+COMMON = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
 
 CONFIGS = {
     "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
-    "llama3-rope-scaling-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64})),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, head_dim=16, sliding_window=None,
-                                                            tie_word_embeddings=False)),
+    "llama3-rope-scaling-tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=2, head_dim=16, sliding_window=None, tie_word_embeddings=False),
+    ),
     "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "qwen3-qk-norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32,
-                                                              tie_word_embeddings=False)),
+    "qwen3-qk-norm": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    ),
 }
 
 PROMPT = [[3, 17, 42, 99, 5, 120, 64]]
@@ -93,7 +118,7 @@ def test_fp16_weights_match_transformers_on_rounded_weights(tmp_path):
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     decoder = _convert(tmp_path / "hf", tmp_path / "onnx", weight_dtype="fp16")
     with torch.no_grad():  # the oracle sees what we stored: matrices rounded to fp16, norms and biases fp32
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 2:
                 p.copy_(p.half().float())
     _compare_prompt_and_decode(model, decoder, FP16_LOGITS_ATOL)

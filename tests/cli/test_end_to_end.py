@@ -119,3 +119,14 @@ def test_same_input_same_bytes(stories_artifact, tmp_path):
     second = json.loads((again / "manifest.json").read_text())
     assert first["files"] == second["files"]
     assert (stories_artifact / "manifest.json").read_bytes() == (again / "manifest.json").read_bytes()
+
+
+def test_fp16_storage_halves_the_weights(stories_artifact, tmp_path, capsys):
+    out = tmp_path / "fp16"
+    assert main(["convert", str(model_path("stories260K.bin")), "-o", str(out), "--dtype", "fp16", "--no-progress"]) == 0
+    fp32 = (stories_artifact / "model.onnx.data").stat().st_size
+    fp16 = (out / "model.onnx.data").stat().st_size
+    assert 0.45 < fp16 / fp32 < 0.55
+    capsys.readouterr()
+    result = generate_json(capsys, str(out), "--prompt-ids", "1", "--greedy", "--max-new-tokens", "16")
+    assert result["ids"] == golden("stories260K_greedy.json")["ids"][1:17]

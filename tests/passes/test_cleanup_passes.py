@@ -106,3 +106,15 @@ def test_run_passes_records_each_pass_and_dumps_ir(tmp_path):
     assert ops(model) == ["Mul"]
     assert len(list(tmp_path.iterdir())) == 4
     np.testing.assert_allclose(run_ort(model, {"x": X})[0], before[0], atol=NUMERIC_ATOL)
+
+
+def test_fold_constants_never_grows_the_model():
+    """Cast(fp16 weight) -> fp32 would double the stored bytes: --dtype fp16 must stay fp16 on disk."""
+    from quantlab.build.decoder import BuildOptions, build_decoder
+    from tests.tiny import tiny_checkpoint
+
+    model = build_decoder(tiny_checkpoint(), BuildOptions(weight_dtype="fp16"))
+    casts = sum(n.op_type == "Cast" for n in model.graph)
+    result = FoldConstantsPass()(model)
+    assert sum(n.op_type == "Cast" for n in result.model.graph) == casts
+    assert not any(name.endswith(".folded") for name in result.model.graph.initializers)

@@ -1,0 +1,205 @@
+"""Latency per token, peak memory, size and quality: the README's performance table, in one command.
+
+    python benchmarks/bench_latency.py             # everything, then README.md's table (2-3 hours on 2 cores)
+    python benchmarks/bench_latency.py --quick     # stories260K only, tiny runs, into results/quick/ (a minute)
+    python benchmarks/make_readme_table.py         # render results/latency_*.json into README.md again
+
+Run the full one on a quiet machine (`uptime` load well under 1): every JSON records the load average
+and warns when it was high or when the spread of the steps says the machine was noisy.
+
+Full run (artifacts are kept in --work and reused on the next run unless --fresh):
+
+1. SmolLM2-135M-Instruct (from ../shared/models, the Q4_1 GGUF dequantized): fp32, fp16, w8a16-g128,
+   w4a16-g128-asym and -sym artifacts (onnxruntime; the w4/w8 ones also through torch with our kernels),
+   and the GGUF itself through transformers fp32/bf16 eager and llama.cpp. Prompt 128, 128 generated
+   tokens, 5 runs, threads 1 and 2, quality against the fp32 artifact -> results/latency_smollm2.json
+2. A Llama-3.2-1B-shaped model with RANDOM weights (speed only; benchmarks/bench_quantize.py writes it):
+   the same recipes, and its bf16 HF folder through transformers -> results/latency_1b.json
+3. TPOT against context (256, 1024, 4096 tokens in the KV cache) for fp32, w8, w4 of the 1B-shaped model
+   at 2 threads, and any --kv-artifact (KV-cache variants) -> results/latency_1b_context.json
+
+Each file comes with a .png. Every figure is measured by `quantlab bench` (see quantlab/bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_quantize import write_random_model  # noqa: E402
+
+MODELS = REPO.parent / "shared" / "models"
+SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+STORIES = MODELS / "stories260K.bin"
+RECIPES = ("fp32", "fp16", "w8a16-g128", "w4a16-g128-asym", "w4a16-g128-sym")
+CONTEXT_RECIPES = ("fp32", "w8a16-g128", "w4a16-g128-asym")
+LABEL_1B = "Llama-3.2-1B-shaped, RANDOM weights (speed only)"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def convert(source: Path, folder: Path, recipe: str, fresh: bool) -> Path:
+    """An artifact of ``source`` with ``recipe`` in ``folder``, reused when it is already there."""
+    manifest = folder / "manifest.json"
+    if not fresh and manifest.is_file() and json.loads(manifest.read_text())["recipe"]["name"] == recipe:
+        log(f"reusing {folder}")
+        return folder
+    log(f"convert {source.name} --recipe {recipe} -> {folder}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "quantlab",
+        "convert",
+        str(source),
+        "-o",
+        str(folder),
+        "--recipe",
+        recipe,
+        "--no-eval",
+        "--no-progress",
+        "--force",
+    ]
+    subprocess.run(cmd, check=True)
+    return folder
+
+
+def bench(name: str, targets: list[Path], out_dir: Path, args: list[str]) -> None:
+    """``quantlab bench`` into out_dir/latency_<name>.{json,png}; a failed row is reported, not fatal."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_file, png = out_dir / f"latency_{name}.json", out_dir / f"latency_{name}.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "quantlab",
+        "bench",
+        *map(str, targets),
+        *args,
+        "--json",
+        str(json_file),
+        "--plot",
+        str(png),
+    ]
+    log(" ".join(cmd[1:]))
+    code = subprocess.run(cmd).returncode
+    if code not in (0, 1) or not json_file.is_file():
+        raise SystemExit(f"quantlab bench {name} failed with exit code {code}")
+    log(f"wrote {json_file} and {png}" + (" (some rows failed: see the table)" if code else ""))
+
+
+def run_quick(work: Path, out_dir: Path, fresh: bool) -> None:
+    recipes = ("fp32", "fp16", "w8a16-g128", "w4a16-g128-asym")
+    arts = [convert(STORIES, work / "stories260K" / r, r, fresh) for r in recipes]
+    common = ["--threads", "1", "--runs", "3", "--gen", "16", "--roofline-mib", "128"]
+    bench("quick", [*arts, STORIES], out_dir, [*common, "--prompt-len", "32", "--baseline", str(arts[0])])
+    # 1024 does not fit stories260K's 512 positions: the table says so
+    bench(
+        "quick_context",
+        [arts[0], arts[2], arts[3]],
+        out_dir,
+        [*common, "--contexts", "64,256,1024", "--backend", "onnxruntime"],
+    )
+
+
+def run_full(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) -> None:
+    timing = ["--runs", str(opts.runs), "--gen", str(opts.gen), "--prompt-len", "128", "--threads", opts.threads]
+    if opts.pin:
+        timing += ["--pin", opts.pin]
+    if "smollm2" not in opts.skip:
+        arts = [convert(SMOLLM2, work / "smollm2" / r, r, fresh) for r in RECIPES]
+        bench(
+            "smollm2",
+            [*arts, SMOLLM2],
+            out_dir,
+            [*timing, "--baseline", str(arts[0]), "--model-label", "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"],
+        )
+    if "1b" in opts.skip and "1b-context" in opts.skip:
+        return
+    hf = work / "llama-1b-random-hf"
+    if fresh or not (hf / "model.safetensors.index.json").is_file():
+        log(f"writing the random-weight Llama-3.2-1B-shaped model to {hf}")
+        shutil.rmtree(hf, ignore_errors=True)
+        write_random_model(hf, layers=16)
+    arts = {r: convert(hf, work / "llama-1b-random" / r, r, fresh) for r in RECIPES}
+    if "1b" not in opts.skip:
+        bench("1b", [*arts.values(), hf], out_dir, [*timing, "--model-label", LABEL_1B])
+    if "1b-context" not in opts.skip:
+        targets = [arts[r] for r in CONTEXT_RECIPES] + [Path(p) for p in opts.kv_artifact]
+        args = [
+            "--contexts",
+            "256,1024,4096",
+            "--threads",
+            "2",
+            "--runs",
+            "3",
+            "--gen",
+            "32",
+            "--backend",
+            "onnxruntime",
+            "--backend",
+            "torch-kernels",
+            "--model-label",
+            LABEL_1B,
+        ]
+        bench("1b_context", targets, out_dir, args + (["--pin", opts.pin] if opts.pin else []))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="stories260K only, tiny runs, into results/quick/")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "quantlab-bench-latency",
+        help="where artifacts are converted and kept between runs (about 20 GB for the full run)",
+    )
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--fresh", action="store_true", help="convert again even when an artifact is in --work")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--threads", default="1,2", help="thread counts for the tables (default 1,2)")
+    ap.add_argument("--pin", default=None, help="pin the workers to these CPUs, e.g. 0,1")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "1b", "1b-context"])
+    ap.add_argument("--no-readme", action="store_true", help="do not render the results into README.md")
+    ap.add_argument(
+        "--kv-artifact",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a 1B-shaped artifact with a compressed KV cache, added to the context sweep",
+    )
+    opts = ap.parse_args()
+    out_dir = opts.out or REPO / "benchmarks" / "results" / ("quick" if opts.quick else "")
+    load = os.getloadavg()[0]
+    if load > 1.0:
+        log(f"warning: load average {load:.2f}: other work is running, timings will be noise")
+    start = time.perf_counter()
+    if opts.quick:
+        if not STORIES.is_file():
+            raise SystemExit(f"{STORIES} is not there (the shared models folder beside the repository)")
+        run_quick(opts.work, out_dir, opts.fresh)
+    else:
+        if "smollm2" not in opts.skip and not SMOLLM2.is_file():
+            raise SystemExit(f"{SMOLLM2} is not there (the shared models folder beside the repository)")
+        run_full(opts.work, out_dir, opts.fresh, opts)
+    log(f"done in {(time.perf_counter() - start) / 60:.1f} min")
+    if opts.quick or opts.no_readme or opts.out is not None:
+        log("README.md untouched (render with python benchmarks/make_readme_table.py)")
+        return 0
+    # the README's table is generated from what was just written; without its markers this says so and fails
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_readme_table.py")]).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Measure latency per token, peak memory and size of artifacts, side by side with the baselines.
+
+Each TARGET is an artifact folder (run by onnxruntime, and by torch with quantlab's kernels when it is
+quantized) or a checkpoint (a Hugging Face folder, .gguf or llama2.c .bin, run by transformers in
+fp32 and bf16 eager, and a .gguf by llama.cpp): "what users run today". Every (target, backend,
+thread count) runs in its own fresh process: one warm-up generation, then --runs generations of --gen
+greedy tokens after a prompt of --prompt-len random token ids (seeded; no stop at end-of-sequence).
+
+Reported: time to first token (the prefill), time per output token (median and p90 of the decode
+steps), tokens/s, peak RSS of the process, size, the weight bandwidth a decode step achieves and its
+share of a streaming-read roofline measured at the start, and with --baseline the quality columns of
+`quantlab eval` (KL divergence, top-1 agreement) for the artifacts. A backend that cannot run here
+gets a row that says why. --contexts 256,1024,4096 measures TPOT after prompts of those lengths
+instead (a model too short for one says so). --json FILE writes everything, machine and library
+versions included; --plot FILE draws TPOT (against context with --contexts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from quantlab.errors import InputError
+
+HELP = "latency per token, peak memory and quality of artifacts and baselines"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """``"1,2"`` or ``"0-3"`` -> a tuple of ints."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi) + 1) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2 or 0-3, got {text!r}") from None
+    return tuple(out)
+
+
+def _progress(row: dict) -> None:
+    """One line on stderr per finished measurement: full runs take hours."""
+    where = f"context {row['context']}" if row["context"] is not None else f"prompt {row['prompt_len']}"
+    what = f"TPOT {row['tpot_ms']['median']:.2f} ms" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+    print(f"bench: {row['variant']} on {row['backend']}, {row['threads']} threads, {where}: {what}", file=sys.stderr)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from quantlab.bench.backends import BACKENDS
+
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="artifact folder, HF folder, .gguf or .bin")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--gen", type=int, default=128, help="generated tokens per run, >= 2 (default 128)")
+    p.add_argument("--runs", type=int, default=5, help="measured runs after the warm-up (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="runs excluded at the start (default 1)")
+    p.add_argument("--threads", type=_ints, default=(2,), help="thread counts, e.g. 2 or 1,2 (default 2)")
+    p.add_argument(
+        "--pin",
+        type=_ints,
+        default=None,
+        metavar="CPUS",
+        help="pin each worker to these CPUs (e.g. 0,1); default: no pinning (recorded either way)",
+    )
+    p.add_argument(
+        "--contexts",
+        type=_ints,
+        default=(),
+        metavar="N,N",
+        help="context sweep: TPOT after prompts of these lengths (e.g. 256,1024,4096)",
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        choices=list(BACKENDS),
+        help=f"only these backends (repeat); default every one that runs the target: {', '.join(BACKENDS)}",
+    )
+    p.add_argument("--baseline", metavar="ARTIFACT", help="artifact to measure KLD and top-1 against (e.g. fp32)")
+    p.add_argument(
+        "--quality-samples",
+        type=int,
+        default=8,
+        help="sequences of 128 tokens sampled from the baseline for the quality columns (default 8)",
+    )
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and quality samples (default 0)")
+    p.add_argument("--model-label", help='name of the model in tables and plots, e.g. "1B-shaped (random weights)"')
+    p.add_argument("--roofline-mib", type=int, default=512, help="array size for the roofline (default 512 MiB)")
+    p.add_argument("--json", metavar="FILE", help="write every figure, the method and the machine as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG: TPOT per target, or against context with --contexts")
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlab.bench import report
+    from quantlab.bench.runner import BenchConfig, run_bench
+
+    if args.roofline_mib < 1:
+        raise InputError(None, "--roofline-mib", "must be >= 1")
+    # fail now, not after an hour of measuring
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise InputError(None, "--plot", "needs matplotlib (pip install 'quantlab[plot]')")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).absolute().parent.is_dir():
+            raise InputError(path, flag, "its folder does not exist")
+    config = BenchConfig(
+        prompt_len=args.prompt_len,
+        gen=args.gen,
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
+        seed=args.seed,
+        contexts=args.contexts,
+        prefill_chunk=args.prefill_chunk,
+        pin=args.pin,
+        backends=tuple(args.backend) if args.backend else None,
+        baseline=args.baseline,
+        quality_samples=args.quality_samples,
+        roofline_mib=args.roofline_mib,
+        model_label=args.model_label,
+    )
+    doc = run_bench(args.targets, config, progress=_progress)
+    if args.plot:
+        report.plot(doc, args.plot)
+        # relative to the JSON's folder, so results can move together (benchmarks/results/ in the repo)
+        where = Path(args.json).absolute().parent if args.json else Path.cwd()
+        doc["plot"] = os.path.relpath(Path(args.plot).absolute(), where)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    print(report.text_table(doc))
+    return 1 if any(row["status"] == "failed" for row in doc["results"]) else 0

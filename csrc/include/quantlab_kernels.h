@@ -1,0 +1,91 @@
+// quantlab kernel core: weight-only int4/int8 matmul, C ABI (loaded with ctypes, no Python here).
+//
+//   Y (M, N)  =  A (M, K)  @  dequant(B)^T        dequant(B)[n, k] = (q[n, k] - zp[n, k/bs]) * s[n,
+//   k/bs]
+//
+// B uses onnxruntime's com.microsoft.MatMulNBits layout, so an exported artifact is fed as is:
+//   B            uint8 (N, k_blocks, blob)   k_blocks = ceil(K / bs), blob = bs * bits / 8;
+//                4-bit codes two per byte, element 2i in the low nibble, 2i+1 in the high nibble
+//   scales       (N * k_blocks), same dtype as A (f32, f16 or bf16)
+//   zero_points  optional uint8: 4-bit packed two per byte (low nibble = even block), each row
+//   padded
+//                to ceil(k_blocks / 2) bytes; 8-bit one per byte. Absent means 2^(bits-1).
+//   bias         optional (N), same dtype as A.
+#ifndef QUANTLAB_KERNELS_H_
+#define QUANTLAB_KERNELS_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define QL_API __declspec(dllexport)
+#else
+#define QL_API __attribute__((visibility("default")))
+#endif
+
+// Status codes returned by every entry point.
+enum ql_status {
+  QL_OK = 0,
+  QL_ERR_ARGUMENT = 1,     // a shape, pointer or attribute is invalid
+  QL_ERR_UNSUPPORTED = 2,  // valid, but no code for it (e.g. a path not compiled for this CPU)
+  QL_ERR_INTERNAL = 3,
+};
+
+// Element type of A, scales, bias and Y.
+enum ql_dtype { QL_F32 = 0, QL_F16 = 1, QL_BF16 = 2 };
+
+// Which implementation runs. QL_PATH_AUTO picks the fastest one the CPU supports.
+enum ql_path {
+  QL_PATH_AUTO = 0,
+  QL_PATH_SCALAR = 1,       // the reference
+  QL_PATH_AVX2 = 2,         // x86-64 AVX2 + FMA
+  QL_PATH_NEON = 3,         // AArch64 NEON without dot-product instructions
+  QL_PATH_NEON_DOT = 4,     // AArch64 NEON with SDOT (ARMv8.2 dotprod)
+  QL_PATH_AVX_VNNI = 5,     // x86-64 AVX2 + AVX-VNNI (vpdpbusd on 256-bit vectors)
+  QL_PATH_AVX512_VNNI = 6,  // x86-64 AVX-512 F/BW/VL + VNNI (vpdpbusd on 512-bit vectors)
+  QL_PATH_AMX = 7,          // x86-64 AMX-INT8 tiles for M >= 8, else as QL_PATH_AVX512_VNNI
+};
+
+// Arithmetic, as in onnxruntime's accuracy_level attribute.
+//   0: fp32 — weights dequantized to fp32, fp32 products and sums (error: fp32 rounding only).
+//   4: int8 — A quantized per (row, block) to symmetric int8, exact int32 dot products per block,
+//      then fp32 scaling; the only extra error is the int8 rounding of A.
+enum ql_accuracy { QL_ACC_FP32 = 0, QL_ACC_INT8 = 4 };
+
+typedef struct ql_matmul_nbits_args {
+  const void* a;               // (M, K) dtype, rows contiguous
+  const uint8_t* b;            // (N, k_blocks, blob)
+  const void* scales;          // (N, k_blocks) dtype
+  const uint8_t* zero_points;  // optional, see above
+  const void* bias;            // optional (N,) dtype
+  void* y;                     // (M, N) dtype
+  int64_t m, k, n;
+  int32_t bits;        // 4 or 8
+  int32_t block_size;  // power of two, 16..256
+  int32_t dtype;       // ql_dtype
+  int32_t accuracy;    // ql_accuracy
+  int32_t path;        // ql_path
+  int32_t threads;     // <= 0: hardware concurrency
+} ql_matmul_nbits_args;
+
+QL_API int ql_matmul_nbits(const ql_matmul_nbits_args* args);
+
+// 1 when `path` is compiled in and supported by this CPU.
+QL_API int ql_path_available(int32_t path);
+// The path QL_PATH_AUTO resolves to.
+QL_API int ql_best_path(void);
+// Human-readable build and CPU description: compiled paths, paths this CPU runs, the best one.
+QL_API const char* ql_build_info(void);
+// ABI version; bumped whenever ql_matmul_nbits_args changes.
+QL_API int ql_abi_version(void);
+
+#define QL_ABI_VERSION 1
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // QUANTLAB_KERNELS_H_

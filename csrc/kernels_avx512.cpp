@@ -1,0 +1,268 @@
+// x86-64 AVX-512 VNNI path (-mavx512f -mavx512bw -mavx512vl -mavx512vnni), int4 weights with int8
+// activations; other cases are delegated to the AVX2/AVX-VNNI kernels.
+//
+// One 64-byte load holds 128 codes of a row. Activations are de-interleaved per 128 elements
+// (Acts, perm = 128), so the low nibbles meet q[0..63] and the high nibbles q[64..127]. Both
+// nibbles are brought to the high half of their byte (w & 0xf0 and (w << 4) & 0xf0, i.e.
+// 16 * code) so that both vpdpbusd accumulate into one register: 16 * sum(code * x) is exact in
+// int32 (|.| <= 2 * 64 * 240 * 127), and the 1/16 is folded into the per-block scale s * d / 16
+// (exact: a power of two). Per output and chunk that leaves 2 vpdpbusd + 1 convert + 1 FMA; the
+// unpacking is shared by the MR activation rows. A chunk covers 128 / block_size whole blocks for
+// blocks of 32..128 (lanes 8l..8l+7 of the codes belong to block 8l / block_size) or half a block
+// of 256; per chunk, each block's int32 sum is scaled by s * d, precomputed per tile.
+#include <immintrin.h>
+#include <string.h>
+
+#include <vector>
+
+#include "matmul_internal.h"
+
+namespace ql {
+namespace {
+
+// wz[b] = s[b] * (zp[b] - offset) for b < kb, zero up to kb_pad (a multiple of 16): the
+// zero-point weights of one row, laid out so the correction is lane-wise FMAs (see int4_tile).
+void zero_weights(const float* s, const uint8_t* zrow, int bits, int offset, int64_t kb,
+                  int64_t kb_pad, float* wz) {
+  const float zdefault = static_cast<float>((1 << (bits - 1)) - offset);
+  const __m512 off = _mm512_set1_ps(static_cast<float>(offset));
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  for (int64_t b = 0; b < kb_pad; b += 16) {
+    const int64_t left = kb - b;
+    const __mmask16 mask = left <= 0    ? __mmask16(0)
+                           : left >= 16 ? __mmask16(0xffff)
+                                        : __mmask16((1u << left) - 1);
+    __m512 zf = _mm512_set1_ps(zdefault);
+    if (zrow != nullptr && left > 0) {
+      __m128i z8;
+      if (bits == 4) {
+        const int64_t nbytes = (left + 1) / 2 > 8 ? 8 : (left + 1) / 2;
+        const __m128i x = _mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), zrow + b / 2);
+        z8 = _mm_unpacklo_epi8(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16(x, 4), m4));
+      } else {
+        z8 = _mm_maskz_loadu_epi8(mask, zrow + b);
+      }
+      zf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), off);
+    }
+    _mm512_storeu_ps(wz + b, _mm512_maskz_mul_ps(mask, _mm512_maskz_loadu_ps(mask, s + b), zf));
+  }
+}
+
+// sd[(i * NR + j) * kb_pad + b] = s[j][b] * d[i][b], zero for kb <= b < kb_pad.
+thread_local std::vector<float> t_sd;
+
+template <int MR, int NR, bool SPLIT>
+void int4_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  // +4: the 4-float load of the last chunk's block scales may read past kb (zeros).
+  const int64_t kb = w.k_blocks, kb_pad = (kb + 4 + 15) / 16 * 16;
+  t_sd.resize(static_cast<size_t>((MR + 1) * NR * kb_pad));
+  float* sd = t_sd.data();
+  float* wz = sd + MR * NR * kb_pad;
+  for (int j = 0; j < NR; ++j)
+    zero_weights(t.scales[j], t.zeros[j], w.bits, w.offset, kb, kb_pad, wz + j * kb_pad);
+  const __m512 sixteenth = _mm512_set1_ps(1.f / 16);
+  for (int i = 0; i < MR; ++i) {
+    const float* d = a.d + (t.m0 + i) * kb;
+    for (int j = 0; j < NR; ++j) {
+      float* dst = sd + (i * NR + j) * kb_pad;
+      for (int64_t b = 0; b < kb_pad; b += 16) {
+        const __mmask16 mask = b >= kb        ? __mmask16(0)
+                               : kb - b >= 16 ? __mmask16(0xffff)
+                                              : __mmask16((1u << (kb - b)) - 1);
+        const __m512 sv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, t.scales[j] + b), sixteenth);
+        _mm512_storeu_ps(dst + b, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, d + b)));
+      }
+    }
+  }
+  const int bs = w.block_size;
+  const int shift = bs <= 128 ? 0 : 1;  // chunk -> block for blocks of 256
+  const int blocks_per_chunk = bs <= 128 ? 128 / bs : 1;
+  // Lane l of a chunk's int32 sums holds codes 8l..8l+7, i.e. block 8l / bs of the chunk.
+  const __m512i lane_block = _mm512_srli_epi32(
+      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
+      __builtin_ctz(bs < 128 ? bs : 128));
+  const __m512i m_hi = _mm512_set1_epi8(static_cast<char>(0xf0));
+  const uint8_t* brow[NR];
+  for (int j = 0; j < NR; ++j) brow[j] = w.b + (t.n0 + j) * w.row_bytes;
+  const int64_t pf = NR * w.row_bytes;  // prefetch the next tile (see kernels_avx2.cpp)
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t chunks = (w.row_bytes + 63) / 64;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t rest = w.row_bytes - c * 64;
+    const __mmask64 mask = rest >= 64 ? ~__mmask64(0) : (__mmask64(1) << rest) - 1;
+    __m512i lo[NR], hi[NR];  // 16 * code, low and high nibbles
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * 64 + pf), _MM_HINT_T0);
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, brow[j] + c * 64);
+      lo[j] = _mm512_and_si512(_mm512_slli_epi16(v, 4), m_hi);
+      hi[j] = _mm512_and_si512(v, m_hi);
+    }
+    const int64_t b0 = (c * blocks_per_chunk) >> shift;
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* x = a.q + (t.m0 + i) * a.kq + c * 128;
+      const __m512i xl = _mm512_loadu_si512(x), xh = _mm512_loadu_si512(x + 64);
+      for (int j = 0; j < NR; ++j) {
+        const __m512i s16 =
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[j], xl), hi[j], xh);
+        const __m512 sum = _mm512_cvtepi32_ps(s16);  // 16 x the block sums; sd holds s * d / 16
+        const float* sdp = sd + (i * NR + j) * kb_pad + b0;
+        const __m512 scale =
+            SPLIT ? _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(sdp)))
+                  : _mm512_set1_ps(*sdp);
+        acc[i][j] = _mm512_fmadd_ps(sum, scale, acc[i][j]);
+      }
+    }
+  }
+  // Zero-point term, lane-wise into the same accumulators so that one reduction remains:
+  // wz = s * (zp - offset) and xsum = d * sum(q) per block.
+  for (int i = 0; i < MR; ++i) {
+    const float* xs = a.xsum + (t.m0 + i) * kb;
+    for (int64_t b = 0; b < kb; b += 16) {
+      const __mmask16 mask = kb - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (kb - b)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xs + b);
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm512_fnmadd_ps(_mm512_loadu_ps(wz + j * kb_pad + b), xv, acc[i][j]);
+    }
+    for (int j = 0; j < NR; ++j) out[i * t.nr + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+template <int MR, bool SPLIT>
+void by_nr(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  switch (t.nr) {
+    case 1:
+      return int4_tile<MR, 1, SPLIT>(w, a, t, out);
+    case 2:
+      return int4_tile<MR, 2, SPLIT>(w, a, t, out);
+    case 3:
+      if constexpr (MR == 1) return int4_tile<1, 3, SPLIT>(w, a, t, out);
+      break;
+    case 4:
+      if constexpr (MR == 1) return int4_tile<1, 4, SPLIT>(w, a, t, out);
+      break;
+  }
+}
+
+// Tile shapes, one table: decode (m = 1) runs 1 x 4, four weight streams share each activation
+// load; prefill runs 8 x 2, each unpacked weight chunk feeds eight activation rows, and the 16
+// fp32 accumulators + 4 unpacked chunks + 2 activation vectors stay within the 32 zmm registers
+// (4 x 4 spilled accumulators). Smaller shapes cover the edges.
+template <bool SPLIT>
+void by_mr(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  switch (t.mr) {
+    case 1:
+      return by_nr<1, SPLIT>(w, a, t, out);
+    case 2:
+      return by_nr<2, SPLIT>(w, a, t, out);
+    case 3:
+      return by_nr<3, SPLIT>(w, a, t, out);
+    case 4:
+      return by_nr<4, SPLIT>(w, a, t, out);
+    case 5:
+      return by_nr<5, SPLIT>(w, a, t, out);
+    case 6:
+      return by_nr<6, SPLIT>(w, a, t, out);
+    case 7:
+      return by_nr<7, SPLIT>(w, a, t, out);
+    default:
+      return by_nr<8, SPLIT>(w, a, t, out);
+  }
+}
+
+// Runs a 256-bit kernel, which takes 1 x nr or (mr <= 4) x 1 tiles, on sub-tiles of those shapes.
+void delegate(TileFn fn, const Weights& w, const Acts& a, const Tile& t, float* out) {
+  if (t.mr == 1) return fn(w, a, t, out);
+  float col[4];
+  for (int j = 0; j < t.nr; ++j) {
+    for (int i0 = 0; i0 < t.mr; i0 += 4) {
+      Tile sub = t;
+      sub.m0 = t.m0 + i0;
+      sub.mr = t.mr - i0 < 4 ? t.mr - i0 : 4;
+      sub.n0 = t.n0 + j;
+      sub.nr = 1;
+      sub.scales = t.scales + j;
+      sub.zeros = t.zeros + j;
+      fn(w, a, sub, col);
+      for (int i = 0; i < sub.mr; ++i) out[(i0 + i) * t.nr + j] = col[i];
+    }
+  }
+}
+
+void int8_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  if (w.bits != 4 || w.block_size < 32) {
+    // 8-bit codes keep the natural order, so the 256-bit kernels read the same Acts.
+    const PathKernels* k = avx_vnni_kernels() ? avx_vnni_kernels() : avx2_kernels();
+    return delegate(w.bits == 8 ? k->int8_tile : scalar_kernels()->int8_tile, w, a, t, out);
+  }
+  if (w.block_size < 128)
+    by_mr<true>(w, a, t, out);
+  else
+    by_mr<false>(w, a, t, out);
+}
+
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  avx2_kernels()->f16_to_f32(src, dst, n);
+}
+
+void fp32_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  delegate(avx2_kernels()->fp32_tile, w, a, t, out);
+}
+
+// Activation quantization for 4-bit blocks of 128 / 256 (perm 128), bit-identical to
+// prepare_row_int8: the same max, the same 127 / max, one rounding of x * inv, and vcvtps2dq's
+// round-half-even (the MXCSR default) in place of the 1.5 * 2^23 trick. Evens and odds of each
+// 32 elements are split with vpermt2ps before packing, giving the de-interleaved layout directly.
+bool quantize_row(const float* x, int64_t k, int bits, int bs, int64_t kb, int perm, int8_t* q,
+                  float* d, float* xsum) {
+  if (bits != 4 || perm != 128 || bs < 128) return false;
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t b = 0; b < kb; ++b) {
+    const int64_t e0 = b * bs, len = k - e0 < bs ? k - e0 : bs;
+    auto load = [&](int64_t i) {  // x[e0 + i .. e0 + i + 16), zero past the row
+      const int64_t left = len - i;
+      const __mmask16 m = left >= 16  ? __mmask16(0xffff)
+                          : left <= 0 ? 0
+                                      : __mmask16((1u << left) - 1);
+      return _mm512_maskz_loadu_ps(m, x + e0 + i);
+    };
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < bs; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(i)));
+    const float mx = _mm512_reduce_max_ps(amax);
+    const __m512 inv = _mm512_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t c = 0; c < bs; c += 128) {
+      int8_t* dst = q + e0 + c;
+      for (int p = 0; p < 4; ++p) {  // 32 elements -> 16 evens, 16 odds
+        const __m512 lo = load(c + 32 * p), hi = load(c + 32 * p + 16);
+        const __m512 ev = _mm512_permutex2var_ps(lo, even, hi),
+                     od = _mm512_permutex2var_ps(lo, odd, hi);
+        const __m512i qe = _mm512_max_epi32(
+            nlim, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(ev, inv))));
+        const __m512i qo = _mm512_max_epi32(
+            nlim, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(od, inv))));
+        sum = _mm512_add_epi32(sum, _mm512_add_epi32(qe, qo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * p), _mm512_cvtepi32_epi8(qe));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 + 16 * p), _mm512_cvtepi32_epi8(qo));
+      }
+    }
+    d[b] = mx / 127.f;
+    xsum[b] = d[b] * static_cast<float>(_mm512_reduce_add_epi32(sum));
+  }
+  return true;
+}
+
+const PathKernels kKernels = {int8_tile,        fp32_tile,    f16_to_f32,
+                              /*perm=*/128,     /*mr_max=*/8, /*nr_decode=*/4,
+                              /*nr_prefill=*/2, nullptr,      quantize_row};
+
+}  // namespace
+
+const PathKernels* avx512_vnni_kernels() {
+  return &kKernels;
+}
+
+}  // namespace ql

@@ -1,0 +1,117 @@
+// Internal interface between the driver (matmul_nbits.cpp) and the per-ISA kernels.
+#ifndef QUANTLAB_MATMUL_INTERNAL_H_
+#define QUANTLAB_MATMUL_INTERNAL_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <vector>
+
+namespace ql {
+
+// The weights of one call, in onnxruntime's MatMulNBits layout (see quantlab_kernels.h).
+struct Weights {
+  int64_t k, n;
+  int bits;        // 4 or 8
+  int block_size;  // elements per block
+  int64_t k_blocks;
+  int blob;           // bytes per block = block_size * bits / 8
+  int64_t row_bytes;  // k_blocks * blob
+  const uint8_t* b;   // (n, k_blocks, blob)
+  int offset;         // code_offset(bits, accuracy)
+};
+
+// Activations prepared once per call and shared by all threads.
+//
+// Rows of `q` (int8 accuracy) and `xf` (fp32 accuracy) have length kq = k_blocks * block_size
+// rounded up to 128 and are zero past K. `xf` keeps the natural order. In `q`, for 4-bit weights,
+// each chunk of `perm` elements (the path's vector width in weight bytes, times 2) is stored
+// de-interleaved, e.g. for 64: [x0 x2 x4 ... x62 | x1 x3 ... x63], so that the low nibbles of 32
+// weight bytes (elements 0, 2, ..., 62) meet the first half and the high nibbles the second:
+// unpacking the codes then costs two ANDs and no shuffle. For 8-bit weights the order is unchanged.
+struct Acts {
+  int64_t m;
+  int64_t kq;                   // row stride of q / xf
+  int perm;                     // de-interleaving chunk of q: 64 or 128 elements
+  const int8_t* q;              // (m, kq) int8 codes, int8 accuracy only
+  const float* xf;              // (m, kq) fp32 values, fp32 accuracy only
+  const float* d;               // (m, k_blocks) int8 scale per block (int8 accuracy)
+  const float* xsum;            // (m, k_blocks) sum of the block's (dequantized) activations
+  const void* extra = nullptr;  // path-specific layout built by PathKernels::prepare
+};
+
+constexpr int kMaxMr = 64;
+constexpr int kMaxNr = 16;
+
+// One tile: rows [m0, m0+mr) of A against weight rows [n0, n0+nr).
+struct Tile {
+  int64_t m0;
+  int mr;
+  int64_t n0;
+  int nr;
+  const float* const* scales;   // scales[j]: fp32 scale row of weight row n0+j (k_blocks)
+  const uint8_t* const* zeros;  // zeros[j]: packed zero-point row, or nullptr when absent
+};
+
+// Writes out[i * nr + j] = y[m0+i, n0+j] without bias:
+//   sum_b s[b] * (dot_b - (zp[b] - offset) * xsum[b])
+// where dot_b is the block's dot product of the codes used as (q - offset) with the activations
+// (int8 codes or fp32 values) and xsum the block's activation sum (Acts). offset = code_offset().
+using TileFn = void (*)(const Weights& w, const Acts& a, const Tile& t, float* out);
+
+// dst[i] = fp16 src[i] widened to fp32.
+using HalfToFloatFn = void (*)(const uint16_t* src, float* dst, int64_t n);
+// Quantizes one activation row (see prepare_row_int8 in matmul_nbits.cpp, which it must match bit
+// for bit); returns false for cases it does not cover, which then take the portable code.
+using QuantizeRowFn = bool (*)(const float* x, int64_t k, int bits, int bs, int64_t kb, int perm,
+                               int8_t* q, float* d, float* xsum);
+
+struct PathKernels {
+  TileFn int8_tile;
+  TileFn fp32_tile;
+  HalfToFloatFn f16_to_f32;  // nullptr: the portable scalar conversion
+  int perm;                  // Acts::perm this path reads
+  int mr_max;                // tile rows of A for m > 1
+  int nr_decode;             // weight rows per tile when m == 1
+  int nr_prefill;
+  // Optional: builds a path-specific activation layout once per call into `storage`, pointed to
+  // by Acts::extra (nullptr: nothing to do).
+  void (*prepare)(const Weights& w, Acts& a, std::vector<uint8_t>& storage);
+  QuantizeRowFn quantize_row;  // optional SIMD activation quantization
+};
+
+// Offset subtracted from raw codes inside the integer kernels: 8-bit codes are used as (q - 128)
+// so they fit int8 for the signed multiplies; 4-bit codes are used as is.
+inline int code_offset(int bits, int accuracy_int8) {
+  return (bits == 8 && accuracy_int8) ? 128 : 0;
+}
+
+const PathKernels* scalar_kernels();
+const PathKernels* avx2_kernels();         // nullptr when not compiled
+const PathKernels* avx_vnni_kernels();     // nullptr when not compiled
+const PathKernels* avx512_vnni_kernels();  // nullptr when not compiled
+const PathKernels* amx_kernels();          // nullptr when not compiled
+bool amx_os_enabled();
+const PathKernels* neon_kernels();      // nullptr when not compiled
+const PathKernels* neon_dot_kernels();  // nullptr when not compiled
+bool neon_dot_cpu_supported();
+
+// Zero point of block b in a packed zero-point row (nullptr: the default 2^(bits-1)).
+inline int zero_point(const uint8_t* row, int64_t b, int bits) {
+  if (row == nullptr) return 1 << (bits - 1);
+  if (bits == 8) return row[b];
+  uint8_t byte = row[b >> 1];
+  return (b & 1) ? byte >> 4 : byte & 15;
+}
+
+// The de-interleaved position of element e in a 4-bit row (see Acts); chunk is 64 or 128.
+inline int64_t permuted_index(int64_t e, int bits, int chunk) {
+  if (bits != 4) return e;
+  const int64_t base = e & ~int64_t(chunk - 1);
+  const int64_t i = e & (chunk - 1);
+  return base + ((i & 1) ? chunk / 2 + (i >> 1) : (i >> 1));
+}
+
+}  // namespace ql
+
+#endif  // QUANTLAB_MATMUL_INTERNAL_H_

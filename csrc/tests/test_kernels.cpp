@@ -1,0 +1,240 @@
+// Every compiled path against the scalar reference (and the scalar reference against a float64
+// dequantize-then-multiply oracle) on awkward shapes. Prints "N passed, M failed"; exit 1 on any
+// failure. Usage: quantlab_kernels_test [--quick]
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "dtype.h"
+#include "quantlab_kernels.h"
+
+namespace {
+
+// fp32 paths vs each other: summation order only. Bound relative to sum_k |x_k w_k|.
+constexpr double kOrderTol = 2e-5;
+// int8 accuracy vs the float64 oracle: A rounded to int8 per block adds at most
+// sum_k |w_k| * d_k / 2 with d = max|x| / 127 per block; we check against that bound.
+
+struct Case {
+  int64_t m, k, n;
+  int bits, bs;
+  bool zp, bias;
+  int dtype, threads;
+};
+
+struct Data {
+  std::vector<uint8_t> b, zp;
+  std::vector<float> x, s, bias;  // fp32 values (already rounded to dtype)
+  std::vector<uint16_t> x16, s16, bias16;
+};
+
+int g_passed = 0, g_failed = 0;
+
+uint16_t to16(float v, int dtype) {
+  return dtype == QL_F16 ? ql::f32_to_f16(v) : ql::f32_to_bf16(v);
+}
+float from16(uint16_t v, int dtype) {
+  return dtype == QL_F16 ? ql::f16_to_f32(v) : ql::bf16_to_f32(v);
+}
+
+Data make_data(const Case& c, std::mt19937& rng) {
+  Data d;
+  const int64_t kb = (c.k + c.bs - 1) / c.bs, blob = c.bs * c.bits / 8;
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_real_distribution<float> uni(0.002f, 0.03f);
+  d.b.resize(c.n * kb * blob);
+  for (auto& v : d.b) v = static_cast<uint8_t>(byte(rng));
+  const int64_t zrow = c.bits == 4 ? (kb + 1) / 2 : kb;
+  if (c.zp) {
+    d.zp.resize(c.n * zrow);
+    for (auto& v : d.zp) v = static_cast<uint8_t>(byte(rng));
+  }
+  auto round_dtype = [&](float v) {
+    return c.dtype == QL_F32 ? v : from16(to16(v, c.dtype), c.dtype);
+  };
+  d.x.resize(c.m * c.k);
+  for (auto& v : d.x) v = round_dtype(normal(rng) * (byte(rng) == 0 ? 20.f : 1.f));  // outliers
+  d.s.resize(c.n * kb);
+  for (auto& v : d.s) v = round_dtype(uni(rng));
+  if (c.bias) {
+    d.bias.resize(c.n);
+    for (auto& v : d.bias) v = round_dtype(normal(rng));
+  }
+  if (c.dtype != QL_F32) {
+    for (float v : d.x) d.x16.push_back(to16(v, c.dtype));
+    for (float v : d.s) d.s16.push_back(to16(v, c.dtype));
+    for (float v : d.bias) d.bias16.push_back(to16(v, c.dtype));
+  }
+  return d;
+}
+
+int code(const Data& d, const Case& c, int64_t n, int64_t e) {
+  const int64_t kb = (c.k + c.bs - 1) / c.bs, row = kb * c.bs * c.bits / 8;
+  if (c.bits == 8) return d.b[n * row + e];
+  uint8_t byte = d.b[n * row + e / 2];
+  return (e & 1) ? byte >> 4 : byte & 15;
+}
+
+int zpoint(const Data& d, const Case& c, int64_t n, int64_t blk) {
+  if (!c.zp) return 1 << (c.bits - 1);
+  const int64_t kb = (c.k + c.bs - 1) / c.bs;
+  if (c.bits == 8) return d.zp[n * kb + blk];
+  uint8_t byte = d.zp[n * ((kb + 1) / 2) + blk / 2];
+  return (blk & 1) ? byte >> 4 : byte & 15;
+}
+
+// Returns y (float64 oracle), |x||w| sums and the int8-rounding bound per output.
+void oracle(const Data& d, const Case& c, std::vector<double>& y, std::vector<double>& mag,
+            std::vector<double>& qbound) {
+  const int64_t kb = (c.k + c.bs - 1) / c.bs;
+  y.assign(c.m * c.n, 0.0);
+  mag.assign(c.m * c.n, 0.0);
+  qbound.assign(c.m * c.n, 0.0);
+  for (int64_t m = 0; m < c.m; ++m) {
+    std::vector<double> dx(kb, 0.0);
+    for (int64_t e = 0; e < c.k; ++e)
+      dx[e / c.bs] = std::max(dx[e / c.bs], std::fabs(double(d.x[m * c.k + e])) / 127.0);
+    for (int64_t n = 0; n < c.n; ++n) {
+      double acc = c.bias ? d.bias[n] : 0.0, a = 0.0, qb = 0.0;
+      for (int64_t e = 0; e < c.k; ++e) {
+        const int64_t blk = e / c.bs;
+        double wv = double(code(d, c, n, e) - zpoint(d, c, n, blk)) * d.s[n * kb + blk];
+        acc += wv * d.x[m * c.k + e];
+        a += std::fabs(wv * d.x[m * c.k + e]);
+        qb += std::fabs(wv) * dx[blk] * 0.5;
+      }
+      y[m * c.n + n] = acc;
+      mag[m * c.n + n] = a + (c.bias ? std::fabs(d.bias[n]) : 0.0);
+      qbound[m * c.n + n] = qb;
+    }
+  }
+}
+
+std::vector<float> run(const Data& d, const Case& c, int path, int accuracy, int* status) {
+  std::vector<float> y(c.m * c.n, 0.f);
+  std::vector<uint16_t> y16(c.m * c.n, 0);
+  ql_matmul_nbits_args a{};
+  const bool f32 = c.dtype == QL_F32;
+  a.a = f32 ? static_cast<const void*>(d.x.data()) : d.x16.data();
+  a.b = d.b.data();
+  a.scales = f32 ? static_cast<const void*>(d.s.data()) : d.s16.data();
+  a.zero_points = c.zp ? d.zp.data() : nullptr;
+  a.bias = !c.bias ? nullptr : f32 ? static_cast<const void*>(d.bias.data()) : d.bias16.data();
+  a.y = f32 ? static_cast<void*>(y.data()) : y16.data();
+  a.m = c.m;
+  a.k = c.k;
+  a.n = c.n;
+  a.bits = c.bits;
+  a.block_size = c.bs;
+  a.dtype = c.dtype;
+  a.accuracy = accuracy;
+  a.path = path;
+  a.threads = c.threads;
+  *status = ql_matmul_nbits(&a);
+  if (!f32)
+    for (size_t i = 0; i < y.size(); ++i) y[i] = from16(y16[i], c.dtype);
+  return y;
+}
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+std::string describe(const Case& c, int path, int acc) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf,
+                "path=%d acc=%d m=%lld k=%lld n=%lld bits=%d bs=%d zp=%d bias=%d dtype=%d thr=%d",
+                path, acc, (long long)c.m, (long long)c.k, (long long)c.n, c.bits, c.bs, c.zp,
+                c.bias, c.dtype, c.threads);
+  return buf;
+}
+
+void run_case(const Case& c, std::mt19937& rng) {
+  Data d = make_data(c, rng);
+  std::vector<double> y, mag, qb;
+  oracle(d, c, y, mag, qb);
+  // Output rounding to fp16/bf16 adds half an ulp of the output.
+  const double out_rel = c.dtype == QL_F16 ? 1.0 / 1024 : c.dtype == QL_BF16 ? 1.0 / 128 : 0.0;
+  for (int acc : {QL_ACC_FP32, QL_ACC_INT8}) {
+    int st = 0;
+    std::vector<float> ref = run(d, c, QL_PATH_SCALAR, acc, &st);
+    check(st == QL_OK, "scalar status " + describe(c, QL_PATH_SCALAR, acc));
+    // Scalar vs the float64 oracle.
+    bool ok = true;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      double tol = kOrderTol * mag[i] + (acc == QL_ACC_INT8 ? qb[i] * 1.0001 : 0.0) +
+                   out_rel * std::fabs(y[i]) + 1e-6;
+      if (!(std::fabs(ref[i] - y[i]) <= tol)) {
+        if (ok) std::printf("  [%zu] scalar %.7g oracle %.7g tol %.3g\n", i, ref[i], y[i], tol);
+        ok = false;
+      }
+    }
+    check(ok, "scalar vs oracle " + describe(c, QL_PATH_SCALAR, acc));
+    for (int path : {QL_PATH_AVX2, QL_PATH_AVX_VNNI, QL_PATH_AVX512_VNNI, QL_PATH_AMX, QL_PATH_NEON,
+                     QL_PATH_NEON_DOT}) {
+      if (!ql_path_available(path)) continue;
+      std::vector<float> out = run(d, c, path, acc, &st);
+      check(st == QL_OK, "status " + describe(c, path, acc));
+      ok = true;
+      for (size_t i = 0; i < out.size(); ++i) {
+        double tol = kOrderTol * mag[i] + 2 * out_rel * std::fabs(y[i]) + 1e-6;
+        if (!(std::fabs(out[i] - ref[i]) <= tol)) {
+          if (ok) std::printf("  [%zu] got %.7g scalar %.7g tol %.3g\n", i, out[i], ref[i], tol);
+          ok = false;
+        }
+      }
+      check(ok, describe(c, path, acc));
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  std::printf("%s\n", ql_build_info());
+  std::mt19937 rng(1234);
+  const int64_t ms[] = {1, 3, 17};
+  const int64_t ks[] = {40, 320, 1000};  // none a multiple of 256; 40 < one block of 64
+  const int64_t ns[] = {1, 7, 33};
+  int idx = 0;
+  for (int bits : {4, 8}) {
+    for (int bs : {16, 32, 64, 128, 256}) {
+      for (int64_t m : ms) {
+        for (int64_t k : ks) {
+          for (int64_t n : ns) {
+            ++idx;
+            if (quick && idx % 3 != 0) continue;
+            Case c{m, k, n, bits, bs, idx % 2 == 0, idx % 5 == 0, QL_F32, 1 + idx % 3};
+            run_case(c, rng);
+          }
+        }
+      }
+    }
+  }
+  // Reduced-precision inputs and a larger shape.
+  for (int dtype : {QL_F16, QL_BF16}) {
+    run_case(Case{3, 320, 9, 4, 32, true, true, dtype, 2}, rng);
+    run_case(Case{1, 576, 17, 4, 128, false, false, dtype, 1}, rng);
+  }
+  run_case(Case{9, 4096, 37, 4, 128, true, true, QL_F32, 2}, rng);
+  run_case(Case{40, 1000, 35, 4, 256, true, false, QL_F32, 3}, rng);  // AMX: 16 + 16 + 8 rows
+  run_case(Case{33, 520, 19, 4, 128, false, true, QL_F16, 2}, rng);
+  // Argument errors come back as status codes.
+  {
+    ql_matmul_nbits_args a{};
+    check(ql_matmul_nbits(&a) == QL_ERR_ARGUMENT, "null args");
+    check(ql_matmul_nbits(nullptr) == QL_ERR_ARGUMENT, "null pointer");
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

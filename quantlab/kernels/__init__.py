@@ -1,0 +1,234 @@
+"""Weight-only int4/int8 matmul kernels with onnxruntime's MatMulNBits tensor contract.
+
+``matmul_nbits(x, B, scales, zero_points, K=..., N=..., bits=..., block_size=...)`` takes the
+tensors a ``com.microsoft.MatMulNBits`` node takes (layout: :mod:`quantlab.kernels.reference`), as
+numpy arrays or torch tensors, and runs the C++ core (csrc/) through ctypes. When the core was not
+built (no compiler at install time) it falls back to numpy, logs a warning once, and
+:func:`backend` says ``"numpy"``.
+
+``accuracy_level`` follows onnxruntime: 0 computes in fp32 on dequantized weights; 4 (the default
+here, the fast one) quantizes activations to int8 per (row, block) and does exact integer dot
+products, adding only the int8 rounding of the activations as error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from quantlab.kernels import _native
+from quantlab.kernels.reference import dequantize_nbits, k_blocks, matmul_nbits_reference
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "available_paths",
+    "backend",
+    "build_info",
+    "dequantize_nbits",
+    "matmul_nbits",
+    "matmul_nbits_reference",
+]
+
+_lib, _why_not = _native.load_core()
+if _lib is None:
+    logger.warning(
+        "quantlab.kernels: the C++ kernels are not available (%s); using the slow numpy fallback. "
+        "Reinstall with a C++ compiler and cmake to build them.",
+        _why_not,
+    )
+
+
+def backend() -> str:
+    """``"native:<path>"`` (the SIMD path that runs by default, e.g. ``native:avx2``) or ``"numpy"``."""
+    if _lib is None:
+        return "numpy"
+    return "native:" + _native.PATH_NAMES[_lib.ql_best_path()]
+
+
+def available_paths() -> list[str]:
+    """The native paths this CPU can run (``scalar`` is the reference); empty without the core."""
+    if _lib is None:
+        return []
+    return [name for name, code in _native.PATHS.items() if code and _lib.ql_path_available(code)]
+
+
+def build_info() -> str:
+    """What the core was compiled with and what this CPU supports."""
+    return "numpy fallback: " + _why_not if _lib is None else _lib.ql_build_info().decode()
+
+
+_DTYPE_NAMES: dict[Any, str] = {}  # dtype object -> name, filled on first sight (str(dtype) is slow)
+
+
+def _dtype_name(x: Any) -> str:
+    name = _DTYPE_NAMES.get(x.dtype)
+    if name is None:
+        name = str(x.dtype).replace("torch.", "")
+        _DTYPE_NAMES[x.dtype] = name
+    return name
+
+
+class _Buf:
+    """A C-contiguous host buffer (numpy array or CPU torch tensor) and its address."""
+
+    __slots__ = ("obj", "ptr", "size")
+
+    def __init__(self, t: Any):
+        if type(t) is np.ndarray:
+            if not t.flags.c_contiguous:
+                t = np.ascontiguousarray(t)
+            self.ptr = t.__array_interface__["data"][0]
+            self.size = t.size
+        elif _is_torch(t):
+            if t.device.type != "cpu":
+                raise ValueError("matmul_nbits: use quantlab.kernels.torch_ops for CUDA tensors")
+            t = t.contiguous()
+            self.ptr = t.data_ptr()
+            self.size = t.numel()
+        else:
+            t = np.ascontiguousarray(t)
+            self.ptr = t.__array_interface__["data"][0]
+            self.size = t.size
+        self.obj = t
+
+
+def _is_torch(t: Any) -> bool:
+    return type(t).__module__.startswith("torch")
+
+
+def matmul_nbits(
+    x: Any,
+    B: Any,
+    scales: Any,
+    zero_points: Any = None,
+    *,
+    K: int,
+    N: int,
+    bits: int = 4,
+    block_size: int = 32,
+    bias: Any = None,
+    accuracy_level: int = 4,
+    threads: int | None = None,
+    path: str = "auto",
+) -> Any:
+    """``Y = x @ dequant(B).T (+ bias)`` with onnxruntime MatMulNBits' inputs and attributes.
+
+    ``x`` is ``(..., K)`` float32/float16/bfloat16 (numpy or CPU torch); ``scales`` and ``bias`` have
+    its dtype (other float dtypes are cast); ``B`` and ``zero_points`` are uint8. Returns ``(..., N)``
+    of the same kind and dtype as ``x``. ``threads=None`` uses every core; ``path`` forces one
+    implementation (``"scalar"``, ``"avx2"``, ``"avx_vnni"``, ``"neon"``, ``"neon_dot"``).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"matmul_nbits: bits must be 4 or 8, got {bits}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"matmul_nbits: accuracy_level must be 0..4, got {accuracy_level}")
+    if x.shape[-1] != K:
+        raise ValueError(f"matmul_nbits: x has {x.shape[-1]} columns, K={K}")
+    kb = k_blocks(K, block_size)
+    torch_in = _is_torch(x)
+    dtype = _dtype_name(x)
+    if dtype not in _native.DTYPES:
+        raise TypeError(f"matmul_nbits: activations must be float32, float16 or bfloat16, got {x.dtype}")
+    lead = tuple(x.shape[:-1])
+    m = int(math.prod(lead))
+
+    if _lib is None:
+        return _numpy_fallback(x, B, scales, zero_points, bias, K=K, N=N, bits=bits, block_size=block_size)
+
+    xb = _Buf(x)
+    bb = _Buf(B)
+    expected_b = N * kb * block_size * bits // 8
+    if bb.size != expected_b or _dtype_name(bb.obj) != "uint8":
+        raise ValueError(f"matmul_nbits: B must be uint8 with {expected_b} elements (N, k_blocks, blob)")
+    sb = _Buf(_cast_like(scales, x))
+    if sb.size != N * kb:
+        raise ValueError(f"matmul_nbits: scales must have N * k_blocks = {N * kb} elements, got {sb.size}")
+    zb = None
+    if zero_points is not None:
+        zb = _Buf(zero_points)
+        if _dtype_name(zb.obj) != "uint8":
+            raise TypeError("matmul_nbits: only uint8 (packed) zero points are supported")
+        expected_z = N * ((kb + 1) // 2 if bits == 4 else kb)
+        if zb.size != expected_z:
+            raise ValueError(f"matmul_nbits: zero_points must have {expected_z} elements, got {zb.size}")
+    biasb = None
+    if bias is not None:
+        biasb = _Buf(_cast_like(bias, x))
+        if biasb.size != N:
+            raise ValueError(f"matmul_nbits: bias must have N = {N} elements")
+
+    if torch_in:
+        import torch
+
+        y = torch.empty((*lead, N), dtype=x.dtype)
+        y_ptr = y.data_ptr()
+    else:
+        y = np.empty((*lead, N), dtype=x.dtype)
+        y_ptr = y.__array_interface__["data"][0]
+
+    args = _native.MatMulNBitsArgs(
+        a=xb.ptr,
+        b=bb.ptr,
+        scales=sb.ptr,
+        zero_points=zb.ptr if zb else None,
+        bias=biasb.ptr if biasb else None,
+        y=y_ptr,
+        m=m,
+        k=K,
+        n=N,
+        bits=bits,
+        block_size=block_size,
+        dtype=_native.DTYPES[dtype],
+        accuracy=4 if accuracy_level == 4 else 0,
+        path=_native.PATHS[path],
+        threads=0 if threads is None else int(threads),
+    )
+    status = _lib.ql_matmul_nbits(ctypes.byref(args))
+    if status != 0:
+        raise ValueError(
+            f"matmul_nbits: core returned {_native.STATUS.get(status, status)} "
+            f"(K={K}, N={N}, bits={bits}, block_size={block_size}, path={path})"
+        )
+    return y
+
+
+def _cast_like(t: Any, x: Any) -> Any:
+    if type(t) is type(x) and t.dtype == x.dtype:
+        return t
+    if _is_torch(x):
+        import torch
+
+        t = t if _is_torch(t) else torch.from_numpy(np.asarray(t))
+        return t.to(x.dtype)
+    return np.asarray(t).astype(x.dtype, copy=False)
+
+
+def _numpy_fallback(x, B, scales, zero_points, bias, *, K, N, bits, block_size) -> Any:
+    def to_np(t: Any) -> np.ndarray | None:
+        if t is None:
+            return None
+        if _is_torch(t):
+            return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+        return np.asarray(t)
+
+    y = matmul_nbits_reference(
+        to_np(x).astype(np.float32),
+        to_np(B),
+        to_np(scales).astype(np.float32),
+        to_np(zero_points),
+        None if bias is None else to_np(bias).astype(np.float32),
+        k=K,
+        n=N,
+        bits=bits,
+        block_size=block_size,
+    )
+    if _is_torch(x):
+        import torch
+
+        return torch.from_numpy(y).to(x.dtype)
+    return y.astype(x.dtype)

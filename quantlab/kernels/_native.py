@@ -1,0 +1,108 @@
+"""ctypes binding of the C++ core ``_libquantlab_kernels.so`` (csrc/include/quantlab_kernels.h)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ABI_VERSION = 1
+LIB_NAME = "_libquantlab_kernels.so"
+CUDA_LIB_NAME = "_libquantlab_cuda.so"
+# Overrides the library location (a build directory's copy, for example).
+ENV_LIB = "QUANTLAB_KERNELS_LIB"
+# "1" forces the numpy fallback (tests of the fallback, debugging).
+ENV_DISABLE = "QUANTLAB_KERNELS_DISABLE"
+
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "neon_dot": 4, "avx_vnni": 5, "avx512_vnni": 6, "amx": 7}
+PATH_NAMES = {v: k for k, v in PATHS.items()}
+STATUS = {0: "ok", 1: "invalid argument", 2: "unsupported", 3: "internal error"}
+
+
+class MatMulNBitsArgs(ctypes.Structure):
+    """Mirror of ``ql_matmul_nbits_args``."""
+
+    _fields_ = [
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zero_points", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+        ("block_size", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("accuracy", ctypes.c_int32),
+        ("path", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
+def _candidates(name: str) -> list[Path]:
+    here = Path(__file__).resolve().parent
+    found = [here / name]
+    env = os.environ.get(ENV_LIB if name == LIB_NAME else "QUANTLAB_CUDA_LIB")
+    if env:
+        found.insert(0, Path(env))
+    return found
+
+
+def load_core() -> tuple[ctypes.CDLL | None, str]:
+    """Loads the core library; returns (library or None, why not)."""
+    if os.environ.get(ENV_DISABLE) == "1":
+        return None, f"disabled by {ENV_DISABLE}=1"
+    reasons = []
+    for path in _candidates(LIB_NAME):
+        if not path.is_file():
+            reasons.append(f"{path} not found")
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as err:
+            reasons.append(f"{path}: {err}")
+            continue
+        lib.ql_abi_version.restype = ctypes.c_int
+        if lib.ql_abi_version() != ABI_VERSION:
+            reasons.append(f"{path}: ABI {lib.ql_abi_version()} != {ABI_VERSION} (stale build)")
+            continue
+        lib.ql_matmul_nbits.argtypes = [ctypes.POINTER(MatMulNBitsArgs)]
+        lib.ql_matmul_nbits.restype = ctypes.c_int
+        lib.ql_path_available.argtypes = [ctypes.c_int32]
+        lib.ql_path_available.restype = ctypes.c_int
+        lib.ql_best_path.restype = ctypes.c_int
+        lib.ql_build_info.restype = ctypes.c_char_p
+        return lib, ""
+    return None, "; ".join(reasons)
+
+
+def load_cuda() -> ctypes.CDLL | None:
+    """Loads the CUDA library if it was built (QUANTLAB_CUDA=ON); None otherwise."""
+    for path in _candidates(CUDA_LIB_NAME):
+        if path.is_file():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as err:
+                logger.debug("cannot load %s: %s", path, err)
+                continue
+            lib.qlc_matmul_nbits_f16.restype = ctypes.c_int
+            lib.qlc_matmul_nbits_f16.argtypes = [
+                ctypes.c_void_p,  # a (m, k) f16, device
+                ctypes.c_void_p,  # b (n, k_blocks, blob) uint8, device
+                ctypes.c_void_p,  # scales (n, k_blocks) f16, device
+                ctypes.c_void_p,  # zero_points packed uint8 or NULL, device
+                ctypes.c_void_p,  # y (m, n) f16, device
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int32,  # block_size
+                ctypes.c_void_p,  # cudaStream_t
+            ]
+            return lib
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,13 @@ def golden(name: str) -> dict:
     if not path.exists():
         pytest.skip(f"golden file {path} is not present")
     return json.loads(path.read_text())
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when ``condition`` is false, except in CI (CI=true), where .ci/run installs everything the
+    tests need and a missing piece is a failure, not a skip."""
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI installs this: see .ci/run)")
+    pytest.skip(reason)

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "eval": "quantlab.cli.eval",
     "generate": "quantlab.cli.generate",
     "inspect": "quantlab.cli.inspect",
+    "package": "quantlab.cli.package",
+    "verify": "quantlab.cli.verify",
 }
 
 

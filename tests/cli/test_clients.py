@@ -11,7 +11,7 @@ import pytest
 
 from quantlab.cli.main import main
 from quantlab.runtime.tokenizer import load_tokenizer
-from tests.models import golden
+from tests.models import golden, require
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,10 @@ def quantlab_greedy(capsys, artifact, prompt_ids, n, *, ignore_eos=False):
 
 
 def genai_greedy(artifact, prompt_ids, n):
-    og = pytest.importorskip("onnxruntime_genai")
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        require(False, "onnxruntime-genai is not installed (pip install onnxruntime-genai==0.18.0)")
     model = og.Model(str(artifact))
     params = og.GeneratorParams(model)
     # genai stops at genai_config's eos ids, as quantlab stops at the tokenizer's
@@ -79,11 +82,11 @@ print(json.dumps(out[0, len(prompt):].tolist()))
 
 def optimum_python() -> Path:
     python = Path(os.environ.get("QUANTLAB_OPTIMUM_PYTHON", REPO / ".venv-optimum" / "bin" / "python"))
-    if not python.exists():
-        pytest.skip(
-            f"optimum-onnx needs transformers<4.58, so it lives in its own venv; {python} is absent "
-            "(scripts/install-optimum.sh creates it; CI runs it)"
-        )
+    require(
+        python.exists(),
+        f"optimum-onnx needs transformers<4.58, so it lives in its own venv; {python} is absent "
+        "(scripts/install-optimum.sh creates it)",
+    )
     return python
 
 

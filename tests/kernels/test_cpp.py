@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from tests.kernels.helpers import cmake_build
+from tests.models import require
 
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
 
@@ -33,9 +34,8 @@ def test_cpp_paths_match_scalar_native(tmp_path_factory):
 
 def test_cpp_aarch64_under_qemu(tmp_path_factory):
     missing = [t for t in ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
-    if missing:
-        apt = "apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user"
-        pytest.skip(f"{', '.join(missing)} not installed ({apt})")
+    apt = "apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user"
+    require(not missing, f"{', '.join(missing)} not installed ({apt})")
     build = tmp_path_factory.mktemp("cpp_aarch64")
     cmake_build(
         build,

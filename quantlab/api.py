@@ -21,7 +21,9 @@ import numpy as np
 import onnx_ir as ir
 
 from quantlab.build.decoder import BuildOptions, build_decoder
-from quantlab.emit.artifact import save_model, write_artifact
+from quantlab.build.kv_cache import collect_key_scales, parse_kv_cache
+from quantlab.emit.artifact import estimate_artifact_bytes, save_model, write_artifact
+from quantlab.emit.staging import check_free_space, remove_stale_temporaries, temporary_prefix
 from quantlab.errors import InputError, QualityBudgetError
 from quantlab.io import Checkpoint, load_checkpoint
 from quantlab.passes.check import CheckModelPass, InferShapesPass
@@ -32,13 +34,16 @@ from quantlab.passes.quantize_dynamic import QuantizeDynamicInt8Pass
 from quantlab.passes.quantize_embedding import QuantizeEmbeddingPass
 from quantlab.passes.quantize_weights import QuantizeWeightsPass, quantizable_linears
 from quantlab.recipe import Recipe, load_recipe
-from quantlab.runtime.generate import GREEDY, OrtDecoder, SamplingConfig, generate
+from quantlab.runtime.generate import GREEDY, BoundedCache, OrtDecoder, SamplingConfig, generate
 
 logger = logging.getLogger(__name__)
 
 # Held-out text for the quality figures in the manifest: sampled from the full-precision model with a
 # seed calibration never uses.
 EVAL_SEED_OFFSET = 1_000_003
+# A -smooth KV cache calibrates its key channel scales on this many sequences (of the recipe's
+# calibration seq_len) sampled from the fp32 model, when no calibration data is given.
+KV_CALIB_SAMPLES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +93,7 @@ def quantization_pipeline(model: ir.Model, recipe: Recipe, calibration=None) -> 
 @contextlib.contextmanager
 def _baseline_artifact(ckpt: Checkpoint, near: Path, progress: bool) -> Iterator[Path]:
     """A temporary fp32 artifact of the checkpoint, for data-free calibration and quality figures."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{near.name}.baseline-", dir=near.parent))
+    folder = Path(tempfile.mkdtemp(prefix=temporary_prefix(near, "baseline"), dir=near.parent))
     try:
         model = build_decoder(ckpt)
         model, _ = run_passes(model, [RemoveDeadNodesPass()])
@@ -158,6 +163,7 @@ def convert(
     *,
     recipe: str | Recipe = "fp32",
     weight_dtype: str | None = None,
+    kv_cache: str | None = None,
     calib: str | None = None,
     calib_from_model: int | None = None,
     budget: QualityBudget | None = None,
@@ -167,11 +173,24 @@ def convert(
     tokenizer: str | os.PathLike | None = None,
     dump_ir: str | os.PathLike | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
-    """Checkpoint -> artifact folder. Raises InputError on bad input, QualityBudgetError on a missed budget."""
+    """Checkpoint -> artifact folder. Raises InputError on bad input, QualityBudgetError on a missed budget.
+
+    A calibration saves each finished layer beside the output (``.{out}.resume/``); ``resume=True``
+    continues from there after an interruption, refusing when any input differs.
+    """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if weight_dtype is not None:
         recipe = dataclasses.replace(recipe, weight_dtype=weight_dtype)
+    if kv_cache is not None:
+        try:
+            recipe = dataclasses.replace(recipe, kv_cache=str(parse_kv_cache(kv_cache)))
+        except ValueError as e:
+            raise InputError(None, "--kv", str(e)) from e
+    kv_format = parse_kv_cache(recipe.kv_cache)
+    # a quantized weight or cache is measured against the fp32 model
+    lossy = recipe.scheme is not None or kv_format.quantized
     if calib is not None and calib_from_model is not None:
         raise InputError(None, "--calib", "give --calib FILE or --calib-from-model N, not both")
     if recipe.needs_calibration and calib is None and calib_from_model is None:
@@ -189,19 +208,27 @@ def convert(
         raise InputError(out, None, "output already exists (pass --force to replace it)")
     budget = budget or QualityBudget()
     gated = budget.max_kld is not None or budget.min_top1 is not None
-    needs_baseline = calib_from_model is not None or (recipe.scheme is not None and (evaluate_quality or gated))
+    needs_baseline = calib_from_model is not None or kv_format.smooth_keys or (lossy and (evaluate_quality or gated))
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out):
+        logger.warning("removed %s, left by an interrupted conversion", stale)
+    check_free_space(out.parent, estimate_artifact_bytes(ckpt.spec, recipe, with_baseline=needs_baseline))
     with contextlib.ExitStack() as stack:
         baseline = stack.enter_context(_baseline_artifact(ckpt, out, progress)) if needs_baseline else None
-        calibration, extra = None, {}
+        calibration, extra, checkpoints = None, {}, None
         if recipe.needs_calibration:
             from quantlab.calib.calibrate import calibrate
             from quantlab.calib.layerwise import with_overrides
+            from quantlab.calib.resume import LayerCheckpoints, calibration_fingerprint, resume_folder
 
             data = calibration_tokens(
                 ckpt, recipe, calib=calib, calib_from_model=calib_from_model, baseline=baseline, progress=progress
             )
-            calibration = calibrate(ckpt, recipe, np.asarray(data.ids), progress=progress)
+            # Per-layer checkpoints beside the output, keyed by every input, for convert --resume.
+            tokens = np.asarray(data.ids)
+            fingerprint = calibration_fingerprint(ckpt.source_sha256(), recipe.to_dict(), tokens)
+            checkpoints = LayerCheckpoints(resume_folder(out), fingerprint, resume=resume)
+            calibration = calibrate(ckpt, recipe, tokens, progress=progress, checkpoints=checkpoints)
             extra["calibration"] = {
                 **data.describe(),
                 "layer_relative_errors": [round(e, 6) for e in calibration.layer_errors],
@@ -209,16 +236,33 @@ def convert(
             ckpt_for_build = with_overrides(ckpt, calibration.float_overrides)
         else:
             ckpt_for_build = ckpt
-        model = build_decoder(ckpt_for_build, BuildOptions(weight_dtype=recipe.weight_dtype))
+        key_scales = None
+        if kv_format.smooth_keys:
+            kv_data = (
+                data
+                if recipe.needs_calibration
+                else calibration_tokens(
+                    ckpt,
+                    recipe,
+                    calib=calib,
+                    calib_from_model=calib_from_model or KV_CALIB_SAMPLES,
+                    baseline=baseline,
+                    progress=progress,
+                )
+            )
+            key_scales = collect_key_scales(OrtDecoder(baseline), np.asarray(kv_data.ids), ckpt.spec.rope_interleaved)
+            extra["kv_cache_calibration"] = kv_data.describe()
+        options = BuildOptions(weight_dtype=recipe.weight_dtype, kv_cache=kv_format, key_channel_scales=key_scales)
+        model = build_decoder(ckpt_for_build, options)
         pipeline = quantization_pipeline(model, recipe, calibration) + cleanup_pipeline()
         model, records = run_passes(model, pipeline, dump_dir=dump_ir)
 
         def check(stage: Path) -> dict:
-            if baseline is None or recipe.scheme is None:
+            if baseline is None or not lossy or not (evaluate_quality or gated):
                 return {}
             return {"quality": measure_quality(stage, baseline, ckpt, budget, recipe.calibration.seed, progress)}
 
-        return write_artifact(
+        written = write_artifact(
             model,
             ckpt_for_build,
             out,
@@ -228,7 +272,11 @@ def convert(
             progress=progress,
             extra_manifest=extra,
             check=check,
+            kv_cache=kv_format,
         )
+        if checkpoints is not None:
+            checkpoints.discard()
+        return written
 
 
 def generate_ids(
@@ -239,11 +287,18 @@ def generate_ids(
     sampling: SamplingConfig = GREEDY,
     stop_ids: Sequence[int] | None = None,
     threads: int | None = None,
+    bounded: BoundedCache | None = None,
 ) -> list[int]:
-    """Generate from token ids; stops at the tokenizer's stop ids unless ``stop_ids`` is given."""
+    """Generate from token ids; stops at the tokenizer's stop ids unless ``stop_ids`` is given.
+
+    ``bounded`` keeps the cache to attention sinks + a sliding window (see BoundedCache)."""
     if stop_ids is None:
         from quantlab.runtime.tokenizer import load_tokenizer
 
         stop_ids = sorted(load_tokenizer(artifact_dir).eos_token_ids)
     decoder = OrtDecoder(artifact_dir, threads=threads)
-    return list(generate(decoder, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids))
+    return list(
+        generate(
+            decoder, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, bounded=bounded
+        )
+    )

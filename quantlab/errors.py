@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+MAX_MESSAGE_CHARS = 1000
+
 
 class InputError(Exception):
     """Bad user input: a file, a field in it, and what is wrong with it."""
@@ -22,7 +24,10 @@ class InputError(Exception):
         parts = [p for p in (self.path, self.field) if p]
         where = ": ".join(parts)
         text = f"{where}: {self.message}" if where else self.message
-        return " ".join(text.split())  # never more than one line
+        text = " ".join(text.split())  # never more than one line
+        if len(text) > MAX_MESSAGE_CHARS:  # a hostile file can put megabytes into a quoted value
+            text = text[: MAX_MESSAGE_CHARS - 30] + f"... ({len(text)} characters)"
+        return text
 
 
 class QualityBudgetError(Exception):

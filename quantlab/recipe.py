@@ -9,6 +9,7 @@ TOML/YAML file with a strict schema (unknown keys are errors):
     accuracy_level = 4               # MatMulNBits compute: 0 as the input type, 4 int8 activations
     lm_head = "w8a16-g128-asym"      # or "none" to keep the head in full precision
     embedding = "w8a16-g64-asym"     # the token embedding table, or "none"
+    kv_cache = "int8"                # the KV cache: fp32 | int8 | int4-g32 | kivi2 ... (quantlab.build.kv_cache)
 
     [[override]]                     # first match wins; patterns are fnmatch on linear names
     pattern = "model.layers.*.mlp.down_proj"
@@ -46,6 +47,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantlab.build.kv_cache import parse_kv_cache
 from quantlab.errors import InputError
 from quantlab.quant.scheme import QuantScheme, parse_scheme
 
@@ -98,6 +100,7 @@ class Recipe:
     # the token embedding table (GatherBlockQuantized); only when the recipe quantizes at all
     embedding: QuantScheme | None = field(default_factory=lambda: parse_scheme("w8a16-g64-asym"))
     overrides: tuple[Override, ...] = ()
+    kv_cache: str = "fp32"  # a KvCacheFormat spelling, canonical (str(parse_kv_cache(...)))
     calibration: CalibrationConfig = CalibrationConfig()
     gptq: GptqOptions = GptqOptions()
     awq: AwqOptions = AwqOptions()
@@ -131,6 +134,7 @@ class Recipe:
             "accuracy_level": self.accuracy_level,
             "lm_head": str(self.lm_head) if self.lm_head else "none",
             "embedding": str(self.embedding) if self.embedding else "none",
+            "kv_cache": self.kv_cache,
             "override": [
                 {"pattern": o.pattern, "scheme": str(o.scheme)} if o.scheme else {"pattern": o.pattern, "skip": True}
                 for o in self.overrides
@@ -157,6 +161,7 @@ _TOP_KEYS = {
     "awq",
     "smoothquant",
     "weight_dtype",
+    "kv_cache",
 }
 _SECTIONS = {
     "calibration": CalibrationConfig,
@@ -216,6 +221,8 @@ def recipe_from_dict(raw: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
     if embedding is not None and (not embedding.weight_only or embedding.method != "rtn"):
         raise InputError(path, "embedding", f"the embedding takes a weight-only RTN scheme, got {embedding}")
     overrides = []
+    if not isinstance(raw.get("override", []), list):
+        raise InputError(path, "override", "must be a list of tables ([[override]])")
     for n, o in enumerate(raw.get("override", [])):
         key = f"override[{n}]"
         if not isinstance(o, dict) or "pattern" not in o or not isinstance(o["pattern"], str):
@@ -233,6 +240,13 @@ def recipe_from_dict(raw: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
     weight_dtype = raw.get("weight_dtype", "fp32")
     if weight_dtype not in ("fp32", "fp16"):
         raise InputError(path, "weight_dtype", f"expected fp32 or fp16, got {weight_dtype!r}")
+    kv_raw = raw.get("kv_cache", "fp32")
+    if not isinstance(kv_raw, str):
+        raise InputError(path, "kv_cache", f"expected a string, got {type(kv_raw).__name__}")
+    try:
+        kv_cache = str(parse_kv_cache(kv_raw))
+    except ValueError as e:
+        raise InputError(path, "kv_cache", str(e)) from e
     sections = {k: _section(cls, raw[k], path, k) for k, cls in _SECTIONS.items() if k in raw}
     name = raw.get("name") or (str(scheme) if scheme else weight_dtype)
     return Recipe(
@@ -244,6 +258,7 @@ def recipe_from_dict(raw: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
         lm_head=lm_head,
         embedding=embedding,
         overrides=tuple(overrides),
+        kv_cache=kv_cache,
         **sections,
     )
 

@@ -14,6 +14,12 @@ Graph contract (the names optimum and onnxruntime-genai use, so both load what w
     outputs  logits                       f32   (batch, sequence_length, vocab)
              present.{i}.key / .value     f32   (batch, kv_heads, total_sequence_length, head_dim)
 
+With a quantized cache (``BuildOptions.kv_cache``, see :mod:`quantlab.build.kv_cache`) the key/value
+tensors are int8 (or uint8, two int4 per byte, last dim head_dim / 2) and each has a scale beside it,
+in and out: ``past_key_values.{i}.key_scale`` -> ``present.{i}.key_scale`` f32 (batch, kv_heads, seq,
+groups). New keys/values are quantized in the graph when appended; the whole cache is dequantized
+before attention.
+
 Every linear is ``MatMul(x, W)`` with ``W`` an initializer of shape (in, out), named after the
 checkpoint tensor it came from (``model.layers.0.self_attn.q_proj.weight``), so weight passes find
 them by pattern and by name. Weights are ``onnx_ir.LazyTensor``s: nothing is read from the
@@ -29,6 +35,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from quantlab.build.kv_cache import (
+    RESIDUAL_SUFFIX,
+    SCALE_SUFFIX,
+    KvCacheFormat,
+    dequantize_in_graph,
+    quantize_in_graph,
+)
 from quantlab.build.rope import rope_inv_freq
 from quantlab.io.spec import Checkpoint, ModelSpec
 
@@ -45,13 +58,19 @@ _IR_DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16}
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
     """How to lay out the graph. ``weight_dtype`` fp16 stores weights in half precision and casts
-    them to fp32 in the graph, so a CPU runs fp32 arithmetic on half the bytes on disk."""
+    them to fp32 in the graph, so a CPU runs fp32 arithmetic on half the bytes on disk. ``kv_cache`` is
+    the format of the cache tensors crossing the graph's inputs and outputs."""
 
     weight_dtype: str = "fp32"
+    kv_cache: KvCacheFormat = KvCacheFormat()
+    # (layers, kv_heads, head_dim) f32, for a ``-smooth`` cache format: kv_cache.collect_key_scales
+    key_channel_scales: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.weight_dtype not in _NP_DTYPES:
             raise ValueError(f"weight_dtype must be one of {sorted(_NP_DTYPES)}, got {self.weight_dtype!r}")
+        if self.kv_cache.smooth_keys and self.key_channel_scales is None:
+            raise ValueError(f"kv cache {self.kv_cache} needs calibrated key_channel_scales")
 
 
 class _Builder:
@@ -61,6 +80,7 @@ class _Builder:
         self.options = options
         self.tape = ir_tape.Tape()
         self._consts: dict[tuple, ir.Value] = {}
+        self.recent: ir.Value | None = None  # (seq, total) bool, with a residual window: see recent_mask
 
     # -- initializers ----------------------------------------------------------------------------
     def _lazy(self, name: str, shape: tuple[int, ...], fn: Callable[[], np.ndarray], dtype: str) -> ir.Value:
@@ -214,6 +234,88 @@ class _Builder:
             "Reshape", [x, self.i64([0, s.num_heads, -1, s.head_dim], "shape_b_h_t_d")], name=f"{prefix}.rep"
         )
 
+    def append_to_cache(
+        self, past: tuple, new: ir.Value, name: str, channel_scale: ir.Value | None = None
+    ) -> tuple[list[ir.Value], ir.Value, ir.Value | None]:
+        """Concat the new keys (or values) onto the cache -> (present tensors, f32 cache for attention,
+        f32 recent tokens or None).
+
+        ``past`` is (cache,) for fp32, (stored, scale[, residual]) for a quantized cache; ``name`` is
+        present.{i}.key. With a residual window the recent tokens are the past residual + the new ones.
+        """
+        fmt = self.options.kv_cache
+        if not fmt.quantized:
+            present = self.op("Concat", [past[0], new], {"axis": 2}, name=name)
+            return [present], present, None
+        d = self.spec.head_dim
+        stored, scale = quantize_in_graph(self, new, fmt, d, f"{name}.quantize", channel_scale)
+        present = self.op("Concat", [past[0], stored], {"axis": 2}, name=name)
+        present_scale = self.op("Concat", [past[1], scale], {"axis": 2}, name=f"{name}{SCALE_SUFFIX}")
+        deq = dequantize_in_graph(self, present, present_scale, fmt, d, f"{name}.dequantize", channel_scale)
+        if not fmt.residual:
+            return [present, present_scale], deq, None
+        recent = self.op("Concat", [past[2], new], {"axis": 2}, name=f"{name}.recent")  # (b, kvh, r, d)
+        present_residual = self.op(
+            "Slice",
+            [
+                recent,
+                self.i64([-fmt.residual], f"kv_neg_residual{fmt.residual}"),
+                self.i64([2**62], "kv_end"),
+                self.i64([2], "axes_2"),
+            ],
+            name=f"{name}{RESIDUAL_SUFFIX}",
+        )
+        return [present, present_scale, present_residual], deq, recent
+
+    def recent_mask(self, input_ids: ir.Value, attention_mask: ir.Value, residual: int) -> ir.Value:
+        """(seq, total) bool: key j is among the ``residual`` latest tokens of query i (j >= past + i - R + 1),
+        the ones a residual-window cache attends in full precision."""
+        total = self.op("Shape", [attention_mask], {"start": 1, "end": 2}, name="recent.total")
+        seq = self.op("Shape", [input_ids], {"start": 1, "end": 2}, name="recent.seq")
+        total_s = self.op("Squeeze", [total], name="recent.total_s")
+        past_s = self.op("Squeeze", [self.op("Sub", [total, seq], name="recent.past")], name="recent.past_s")
+        one = self.const(np.array(1, dtype=np.int64), "one_scalar")
+        zero = self.const(np.array(0, dtype=np.int64), "zero_scalar")
+        q_pos = self.op("Range", [past_s, total_s, one], name="recent.q_pos")  # (seq,)
+        first = self.op(
+            "Sub",
+            [q_pos, self.const(np.array(residual - 1, dtype=np.int64), f"kv_residual_m1_{residual}")],
+            name="recent.first",
+        )
+        k_pos = self.op("Range", [zero, total_s, one], name="recent.k_pos")  # (total,)
+        first = self.op("Unsqueeze", [first, self.i64([1], "axes_1")], name="recent.first_col")  # (seq, 1)
+        k_row = self.op("Unsqueeze", [k_pos, self.i64([0], "axes_0")], name="recent.k_row")  # (1, total)
+        return self.op("GreaterOrEqual", [k_row, first], name="recent.mask")  # (seq, total)
+
+    def mixed_attention(self, q, k_all, v_all, k_recent, v_recent, allowed, p):
+        """Attention where the recent keys/values come from the f32 residual and older ones from the
+        dequantized cache. q (b, h, s, d); k_all/v_all (b, h, total, d); k_recent/v_recent (b, h, r, d),
+        the last r of total. Scores of recent keys are computed on the f32 copies, padded on the left to
+        total and chosen by the recent mask; the probabilities split the same way over the two values."""
+        scale = self.f32(1.0 / float(np.sqrt(self.spec.head_dim)), "attn_scale")
+        k_t = self.op("Transpose", [k_all], {"perm": [0, 1, 3, 2]}, name=f"{p}.k_t")
+        scores = self.op("Mul", [self.op("MatMul", [q, k_t], name=f"{p}.qk"), scale], name=f"{p}.scaled")
+        kr_t = self.op("Transpose", [k_recent], {"perm": [0, 1, 3, 2]}, name=f"{p}.kr_t")
+        recent_scores = self.op("Mul", [self.op("MatMul", [q, kr_t], name=f"{p}.qkr"), scale], name=f"{p}.scaled_r")
+        total = self.op("Shape", [scores], {"start": 3, "end": 4}, name=f"{p}.total")
+        r = self.op("Shape", [recent_scores], {"start": 3, "end": 4}, name=f"{p}.r")
+        lead = self.op("Sub", [total, r], name=f"{p}.lead")  # (1,) older tokens, quantized only
+        zeros3 = self.i64([0, 0, 0], "zeros3")
+        pads = self.op("Concat", [zeros3, lead, self.i64([0, 0, 0, 0], "zeros4")], {"axis": 0}, name=f"{p}.pads")
+        padded = self.op("Pad", [recent_scores, pads], name=f"{p}.scores_r_pad")  # (b, h, s, total)
+        scores = self.op("Where", [self.recent, padded, scores], name=f"{p}.mixed")
+        scores = self.op("Where", [allowed, scores, self.f32(MASKED_SCORE, "masked_score")], name=f"{p}.masked")
+        probs = self.op("Softmax", [scores], {"axis": -1}, name=f"{p}.probs")
+        zero = self.f32(0.0, "kv_zero")
+        older = self.op("Where", [self.recent, zero, probs], name=f"{p}.probs_old")
+        ctx = self.op("MatMul", [older, v_all], name=f"{p}.ctx_old")
+        end = self.i64([2**62], "kv_end")
+        last = self.i64([-1], "axes_last")
+        probs_r = self.op("Slice", [probs, lead, end, last], name=f"{p}.probs_r_all")  # (b, h, s, r)
+        recent_r = self.op("Slice", [self.recent, lead, end, last], name=f"{p}.recent_r")  # (s, r)
+        probs_r = self.op("Where", [recent_r, probs_r, zero], name=f"{p}.probs_r")
+        return self.op("Add", [ctx, self.op("MatMul", [probs_r, v_recent], name=f"{p}.ctx_r")], name=f"{p}.ctx")
+
     def attention(self, x, i, cos, sin, allowed, past_k, past_v):
         s = self.spec
         p = f"model.layers.{i}.self_attn"
@@ -225,10 +327,20 @@ class _Builder:
             k = self.rms_norm(k, f"{p}.k_norm.weight", f"{p}.k_norm")
         q = self.apply_rope(q, cos, sin, f"{p}.q_rope")
         k = self.apply_rope(k, cos, sin, f"{p}.k_rope")
-        present_k = self.op("Concat", [past_k, k], {"axis": 2}, name=f"present.{i}.key")
-        present_v = self.op("Concat", [past_v, v], {"axis": 2}, name=f"present.{i}.value")
-        k_all = self.repeat_kv(present_k, f"{p}.k")
-        v_all = self.repeat_kv(present_v, f"{p}.v")
+        key_scale = None
+        if self.options.kv_cache.smooth_keys:
+            table = np.asarray(self.options.key_channel_scales[i], dtype=np.float32)  # (kv_heads, head_dim)
+            key_scale = self.const(table[None, :, None, :], f"{p}.key_channel_scale")  # (1, kv_heads, 1, d)
+        present_k, k_cache, k_recent = self.append_to_cache(past_k, k, f"present.{i}.key", key_scale)
+        present_v, v_cache, v_recent = self.append_to_cache(past_v, v, f"present.{i}.value")
+        k_all = self.repeat_kv(k_cache, f"{p}.k")
+        v_all = self.repeat_kv(v_cache, f"{p}.v")
+        if k_recent is not None:
+            k_r, v_r = self.repeat_kv(k_recent, f"{p}.kr"), self.repeat_kv(v_recent, f"{p}.vr")
+            ctx = self.mixed_attention(q, k_all, v_all, k_r, v_r, allowed, p)
+            ctx = self.op("Transpose", [ctx], {"perm": [0, 2, 1, 3]}, name=f"{p}.ctx_bshd")
+            ctx = self.op("Reshape", [ctx, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.ctx_flat")
+            return self.linear(ctx, f"{p}.o_proj"), present_k, present_v
         k_t = self.op("Transpose", [k_all], {"perm": [0, 1, 3, 2]}, name=f"{p}.k_t")
         scores = self.op("MatMul", [q, k_t], name=f"{p}.qk")  # (batch, heads, seq, total)
         scale = self.f32(1.0 / float(np.sqrt(s.head_dim)), "attn_scale")
@@ -276,6 +388,20 @@ def _io(name: str, dtype: ir.DataType, dims: list) -> ir.Value:
     return ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
 
 
+def _cache_inputs(spec: ModelSpec, fmt: KvCacheFormat, name: str) -> tuple[ir.Value, ...]:
+    """(cache,) or (stored, scale) graph inputs for ``past_key_values.{i}.key`` (or .value)."""
+    d = spec.head_dim
+    cache = _io(name, fmt.storage, ["batch_size", spec.num_kv_heads, "past_sequence_length", fmt.stored_dim(d)])
+    if not fmt.quantized:
+        return (cache,)
+    scale_dims = ["batch_size", spec.num_kv_heads, "past_sequence_length", fmt.scale_dim(d)]
+    scale = _io(f"{name}{SCALE_SUFFIX}", ir.DataType.FLOAT, scale_dims)
+    if not fmt.residual:
+        return cache, scale
+    residual_dims = ["batch_size", spec.num_kv_heads, "residual_length", d]
+    return cache, scale, _io(f"{name}{RESIDUAL_SUFFIX}", ir.DataType.FLOAT, residual_dims)
+
+
 def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.Model:
     """Checkpoint -> plain-ONNX decoder graph with KV cache I/O (see the module docstring)."""
     options = options or BuildOptions()
@@ -285,19 +411,21 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
     input_ids = _io("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
     attention_mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
     position_ids = _io("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
-    cache_dims = ["batch_size", s.num_kv_heads, "past_sequence_length", s.head_dim]
+    fmt = options.kv_cache
     pasts = [
-        (_io(f"past_key_values.{i}.key", f32, cache_dims), _io(f"past_key_values.{i}.value", f32, cache_dims))
+        (_cache_inputs(s, fmt, f"past_key_values.{i}.key"), _cache_inputs(s, fmt, f"past_key_values.{i}.value"))
         for i in range(s.num_layers)
     ]
 
     x = b.op("Gather", [b.embedding(), input_ids], {"axis": 0}, name="model.embed_tokens")  # (batch, seq, hidden)
     cos, sin = b.rope_tables(position_ids)
     allowed = b.attention_mask(input_ids, attention_mask)
+    if fmt.residual:
+        b.recent = b.recent_mask(input_ids, attention_mask, fmt.residual)
     presents = []
     for i in range(s.num_layers):
         x, pk, pv = b.layer(x, i, cos, sin, allowed, *pasts[i])
-        presents += [pk, pv]
+        presents += [*pk, *pv]
     x = b.rms_norm(x, "model.norm.weight", "model.norm")
     if s.tie_word_embeddings:
         # A transposed copy of the embedding, so the head is a MatMul like every other linear and weight
@@ -310,12 +438,14 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
     logits = b.op("MatMul", [x, head], name="logits")
     logits.shape = ir.Shape(["batch_size", "sequence_length", s.vocab_size])
     logits.type = ir.TensorType(f32)
-    total_dims = ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim]
-    for p in presents:
-        p.shape, p.type = ir.Shape(total_dims), ir.TensorType(f32)
+    past_inputs = [v for kv in pasts for tensors in kv for v in tensors]
+    for p, past in zip(presents, past_inputs, strict=True):  # same dtype and last dim as the matching input
+        seq_dim = "residual_length" if past.name.endswith(RESIDUAL_SUFFIX) else "total_sequence_length"
+        p.shape = ir.Shape(["batch_size", s.num_kv_heads, seq_dim, past.shape[3]])
+        p.type = ir.TensorType(past.dtype)
 
     graph = ir.Graph(
-        inputs=[input_ids, attention_mask, position_ids] + [v for kv in pasts for v in kv],
+        inputs=[input_ids, attention_mask, position_ids, *past_inputs],
         outputs=[logits, *presents],
         nodes=b.tape.nodes,
         initializers=b.tape.initializers,
@@ -333,7 +463,8 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None) -
     outputs  hidden_out (batch, seq, hidden), then every distinct value in LINEAR_INPUTS, named
              ``model.layers.{i}.<role input>`` (e.g. model.layers.3.mlp.act)
     """
-    options = options or BuildOptions()
+    # the layer runs without a cache, so the cache format does not apply
+    options = dataclasses.replace(options or BuildOptions(), kv_cache=KvCacheFormat())
     s = ckpt.spec
     b = _Builder(ckpt, options)
     f32 = ir.DataType.FLOAT
@@ -344,7 +475,7 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None) -
     allowed = b.attention_mask(hidden, attention_mask)
     empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), dtype=np.float32)  # (batch, kv_heads, 0, head_dim)
     past = b.const(empty, "empty_cache")
-    out, _, _ = b.layer(hidden, i, cos, sin, allowed, past, past)
+    out, _, _ = b.layer(hidden, i, cos, sin, allowed, (past,), (past,))
     out = b.op("Identity", [out], name="hidden_out")
     taps = []
     produced = {v.name: v for node in b.tape.nodes for v in node.outputs}

@@ -25,6 +25,7 @@ from quantlab.calib.layerwise import (
     relative_error,
     with_overrides,
 )
+from quantlab.calib.resume import LayerCheckpoints
 from quantlab.io.spec import Checkpoint
 from quantlab.quant import awq, smoothquant
 from quantlab.quant.gptq import GPTQConfig, gptq_quantize
@@ -49,18 +50,28 @@ def calibrate(
     batch: int = 8,
     threads: int | None = None,
     progress: bool = True,
+    checkpoints: LayerCheckpoints | None = None,
 ) -> CalibrationResult:
-    """tokens (n, seq) int64 -> the integers and folded scales for every linear the recipe quantizes."""
+    """tokens (n, seq) int64 -> the integers and folded scales for every linear the recipe quantizes.
+
+    With ``checkpoints``, each finished layer is saved, and layers saved by an earlier run of the same
+    inputs are restored instead of recomputed (see quantlab.calib.resume).
+    """
     method = recipe.method
     if method not in METHODS:
         raise ValueError(f"calibrate() is for {sorted(METHODS)}, not {method!r}")
     decide = METHODS[method]
     sequential = recipe.gptq.sequential if method == "gptq" else True
     hidden = embed_tokens(ckpt, tokens)  # (n, seq, hidden)
-    result = CalibrationResult()
+    result, first = CalibrationResult(), 0
+    if checkpoints is not None:
+        first, result, restored = checkpoints.restore(ckpt.spec.num_layers, hidden.shape)
+        hidden = hidden if restored is None else restored
     seed = recipe.calibration.seed
     with progress_bar(ckpt.spec.num_layers, f"calibrate {method}", progress) as bar:
-        for i in range(ckpt.spec.num_layers):
+        bar.update(first)
+        for i in range(first, ckpt.spec.num_layers):
+            before = LayerCheckpoints.keys_of(result)
             fp = with_overrides(ckpt, result.float_overrides)
             fp_out, stats = observe_layer(
                 LayerRunner(fp, i, threads),
@@ -82,6 +93,8 @@ def calibrate(
                     hidden[start : start + batch], _ = runner.run(hidden[start : start + batch])
             else:
                 hidden = fp_out
+            if checkpoints is not None:
+                checkpoints.save_layer(i, result, before, hidden)
     return result
 
 

@@ -9,6 +9,7 @@ interrupted conversion, or a missed --max-kld/--min-top1 budget, leaves nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from quantlab.errors import InputError
 
@@ -30,6 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["fp32", "fp16"],
         default=None,
         help="storage of the weights that stay in float (fp16 halves them; CPU arithmetic stays fp32)",
+    )
+    p.add_argument(
+        "--kv",
+        metavar="FORMAT",
+        default=None,
+        help="KV cache format in the graph: fp32 (default), int8, int4, int2 with per-token scales, then "
+        "-g<N> (channel groups), -r<N> (the latest N tokens also kept in f32), -smooth (calibrated key channel "
+        "scales); kivi2 = int2-r32-smooth. Overrides the recipe's kv_cache. Quantized caches run in quantlab "
+        "generate, not in onnxruntime-genai",
     )
     calib = p.add_mutually_exclusive_group()
     calib.add_argument(
@@ -63,30 +73,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR as text after every pass, for debugging")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted calibration from its per-layer checkpoints (.OUTPUT.resume/ beside the "
+        "output); refused if the model, recipe, calibration data or quantlab version changed",
+    )
+
+
+@contextlib.contextmanager
+def _environment_errors_as_input_errors(errnos, output):
+    """A full disk, a read-only or forbidden folder: the user's to fix, in one line (exit 2), not a bug."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in errnos:
+            raise
+        raise InputError(e.filename or output, None, f"cannot write: {e.strerror}") from e
 
 
 def run(args: argparse.Namespace) -> int:
     from quantlab import api
     from quantlab.emit.artifact import read_manifest
+    from quantlab.emit.staging import ENVIRONMENT_ERRNOS, terminate_as_exit
 
     if args.eval_samples < 1:
         raise InputError(None, "--eval-samples", "must be >= 1")
     budget = api.QualityBudget(max_kld=args.max_kld, min_top1=args.min_top1, samples=args.eval_samples)
-    out = api.convert(
-        args.source,
-        args.output,
-        recipe=args.recipe,
-        weight_dtype=args.dtype,
-        calib=args.calib,
-        calib_from_model=args.calib_from_model,
-        budget=budget,
-        evaluate_quality=not args.no_eval,
-        overwrite=args.force,
-        allow_pickle=args.allow_pickle,
-        tokenizer=args.tokenizer,
-        dump_ir=args.dump_ir,
-        progress=not args.no_progress,
-    )
+    # SIGTERM -> SystemExit(143): temporary folders are removed on the way out.
+    with terminate_as_exit(), _environment_errors_as_input_errors(ENVIRONMENT_ERRNOS, args.output):
+        out = api.convert(
+            args.source,
+            args.output,
+            recipe=args.recipe,
+            weight_dtype=args.dtype,
+            kv_cache=args.kv,
+            calib=args.calib,
+            calib_from_model=args.calib_from_model,
+            budget=budget,
+            evaluate_quality=not args.no_eval,
+            overwrite=args.force,
+            allow_pickle=args.allow_pickle,
+            tokenizer=args.tokenizer,
+            dump_ir=args.dump_ir,
+            progress=not args.no_progress,
+            resume=args.resume,
+        )
     manifest = read_manifest(out)
     size = sum(f["bytes"] for f in manifest["files"].values())
     print(f"wrote {out} ({size / 1e6:.1f} MB, {manifest['graph']['parameters'] / 1e6:.2f}M parameters)")

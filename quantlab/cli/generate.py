@@ -28,8 +28,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument(
+        "--backend",
+        choices=["onnxruntime", "torch"],
+        default="onnxruntime",
+        help="onnxruntime (default), or PyTorch with quantlab's own int4/int8 kernels on the same artifact",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    p.add_argument(
+        "--kv-window",
+        type=int,
+        default=None,
+        help="bounded cache: keep only the last N tokens (plus --kv-sinks), so memory stays fixed however long "
+        "the generation (StreamingLLM)",
+    )
+    p.add_argument(
+        "--kv-sinks",
+        type=int,
+        default=4,
+        help="with --kv-window: first tokens always kept (attention sinks, default 4)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -59,7 +78,7 @@ def continuation_text(tok, prompt: list[int], ids: list[int]) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantlab.runtime.generate import OrtDecoder, SamplingConfig, generate
+    from quantlab.runtime.generate import BoundedCache, OrtDecoder, SamplingConfig, generate
     from quantlab.runtime.tokenizer import load_tokenizer
 
     folder = Path(args.artifact)
@@ -73,18 +92,32 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise InputError(None, "sampling", str(e)) from e
+    bounded = None
+    if args.kv_window is not None:
+        if args.kv_window < 1:
+            raise InputError(None, "--kv-window", "must be >= 1")
+        if args.kv_sinks < 0:
+            raise InputError(None, "--kv-sinks", "must be >= 0")
+        bounded = BoundedCache(window=args.kv_window, sinks=args.kv_sinks)
     tok = load_tokenizer(folder)
     prompt = _prompt_ids(args, tok)
     vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
     if any(not 0 <= t < vocab for t in prompt):
         raise InputError(None, "--prompt-ids", f"token ids must be in [0, {vocab})")
-    decoder = OrtDecoder(folder, threads=args.threads)
+    if args.backend == "torch":
+        from quantlab.runtime.torch_decoder import TorchDecoder
+
+        decoder = TorchDecoder(folder, threads=args.threads)
+    else:
+        decoder = OrtDecoder(folder, threads=args.threads)
     stop = () if args.ignore_eos else sorted(tok.eos_token_ids)
     ids: list[int] = []
     start = time.perf_counter()
     first = None
     printed = ""
-    for token in generate(decoder, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop):
+    for token in generate(
+        decoder, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop, bounded=bounded
+    ):
         first = first or time.perf_counter()
         ids.append(token)
         if not args.json:  # stream: print what the new token adds to the decoded text

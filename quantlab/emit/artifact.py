@@ -25,6 +25,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 import quantlab
+from quantlab.build.kv_cache import KvCacheFormat
 from quantlab.emit.staging import staged_output
 from quantlab.io.spec import Checkpoint, sha256_file
 
@@ -74,12 +75,32 @@ def save_model(model: ir.Model, folder: Path, *, progress: bool = True) -> None:
         bar.close()
 
 
-def genai_config(ckpt: Checkpoint, *, context_length: int | None = None) -> dict:
-    """onnxruntime-genai's genai_config.json for our decoder's I/O names."""
+# onnxruntime-genai feeds the cache itself, as float tensors named past_key_values.{i}.key|value only.
+GENAI_QUANTIZED_CACHE_NOTE = (
+    "onnxruntime-genai cannot run this artifact: it allocates float caches and knows no scale tensors; "
+    "use quantlab generate (or convert with --kv fp32)"
+)
+
+
+def kv_cache_description(ckpt: Checkpoint, kv_cache: KvCacheFormat) -> dict:
+    """The cache format as genai_config.json and the manifest describe it."""
+    s = ckpt.spec
+    d = kv_cache.describe(s.num_layers, s.num_kv_heads, s.head_dim)
+    d["onnxruntime_genai"] = GENAI_QUANTIZED_CACHE_NOTE if kv_cache.quantized else "supported"
+    return d
+
+
+def genai_config(ckpt: Checkpoint, *, context_length: int | None = None, kv_cache: KvCacheFormat | None = None) -> dict:
+    """onnxruntime-genai's genai_config.json for our decoder's I/O names.
+
+    An fp32 cache gives exactly the file onnxruntime-genai loads; a quantized cache adds
+    ``model.decoder.kv_cache`` (the format, and the scale tensors' names), which quantlab's runtime
+    reads and onnxruntime-genai does not support.
+    """
     s = ckpt.spec
     ctx = context_length or s.max_position_embeddings
     eos = list(s.eos_token_ids) or ([ckpt.tokenizer.eos_token_ids[0]] if ckpt.tokenizer else [])
-    return {
+    config = {
         "model": {
             "bos_token_id": s.bos_token_id if s.bos_token_id is not None else 1,
             "context_length": ctx,
@@ -126,6 +147,32 @@ def genai_config(ckpt: Checkpoint, *, context_length: int | None = None) -> dict
             "top_p": 1.0,
         },
     }
+    if kv_cache is not None and kv_cache.quantized:
+        decoder = config["model"]["decoder"]
+        decoder["kv_cache"] = {
+            **kv_cache_description(ckpt, kv_cache),
+            "past_key_scale_names": "past_key_values.%d.key_scale",
+            "past_value_scale_names": "past_key_values.%d.value_scale",
+            "present_key_scale_names": "present.%d.key_scale",
+            "present_value_scale_names": "present.%d.value_scale",
+        }
+    return config
+
+
+def estimate_artifact_bytes(spec, recipe, *, with_baseline: bool = False) -> int:
+    """A lower-bound estimate of the bytes a conversion writes, for the free-space preflight.
+
+    Every parameter at its recipe's weight width (bits / 8 for a quantized scheme, the float dtype's
+    width otherwise); with ``with_baseline``, plus the temporary fp32 artifact beside the output.
+    A lower bound, so the preflight never refuses a conversion that would fit.
+    """
+    params = int(sum(math.prod(shape) for shape in spec.expected_shapes().values()))
+    float_bytes = 2 if recipe.weight_dtype == "fp16" else 4
+    weight_bytes = recipe.scheme.bits / 8 if recipe.scheme is not None else float_bytes
+    total = int(params * min(weight_bytes, float_bytes))
+    if with_baseline:
+        total += params * 4
+    return total
 
 
 def count_parameters(ckpt: Checkpoint) -> int:
@@ -144,6 +191,7 @@ def write_artifact(
     progress: bool = True,
     extra_manifest: dict | None = None,
     check: Callable[[Path], dict] | None = None,
+    kv_cache: KvCacheFormat | None = None,
 ) -> Path:
     """Write everything into a staging folder, then rename it to ``out_dir``. Returns ``out_dir``.
 
@@ -155,7 +203,7 @@ def write_artifact(
     with staged_output(out_dir, overwrite=overwrite) as stage:
         save_model(model, stage, progress=progress)
         tokenizer_files = write_tokenizer_files(ckpt.tokenizer, stage) if ckpt.tokenizer else []
-        write_json(stage / "genai_config.json", genai_config(ckpt))
+        write_json(stage / "genai_config.json", genai_config(ckpt, kv_cache=kv_cache))
         if ckpt.hf_config:
             write_json(stage / "config.json", ckpt.hf_config)
         measured = check(stage) if check is not None else {}
@@ -180,6 +228,7 @@ def write_artifact(
                 "inputs": [v.name for v in model.graph.inputs],
                 "outputs": [v.name for v in model.graph.outputs],
             },
+            "kv_cache": kv_cache_description(ckpt, kv_cache or KvCacheFormat()),
             "tokenizer": {"kind": ckpt.tokenizer.kind if ckpt.tokenizer else None, "files": tokenizer_files},
             "files": files,
         }

@@ -7,6 +7,8 @@ output is never half overwritten: it is moved aside only after the new one is co
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
 import signal
@@ -15,6 +17,56 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantlab.errors import InputError
+
+# Write failures that are the user's environment, not a bug: reported in one line, exit 2.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# Headroom the preflight asks for beyond the estimate (filesystem metadata, the tokenizer, JSON files).
+FREE_SPACE_MARGIN = 1.05
+FREE_SPACE_SLACK_BYTES = 16 << 20
+
+
+def temporary_prefix(out: Path, kind: str) -> str:
+    """``.{out}.{kind}-{pid}-``: the owner's pid lets a later run remove what a kill -9 left behind."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove temporary folders beside ``out_dir`` whose owning process is gone (killed with -9, say)."""
+    out = Path(out_dir).absolute()
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
+        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("staging", "old", "baseline") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int) -> None:
+    """Refuse before any work when ``folder``'s filesystem cannot hold about ``needed_bytes`` more."""
+    folder = Path(folder)
+    free = shutil.disk_usage(folder).free
+    want = int(needed_bytes * FREE_SPACE_MARGIN) + FREE_SPACE_SLACK_BYTES
+    if free < want:
+        raise InputError(
+            folder,
+            None,
+            f"not enough free disk space: the conversion needs about {want / 1e6:.1f} MB, {free / 1e6:.1f} MB are free",
+        )
 
 
 @contextlib.contextmanager
@@ -44,7 +96,7 @@ def staged_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "staging"), dir=parent))
     except OSError as e:
         raise InputError(parent, None, f"cannot create the output folder: {e.strerror}") from e
     try:
@@ -52,12 +104,17 @@ def staged_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
             yield staging
             _fsync_tree(staging)
             if out.exists():
-                aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+                aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "old"), dir=parent))
                 os.rename(out, aside / out.name)
                 os.rename(staging, out)
                 shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.rename(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno in ENVIRONMENT_ERRNOS:
+            raise InputError(e.filename or out, None, f"cannot write the output: {e.strerror}") from e
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

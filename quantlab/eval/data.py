@@ -170,9 +170,11 @@ def _read_jsonl(path: Path, tokenizer: Tokenizer) -> list[list[int]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise InputError(path, f"line {number}", f"not valid JSON ({e.msg}, column {e.colno})") from None
+        except (RecursionError, ValueError) as e:  # runaway nesting, a duplicate key
+            raise InputError(path, f"line {number}", f"not valid JSON ({str(e) or 'nested too deeply'})") from None
         if not isinstance(record, dict) or "text" not in record:
             raise InputError(path, f"line {number}", 'expected an object with a "text" field')
         if not isinstance(record["text"], str):
@@ -183,11 +185,20 @@ def _read_jsonl(path: Path, tokenizer: Tokenizer) -> list[list[int]]:
     return rows
 
 
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
 def _read_json_ids(path: Path) -> list[list[int]]:
     try:
         value = json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
         raise InputError(path, f"line {e.lineno}", f"not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise InputError(path, None, "not valid JSON (nested too deeply)") from None
     if not isinstance(value, list) or not all(isinstance(row, list) for row in value):
         raise InputError(path, None, "expected a list of lists of token ids")
     for i, row in enumerate(value):
@@ -200,8 +211,8 @@ def _read_json_ids(path: Path) -> list[list[int]]:
 def _read_npy(path: Path) -> list[np.ndarray]:
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(path, None, f"not a readable .npy array ({e})") from None
+    except Exception as e:  # a malformed header fails in numpy's tokenizer/ast too; pickles stay refused
+        raise InputError(path, None, f"not a readable .npy array ({type(e).__name__}: {e})") from None
     if array.dtype.kind not in "iu":
         raise InputError(path, "dtype", f"expected integer token ids, got {array.dtype}")
     if array.ndim == 1:

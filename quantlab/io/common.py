@@ -8,6 +8,7 @@ symbol, so a contradiction is reported against the field the user has to fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -50,6 +51,44 @@ HF_FIELDS = {
 }
 
 MAX_DIM = 1 << 24  # no real decoder has a dimension this large; bigger means a corrupt header
+MAX_JSON_BYTES = 16 << 20  # config.json, generation_config.json, index files: kilobytes in practice
+
+
+def check_finite(array: np.ndarray, path, name: str) -> np.ndarray:
+    """Refuse a tensor holding NaN or Inf: it would poison every calibration statistic and output."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        first = np.unravel_index(int(np.argmin(finite.reshape(-1))), array.shape) if array.ndim else ()
+        raise InputError(
+            path, name, f"{bad} of {array.size} values are NaN or Inf (first at index {list(map(int, first))})"
+        )
+    return array
+
+
+def _no_duplicate_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_json_file(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES):
+    """A small JSON file, strictly: size capped, duplicate keys and runaway nesting are input errors."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(path, None, f"{size} bytes is more than the {max_bytes}-byte cap for this file")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise InputError(path, None, f"not valid JSON (not UTF-8 at byte {e.start})") from None
+    except RecursionError:
+        raise InputError(path, None, "not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError, and so is a duplicate key
+        raise InputError(path, None, f"not valid JSON ({e})") from None
 
 
 def _symbols(name: str) -> tuple[str, ...] | None:
@@ -73,6 +112,12 @@ def check_tensor_shapes(
     the spec is reported against ``config_path`` and the field (from ``fields``) behind the first
     dimension that disagrees.
     """
+    if spec.num_layers > len(shapes):
+        # Each layer needs 9+ tensors: a header claiming millions of layers is refused without building
+        # millions of expected names (found by benchmarks/fuzz_parsers.py as a hang).
+        first = next(i for i in range(len(shapes) + 1) if f"model.layers.{i}.input_layernorm.weight" not in shapes)
+        name = f"model.layers.{first}.input_layernorm.weight"
+        raise InputError(weights_path, name, f"missing tensor (the configuration says {spec.num_layers} layers)")
     expected = spec.expected_shapes()
     for name, want in expected.items():
         if name not in shapes:

@@ -61,13 +61,13 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def _is_legacy_llama2c(path: Path) -> bool:
-    from quantlab.io.llama2c import layout, read_header
+    from quantlab.io.llama2c import expected_size, read_header
 
     try:
         header = read_header(path, path.stat().st_size)
     except InputError:
         return False
-    return header.version == 0 and layout(header)[1] == path.stat().st_size
+    return header.version == 0 and expected_size(header) == path.stat().st_size
 
 
 def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, tokenizer_path=None) -> Checkpoint:

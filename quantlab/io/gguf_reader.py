@@ -16,6 +16,7 @@ import numpy as np
 
 from quantlab.errors import InputError
 from quantlab.io.common import (
+    check_finite,
     check_head_layout,
     check_tensor_shapes,
     hf_config_for_spec,
@@ -95,7 +96,13 @@ def open_gguf(path: str | os.PathLike):
         raise InputError(
             path, "header", f"malformed or truncated GGUF of {size} bytes ({type(e).__name__}: {e})"
         ) from None
+    alignment = int(reader.alignment)
     for tensor in reader.tensors:
+        if (int(tensor.data_offset) - int(reader.data_offset)) % alignment:
+            relative = int(tensor.data_offset) - int(reader.data_offset)
+            raise InputError(
+                path, tensor.name, f"data offset {relative} is not a multiple of the {alignment}-byte alignment"
+            )
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size or tensor.data.nbytes != tensor.n_bytes:
             raise InputError(path, tensor.name, f"tensor data ends at byte {end} but the file has {size} bytes")
@@ -170,8 +177,9 @@ def spec_from_gguf(fields: dict, tensors: dict[str, tuple[int, ...]], path) -> M
 class GGUFSource:
     """TensorSource over a GGUF file: dequantize on load, undo the Q/K permutation."""
 
-    def __init__(self, reader, by_name: dict, spec: ModelSpec):
+    def __init__(self, reader, by_name: dict, spec: ModelSpec, path: str | os.PathLike | None = None):
         self._reader = reader
+        self._path = path
         self._tensors = by_name  # canonical name -> ReaderTensor
         self._heads = {"q_proj": spec.num_heads, "k_proj": spec.num_kv_heads}
 
@@ -192,7 +200,7 @@ class GGUFSource:
         projection = name.rsplit(".", 2)[-2]
         if projection in self._heads:
             out = unpermute_rows(out, self._heads[projection])
-        return out
+        return check_finite(out, self._path, tensor.name)
 
 
 def load_gguf(path: str | os.PathLike, *, tokenizer_path=None) -> Checkpoint:
@@ -217,7 +225,7 @@ def load_gguf(path: str | os.PathLike, *, tokenizer_path=None) -> Checkpoint:
     ordered = {name: by_name[name] for name in spec.expected_shapes()}
     return Checkpoint(
         spec=spec,
-        tensors=GGUFSource(reader, ordered, spec),
+        tensors=GGUFSource(reader, ordered, spec, path),
         tokenizer=tokenizer,
         source_format="gguf",
         source_files=(str(path),),

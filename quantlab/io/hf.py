@@ -8,7 +8,6 @@ Both the transformers 4.x config shape (``rope_theta`` + ``rope_scaling``) and t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from quantlab.io.common import (
     inside_folder,
     positive_float,
     positive_int,
+    read_json_file,
     with_tokenizer_ids,
 )
 from quantlab.io.hf_tokenizer import hf_tokenizer_spec
@@ -68,12 +68,9 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 def read_config(folder: Path) -> tuple[Path, dict]:
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, None, "config.json not found in the checkpoint folder") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, None, f"not valid JSON ({e})") from None
+    if not path.is_file():
+        raise InputError(path, None, "config.json not found in the checkpoint folder")
+    config = read_json_file(path)
     if not isinstance(config, dict):
         raise InputError(path, None, "config.json must hold a JSON object")
     return path, config
@@ -81,9 +78,10 @@ def read_config(folder: Path) -> tuple[Path, dict]:
 
 def architecture_of(config: dict, path) -> tuple[str, Architecture]:
     names = config.get("architectures")
-    if names is None and config.get("model_type") in MODEL_TYPES:
-        names = [MODEL_TYPES[config["model_type"]]]
-    if not isinstance(names, list) or len(names) != 1 or names[0] not in ARCHITECTURES:
+    model_type = config.get("model_type")
+    if names is None and isinstance(model_type, str) and model_type in MODEL_TYPES:
+        names = [MODEL_TYPES[model_type]]
+    if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str) or names[0] not in ARCHITECTURES:
         raise InputError(path, "architectures", f"unsupported {names!r}; supported: {', '.join(ARCHITECTURES)}")
     return names[0], ARCHITECTURES[names[0]]
 
@@ -222,10 +220,7 @@ def _open_shards(folder: Path) -> tuple[Path, dict[str, SafetensorsFile]]:
     """(the file to blame for missing tensors, tensor name -> file), with the index validated."""
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(index_path, None, f"not valid JSON ({e})") from None
+        index = read_json_file(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(index_path, "weight_map", "must be a non-empty object of tensor name -> shard file")

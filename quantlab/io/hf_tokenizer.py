@@ -8,14 +8,13 @@ A folder with only a SentencePiece ``tokenizer.model`` gives kind ``sentencepiec
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from quantlab.errors import InputError
-from quantlab.io.common import tokenizer_spec_from_file
+from quantlab.io.common import read_json_file, tokenizer_spec_from_file
 from quantlab.io.spec import ModelSpec, TokenizerSpec
 
 logger = logging.getLogger(__name__)
@@ -26,10 +25,7 @@ CHATML_END = "<|im_end|>"
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, None, f"not valid JSON ({e})") from None
+    value = read_json_file(path)
     if not isinstance(value, dict):
         raise InputError(path, None, "must hold a JSON object")
     return value
@@ -86,8 +82,8 @@ def hf_tokenizer_spec(
     if tok_json.is_file():
         import tokenizers
 
-        content = tok_json.read_text(encoding="utf-8")
         try:
+            content = tok_json.read_bytes().decode("utf-8")
             tok = tokenizers.Tokenizer.from_str(content)
         except Exception as e:  # the Rust error types are not exported
             raise InputError(tok_json, None, f"not a valid tokenizer.json ({e})") from None

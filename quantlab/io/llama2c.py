@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.errors import InputError
-from quantlab.io.common import MAX_DIM, check_tensor_shapes, hf_config_for_spec, tokenizer_spec_from_file
+from quantlab.io.common import MAX_DIM, check_finite, check_tensor_shapes, hf_config_for_spec, tokenizer_spec_from_file
 from quantlab.io.spec import Checkpoint, ModelSpec, TokenizerSpec
 
 logger = logging.getLogger(__name__)
@@ -202,12 +202,30 @@ def layout(h: Llama2cHeader) -> tuple[dict[str, Slot], int]:
     return slots, scale_offset if quantized else offset
 
 
+def expected_size(h: Llama2cHeader) -> int:
+    """The file size ``layout(h)`` implies, by arithmetic: no per-tensor slots for a header to inflate."""
+    shapes = _shapes(h)
+    fp32_kinds, q8_kinds = _order(h)
+
+    def copies(kind: str) -> int:
+        return h.n_layers if kind in LAYER_KINDS else 1
+
+    size = h.header_bytes + sum(4 * copies(k) * int(np.prod(shapes[k])) for k in fp32_kinds)
+    for kind in q8_kinds:
+        count = int(np.prod(shapes[kind]))
+        size += copies(kind) * (count + 4 * (count // h.group_size))
+    return size
+
+
 def _check_size(path, h: Llama2cHeader, size: int) -> dict[str, Slot]:
-    slots, expected = layout(h)
+    # Size first, by arithmetic: a header claiming 16M layers must not make us build 16M slots.
+    expected = expected_size(h)
     if expected == size:
+        slots, laid_out = layout(h)
+        assert laid_out == size
         return slots
     flipped = dataclasses.replace(h, shared_classifier=not h.shared_classifier)
-    if layout(flipped)[1] == size:
+    if expected_size(flipped) == size:
         field = "vocab_size" if h.version == 0 else "shared_classifier"
         said = "shared with the embedding" if h.shared_classifier else "stored separately"
         raise InputError(path, field, f"says the classifier is {said}, but the file size ({size}) says otherwise")
@@ -238,13 +256,13 @@ class Llama2cSource:
         count = int(np.prod(slot.shape))
         if slot.scale_offset is None:
             out = np.fromfile(self._path, dtype="<f4", count=count, offset=slot.offset)
-            return out.astype(np.float32, copy=False).reshape(slot.shape)
+            return check_finite(out.astype(np.float32, copy=False).reshape(slot.shape), self._path, name)
         gs = self._group_size
         values = np.fromfile(self._path, dtype=np.int8, count=count, offset=slot.offset)
         scales = np.fromfile(self._path, dtype="<f4", count=count // gs, offset=slot.scale_offset)
         out = values.reshape(-1, gs).astype(np.float32)  # (groups, group_size)
         out *= scales[:, None]
-        return out.reshape(slot.shape)
+        return check_finite(out.reshape(slot.shape), self._path, name)
 
 
 @dataclass(frozen=True)

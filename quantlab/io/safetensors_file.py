@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.errors import InputError
-from quantlab.io.common import fresh_float32
+from quantlab.io.common import check_finite, fresh_float32
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
 
@@ -78,6 +78,8 @@ class SafetensorsFile:
             raise InputError(self.path, str(e), "tensor name appears twice in the header") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(self.path, "header", f"header is not valid JSON ({e})") from None
+        except RecursionError:
+            raise InputError(self.path, "header", "header is not valid JSON (nested too deeply)") from None
         if not isinstance(header, dict):
             raise InputError(self.path, "header", f"header must be a JSON object, got {type(header).__name__}")
         self.metadata = _check_metadata(self.path, header.pop("__metadata__", {}))
@@ -104,7 +106,7 @@ class SafetensorsFile:
             out = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             out = fresh_float32(raw)
-        return out.reshape(entry.shape)
+        return check_finite(out.reshape(entry.shape), self.path, name)
 
 
 class _DuplicateKey(Exception):

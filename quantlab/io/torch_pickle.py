@@ -8,7 +8,6 @@ loaded. torch is imported inside the functions, never when ``quantlab.io`` is im
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.errors import InputError
-from quantlab.io.common import inside_folder, with_tokenizer_ids
+from quantlab.io.common import check_finite, inside_folder, read_json_file, with_tokenizer_ids
 from quantlab.io.hf import read_config, select_tensors, spec_from_hf_config
 from quantlab.io.hf_tokenizer import hf_tokenizer_spec
 from quantlab.io.spec import Checkpoint
@@ -56,10 +55,8 @@ def _pickle_files(folder: Path, path: Path) -> tuple[Path, list[Path]]:
         return path, [path]
     index = folder / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise InputError(index, None, f"not a valid index ({e})") from None
+        raw = read_json_file(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(index, "weight_map", "must be a non-empty object of tensor name -> shard file")
         shards = dict.fromkeys(inside_folder(folder, name, index, "weight_map") for name in weight_map.values())
@@ -73,8 +70,9 @@ def _pickle_files(folder: Path, path: Path) -> tuple[Path, list[Path]]:
 class TorchStateDictSource:
     """TensorSource over memory-mapped torch tensors."""
 
-    def __init__(self, tensors: dict):
+    def __init__(self, tensors: dict, files: dict | None = None):
         self._tensors = tensors
+        self._files = files or {}  # name -> the pickle it came from, for error messages
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -87,8 +85,10 @@ class TorchStateDictSource:
 
         tensor = self._tensors[name].detach()
         if tensor.dtype == torch.float32:
-            return tensor.contiguous().numpy().copy()  # the mmapped storage must not escape
-        return tensor.to(torch.float32).contiguous().numpy()
+            out = tensor.contiguous().numpy().copy()  # the mmapped storage must not escape
+        else:
+            out = tensor.to(torch.float32).contiguous().numpy()
+        return check_finite(out, self._files.get(name), name)
 
 
 def load_torch_pickle(path: str | os.PathLike, *, allow_pickle: bool, tokenizer_path=None) -> Checkpoint:
@@ -118,7 +118,7 @@ def load_torch_pickle(path: str | os.PathLike, *, allow_pickle: bool, tokenizer_
         spec = with_tokenizer_ids(spec, tokenizer)
     return Checkpoint(
         spec=spec,
-        tensors=TorchStateDictSource({n: state[n][0] for n in names}),
+        tensors=TorchStateDictSource({n: state[n][0] for n in names}, {n: state[n][1] for n in names}),
         tokenizer=tokenizer,
         source_format="torch-pickle",
         source_files=(str(config_path), *(str(f) for f in files)),

@@ -1,7 +1,13 @@
 """Text generation over onnxruntime with the decoder's KV cache.
 
 The artifact's ``genai_config.json`` names the cache inputs and outputs; the cache tensors' element
-types are read from the session, so a graph whose cache is compressed runs through the same loop.
+types, their last dimension and any scale tensors beside them (``past_key_values.{i}.key_scale``) are
+read from the session, so a graph whose cache is quantized runs through the same loop.
+
+A bounded cache (:class:`BoundedCache`, attention sinks + sliding window, StreamingLLM, arXiv
+2309.17453) is a policy of the generation loop: after each step the cache keeps its first ``sinks``
+and last ``window`` tokens, so it never holds more than ``sinks + window`` tokens however long the
+generation runs.
 """
 
 from __future__ import annotations
@@ -9,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from quantlab.build.kv_cache import RESIDUAL_SUFFIX, SCALE_SUFFIX
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -43,6 +51,61 @@ class SamplingConfig:
 
 
 GREEDY = SamplingConfig()
+
+POSITION_MODES = ("original", "cache")
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundedCache:
+    """Attention sinks + sliding window: keep the first ``sinks`` and the last ``window`` cached tokens.
+
+    ``positions``: the position id given to a new token. ``original`` (the default) is its index in the
+    whole generated text: the cached keys were rotated (RoPE) at their own original positions, so
+    query-key distances inside the window stay exact, only the sinks look far away. ``cache`` is its
+    index inside the cache, StreamingLLM's choice; with keys cached after RoPE (as our graph does)
+    that puts the query at a position before keys it follows, which
+    ``benchmarks/bench_kv_cache.py`` measures as worse.
+    """
+
+    window: int
+    sinks: int = 4
+    positions: str = "original"
+
+    def __post_init__(self):
+        if self.window < 1 or self.sinks < 0:
+            raise ValueError("window must be >= 1 and sinks >= 0")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}")
+
+    @property
+    def capacity(self) -> int:
+        return self.sinks + self.window
+
+    def evict(self, cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every cache tensor is (batch, kv_heads, seq, ...): keep seq [0, sinks) and [seq - window, seq)."""
+        length = cache_length(cache)
+        if length <= self.capacity:
+            return cache
+        keep = np.r_[0 : self.sinks, length - self.window : length]
+        out = {}
+        for name, t in cache.items():
+            if name.endswith(RESIDUAL_SUFFIX):  # the latest tokens: still the latest after eviction
+                if t.shape[2] > self.window:
+                    raise ValueError(f"window {self.window} is shorter than the cache's residual window")
+                out[name] = t
+            else:
+                out[name] = np.ascontiguousarray(t[:, :, keep])
+        return out
+
+
+def cache_length(cache: dict[str, np.ndarray]) -> int:
+    """Tokens in the cache: the sequence axis of its first tensor (a key, never a residual window)."""
+    return next(iter(cache.values())).shape[2] if cache else 0
+
+
+def cache_bytes(cache: dict[str, np.ndarray]) -> int:
+    """Bytes the cache tensors hold (scales and residual windows included)."""
+    return int(sum(t.nbytes for t in cache.values()))
 
 
 class Sampler:
@@ -92,6 +155,9 @@ class OrtDecoder:
         names = cfg["inputs"]
         self.past_key_names = [names["past_key_names"] % i for i in range(self.num_layers)]
         self.past_value_names = [names["past_value_names"] % i for i in range(self.num_layers)]
+        outs = cfg["outputs"]
+        present_names = [outs["present_key_names"] % i for i in range(self.num_layers)]
+        present_names += [outs["present_value_names"] % i for i in range(self.num_layers)]
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -102,13 +168,29 @@ class OrtDecoder:
         self.session = ort.InferenceSession(
             str(self.dir / model_file), sess_options=opts, providers=list(providers or ["CPUExecutionProvider"])
         )
-        self.input_types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        inputs = self.session.get_inputs()
+        self.input_types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in inputs}
         self.input_names = set(self.input_types)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # past name -> present name, for the cache tensors and any scale tensors beside them
+        self.cache_names: dict[str, str] = {}
+        for past, present in zip(self.past_key_names + self.past_value_names, present_names, strict=True):
+            self.cache_names[past] = present
+            for suffix in (SCALE_SUFFIX, RESIDUAL_SUFFIX):
+                if past + suffix in self.input_names:
+                    self.cache_names[past + suffix] = present + suffix
+        # the cache's last dimension: head_dim, head_dim / 2 for packed int4, groups for a scale
+        self.cache_last_dim = {
+            i.name: int(i.shape[3]) if isinstance(i.shape[3], int) else self.head_dim
+            for i in inputs
+            if i.name in self.cache_names
+        }
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
-        shape = (batch, self.kv_heads, 0, self.head_dim)  # (batch, kv_heads, seq, head_dim)
-        return {n: np.zeros(shape, dtype=self.input_types[n]) for n in self.past_key_names + self.past_value_names}
+        return {
+            n: np.zeros((batch, self.kv_heads, 0, d), dtype=self.input_types[n])  # (batch, kv_heads, seq, d)
+            for n, d in self.cache_last_dim.items()
+        }
 
     def forward(
         self,
@@ -120,7 +202,7 @@ class OrtDecoder:
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """input_ids (batch, seq) after ``past`` cached tokens -> logits (batch, seq, vocab), new cache."""
         batch, seq = input_ids.shape
-        past = next(iter(cache.values())).shape[2] if cache else 0
+        past = cache_length(cache)
         if attention_mask is None:
             attention_mask = np.ones((batch, past + seq), dtype=np.int64)
         if position_ids is None:
@@ -132,10 +214,7 @@ class OrtDecoder:
             **cache,
         }
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
-        new_cache = {}
-        for i in range(self.num_layers):
-            new_cache[self.past_key_names[i]] = outputs[f"present.{i}.key"]
-            new_cache[self.past_value_names[i]] = outputs[f"present.{i}.value"]
+        new_cache = {past_name: outputs[present] for past_name, present in self.cache_names.items()}
         return outputs["logits"], new_cache
 
 
@@ -146,16 +225,32 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingConfig = GREEDY,
     stop_ids: Sequence[int] = (),
+    bounded: BoundedCache | None = None,
+    on_step: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids (the prompt excluded), stopping after a stop id or max_new_tokens."""
+    """Yield generated token ids (the prompt excluded), stopping after a stop id or max_new_tokens.
+
+    With ``bounded`` the cache is cut back to its sinks and window after every step (the prompt goes
+    through in one forward first, attending to all of itself). ``on_step(cache)`` sees the cache
+    carried to the next step (after any eviction).
+    """
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
     sample = Sampler(sampling)
     stop = set(stop_ids)
     cache = decoder.empty_cache()
     tokens = np.asarray([list(prompt_ids)], dtype=np.int64)  # (1, prompt_len)
+    processed = 0  # tokens the model has seen: the original position of the next one
     for _ in range(max_new_tokens):
-        logits, cache = decoder.forward(tokens, cache)
+        position_ids = None  # the default: positions continue from the cache length
+        if bounded is not None and bounded.positions == "original":
+            position_ids = np.arange(processed, processed + tokens.shape[1], dtype=np.int64)[None, :]
+        logits, cache = decoder.forward(tokens, cache, position_ids=position_ids)
+        processed += tokens.shape[1]
+        if bounded is not None:
+            cache = bounded.evict(cache)
+        if on_step is not None:
+            on_step(cache)
         next_id = sample(logits[0, -1])
         yield next_id
         if next_id in stop:

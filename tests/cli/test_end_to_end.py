@@ -123,7 +123,9 @@ def test_same_input_same_bytes(stories_artifact, tmp_path):
 
 def test_fp16_storage_halves_the_weights(stories_artifact, tmp_path, capsys):
     out = tmp_path / "fp16"
-    assert main(["convert", str(model_path("stories260K.bin")), "-o", str(out), "--dtype", "fp16", "--no-progress"]) == 0
+    assert (
+        main(["convert", str(model_path("stories260K.bin")), "-o", str(out), "--dtype", "fp16", "--no-progress"]) == 0
+    )
     fp32 = (stories_artifact / "model.onnx.data").stat().st_size
     fp16 = (out / "model.onnx.data").stat().st_size
     assert 0.45 < fp16 / fp32 < 0.55

@@ -1,0 +1,199 @@
+"""Per-layer checkpoints of a calibration, so a killed conversion resumes where it stopped.
+
+A calibration of a large model runs for hours; losing it to a kill, an OOM or a reboot is costly.
+After each layer, :func:`quantlab.calib.calibrate.calibrate` hands the layer's decisions (its
+CalibrationResult entries and relative error) and the hidden states the next layer starts from to a
+:class:`LayerCheckpoints`, which writes them into a folder beside the output::
+
+    .{out}.resume/
+        fingerprint.json     what the checkpoints were computed from (see calibration_fingerprint)
+        layer-0000.npz       layer 0's entries: quantized weights, int8 codes, float overrides, error
+        ...
+        hidden.npz           (n, seq, hidden) float32 after the last saved layer, and that layer's index
+
+Every file is written to a temporary name, fsynced and renamed, so a kill leaves the previous state.
+Arrays are stored with ``np.savez`` and read back with ``allow_pickle=False``: a planted checkpoint
+folder can hold wrong numbers (the fingerprint guards against stale ones) but never run code.
+``convert --resume`` restores the layers and continues from the next; because each layer's
+computation is a deterministic function of its inputs, the artifact is the one an uninterrupted run
+writes, byte for byte. A fingerprint that differs from the current inputs refuses to resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+import quantlab
+from quantlab.calib.layerwise import CalibrationResult
+from quantlab.errors import InputError
+from quantlab.quant.rtn import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FINGERPRINT_FILE = "fingerprint.json"
+HIDDEN_FILE = "hidden.npz"
+
+
+def resume_folder(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir).absolute()
+    return out.parent / f".{out.name}.resume"
+
+
+def calibration_fingerprint(source_sha256: dict[str, str], recipe: dict, tokens: np.ndarray) -> dict:
+    """Everything a calibration's result depends on, as a JSON-able dict with a digest of it."""
+    tokens = np.ascontiguousarray(tokens)
+    inputs = {
+        "format_version": FORMAT_VERSION,
+        "model": {Path(k).name: v for k, v in sorted(source_sha256.items())},
+        "recipe": recipe,
+        "calibration_data": {
+            "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+            "shape": list(tokens.shape),
+            "dtype": str(tokens.dtype),
+        },
+        "quantlab": quantlab.__version__,
+        "numpy": np.__version__,
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "inputs": inputs}
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _changed_inputs(saved: dict, current: dict) -> list[str]:
+    saved_inputs = saved.get("inputs") if isinstance(saved, dict) else None
+    if not isinstance(saved_inputs, dict):
+        return ["everything (unreadable fingerprint)"]
+    keys = sorted(set(saved_inputs) | set(current["inputs"]))
+    return [k for k in keys if saved_inputs.get(k) != current["inputs"].get(k)] or ["(digest)"]
+
+
+class LayerCheckpoints:
+    """The checkpoint folder of one conversion: save after each layer, restore on resume."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: dict, *, resume: bool):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        fp_path = self.folder / FINGERPRINT_FILE
+        if resume and fp_path.is_file():
+            try:
+                saved = json.loads(fp_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                saved = None
+            if not isinstance(saved, dict) or saved.get("sha256") != fingerprint["sha256"]:
+                changed = ", ".join(_changed_inputs(saved, fingerprint))
+                raise InputError(
+                    self.folder,
+                    "fingerprint",
+                    f"these checkpoints were computed from different inputs (changed: {changed}); "
+                    "run without --resume to start over",
+                )
+        else:
+            if self.folder.exists():
+                logger.info("%s: discarding checkpoints of an earlier run (no --resume)", self.folder)
+                shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True)
+            _atomic_write_text(fp_path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+
+    # -- saving -------------------------------------------------------------------------------------
+
+    def save_layer(self, i: int, result: CalibrationResult, before: dict[str, set], hidden: np.ndarray) -> None:
+        """Layer i's new entries in ``result`` (keys not in ``before``) and the hidden states after it."""
+        arrays: dict[str, np.ndarray] = {"layer_error": np.float64(result.layer_errors[i])}
+        for name, qw in result.quantized.items():
+            if name in before["quantized"]:
+                continue
+            arrays[f"q/{name}/q"] = qw.q
+            arrays[f"q/{name}/scales"] = qw.scales
+            if qw.zero_points is not None:
+                arrays[f"q/{name}/zero_points"] = qw.zero_points
+            arrays[f"q/{name}/meta"] = np.array([qw.bits, qw.group_size], dtype=np.int64)
+        for name, (codes, scales) in result.int8.items():
+            if name not in before["int8"]:
+                arrays[f"i8/{name}/codes"] = codes
+                arrays[f"i8/{name}/scales"] = scales
+        for name, value in result.float_overrides.items():
+            if name not in before["float_overrides"]:
+                arrays[f"f/{name}"] = value
+        _atomic_savez(self.folder / f"layer-{i:04d}.npz", arrays)
+        # The hidden states last: a kill between the two files leaves a layer file nobody uses yet.
+        _atomic_savez(self.folder / HIDDEN_FILE, {"hidden": hidden, "layer": np.int64(i)})
+
+    @staticmethod
+    def keys_of(result: CalibrationResult) -> dict[str, set]:
+        return {
+            "quantized": set(result.quantized),
+            "int8": set(result.int8),
+            "float_overrides": set(result.float_overrides),
+        }
+
+    # -- restoring ----------------------------------------------------------------------------------
+
+    def restore(
+        self, num_layers: int, hidden_shape: tuple[int, ...]
+    ) -> tuple[int, CalibrationResult, np.ndarray | None]:
+        """(the first layer still to calibrate, the result so far, the hidden states to start from)."""
+        result = CalibrationResult()
+        path = self.folder / HIDDEN_FILE
+        if not path.is_file():
+            return 0, result, None
+        with np.load(path, allow_pickle=False) as saved:
+            last = int(saved["layer"])
+            hidden = np.array(saved["hidden"], dtype=np.float32)
+        if hidden.shape != tuple(hidden_shape) or not 0 <= last < num_layers:
+            raise InputError(path, "hidden", f"checkpoint does not fit this calibration ({hidden.shape}, layer {last})")
+        for i in range(last + 1):
+            self._restore_layer(i, result)
+        logger.info("%s: resuming after layer %d of %d", self.folder, last, num_layers)
+        return last + 1, result, hidden
+
+    def _restore_layer(self, i: int, result: CalibrationResult) -> None:
+        path = self.folder / f"layer-{i:04d}.npz"
+        if not path.is_file():
+            raise InputError(path, None, "checkpoint of this layer is missing; run without --resume")
+        with np.load(path, allow_pickle=False) as z:
+            entries = {k: z[k] for k in z.files}
+        result.layer_errors.append(float(entries.pop("layer_error")))
+        quantized: dict[str, dict] = {}
+        int8: dict[str, dict] = {}
+        for key, value in entries.items():
+            kind, _, rest = key.partition("/")
+            if kind == "f":
+                result.float_overrides[rest] = value
+                continue
+            name, _, part = rest.rpartition("/")
+            (quantized if kind == "q" else int8).setdefault(name, {})[part] = value
+        for name, parts in quantized.items():
+            bits, group_size = (int(v) for v in parts["meta"])
+            result.quantized[name] = QuantizedWeight(
+                parts["q"], parts["scales"], parts.get("zero_points"), bits, group_size
+            )
+        for name, parts in int8.items():
+            result.int8[name] = (parts["codes"], parts["scales"])
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

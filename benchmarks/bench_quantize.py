@@ -120,19 +120,16 @@ def _write_bf16_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def run_convert(args: list[str]) -> dict:
+    """Time one conversion; peak RSS from GNU time's %M, which measures the exec'ed process alone
+    (wait4's ru_maxrss would also count this parent's pages copied at fork)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "quantlab", "convert", *args, "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
+    cmd = ["/usr/bin/time", "-f", "peak_rss_kb=%M", sys.executable, "-m", "quantlab", "convert", *args, "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"convert {args} failed:\n{err[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": out.strip()}
+    if proc.returncode != 0:
+        raise SystemExit(f"convert {args} failed:\n{proc.stderr[-3000:]}")
+    rss_kb = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": rss_kb * 1024, "stdout": proc.stdout.strip()}
 
 
 def main() -> int:

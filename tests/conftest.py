@@ -1,7 +1,4 @@
-"""Shared fixtures: where the real models and golden outputs live, and skipping when they are absent.
-
-Real checkpoints are never copied into the repository; they sit in ``../shared/models`` beside it.
-"""
+"""Shared fixtures over tests/models.py: the real models and golden outputs beside the repository."""
 
 from __future__ import annotations
 
@@ -9,30 +6,18 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DIR = Path(__file__).resolve().parents[1] / ".." / "shared"
-MODELS_DIR = SHARED_DIR / "models"
-GOLDEN_DIR = SHARED_DIR / "golden"
+from tests.models import GOLDEN, MODELS, golden_path, model_path
 
-
-def require_model(name: str) -> Path:
-    """The path of ``../shared/models/<name>``; skips the test (with the reason) when it is absent."""
-    path = MODELS_DIR / name
-    if not path.is_file():
-        pytest.skip(f"real model {name} not found at {path.resolve()} (needs the shared models folder)")
-    return path
-
-
-def require_golden(name: str) -> Path:
-    path = GOLDEN_DIR / name
-    if not path.is_file():
-        pytest.skip(f"golden file {name} not found at {path.resolve()} (needs the shared golden folder)")
-    return path
+# Names the reader tests use; the one definition of where the files live is tests/models.py.
+SHARED_DIR, MODELS_DIR, GOLDEN_DIR = MODELS.parent, MODELS, GOLDEN
+require_model = model_path
+require_golden = golden_path
 
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     if not MODELS_DIR.is_dir():
-        pytest.skip(f"shared models folder not found at {MODELS_DIR.resolve()}")
+        pytest.skip(f"shared models folder not found at {MODELS_DIR}")
     return MODELS_DIR
 
 

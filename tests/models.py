@@ -20,11 +20,15 @@ def model_path(name: str) -> Path:
     return path
 
 
-def golden(name: str) -> dict:
+def golden_path(name: str) -> Path:
     path = GOLDEN / name
     if not path.exists():
         pytest.skip(f"golden file {path} is not present")
-    return json.loads(path.read_text())
+    return path
+
+
+def golden(name: str) -> dict:
+    return json.loads(golden_path(name).read_text())
 
 
 def require(condition: bool, reason: str) -> None:

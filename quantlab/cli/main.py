@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except QualityBudgetError as e:
         print(f"quantlab: quality budget missed: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # the reader went away (`quantlab inspect X | head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("quantlab: interrupted", file=sys.stderr)
         return 130

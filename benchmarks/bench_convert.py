@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import machine, run_convert, save  # noqa: E402  (benchmarks/ is the script folder)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,20 +24,12 @@ DEFAULT_MODEL = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.
 
 def run_once(model: Path, dtype: str) -> dict:
     out = Path(tempfile.mkdtemp()) / "art"
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "quantlab", "convert", str(model), "-o", str(out), "--dtype", dtype, "--no-progress"],
-        stdout=subprocess.DEVNULL,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"convert failed with status {status}")
+    timing = run_convert([str(model), "-o", str(out), "--dtype", dtype])
     manifest = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out.parent)
     return {
-        "wall_s": wall,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "wall_s": timing["wall_s"],
+        "peak_rss_bytes": timing["peak_rss_bytes"],
         "parameters": manifest["graph"]["parameters"],
         "artifact_bytes": sum(f["bytes"] for f in manifest["files"].values()),
     }
@@ -74,15 +64,10 @@ def main() -> int:
     doc = {
         "benchmark": "convert",
         "model": args.model.name,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    save(args.out, doc)
     return 0
 
 

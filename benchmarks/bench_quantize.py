@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import machine, run_convert, save  # noqa: E402  (benchmarks/ is the script folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,19 +117,6 @@ def _write_bf16_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             f.write(np.ascontiguousarray(array).tobytes())
 
 
-def run_convert(args: list[str]) -> dict:
-    """Time one conversion; peak RSS from GNU time's %M, which measures the exec'ed process alone
-    (wait4's ru_maxrss would also count this parent's pages copied at fork)."""
-    start = time.perf_counter()
-    cmd = ["/usr/bin/time", "-f", "peak_rss_kb=%M", sys.executable, "-m", "quantlab", "convert", *args, "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"convert {args} failed:\n{proc.stderr[-3000:]}")
-    rss_kb = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": rss_kb * 1024, "stdout": proc.stdout.strip()}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=16)
@@ -184,15 +169,10 @@ def main() -> int:
         "model": f"Llama-3.2-1B-shaped, RANDOM weights, {args.layers} layers (speed and memory only)",
         "calibration_tokens": [args.samples, args.seq_len],
         "targets": {"rtn_wall_s": 120, "gptq_wall_s": 1200, "peak_rss_bytes": 3 * 2**30},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    save(args.out, doc)
     return 0
 
 

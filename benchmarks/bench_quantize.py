@@ -164,6 +164,8 @@ def main() -> int:
             shutil.rmtree(work / mode)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.out.exists():  # a run that skips some modes keeps the earlier figures for them
+        results = {**json.loads(args.out.read_text()).get("results", {}), **results}
     doc = {
         "benchmark": "quantize_1b",
         "model": f"Llama-3.2-1B-shaped, RANDOM weights, {args.layers} layers (speed and memory only)",

@@ -21,11 +21,13 @@ writes, byte for byte. A fingerprint that differs from the current inputs refuse
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +68,22 @@ def calibration_fingerprint(source_sha256: dict[str, str], recipe: dict, tokens:
     return {"sha256": digest, "inputs": inputs}
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A failed write through a file object (a full disk) carries no file name: give it the file's."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with _naming(tmp), open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
@@ -77,7 +92,7 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with _naming(tmp), open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -27,8 +27,8 @@ from quantlab.io.common import (
     with_tokenizer_ids,
 )
 from quantlab.io.hf_tokenizer import hf_tokenizer_spec
-from quantlab.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile
-from quantlab.io.spec import Checkpoint, ModelSpec, RopeScaling
+from quantlab.io.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsFile
+from quantlab.io.spec import Checkpoint, ModelSpec, PreQuantized, RopeScaling
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ MODEL_TYPES = {arch.family: name for name, arch in ARCHITECTURES.items()}  # for
 COMMON_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0, "hidden_act": "silu"}
 REQUIRED_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# A folder written by `quantlab distill --mode qat` carries its trained integers beside the float weights.
+QUANTIZATION_FILE = "quantization.json"
+QUANTIZATION_WEIGHTS = "quantization.safetensors"
+PREQUANTIZED_FORMAT = "quantlab-prequantized"
 
 
 def read_config(folder: Path) -> tuple[Path, dict]:
@@ -259,6 +263,8 @@ def load_hf_folder(folder: str | os.PathLike, *, tokenizer_path=None) -> Checkpo
     for name in names:
         if owner[name].tensors[name].dtype not in FLOAT_DTYPES:
             raise InputError(owner[name].path, name, f"dtype {owner[name].tensors[name].dtype} is not a float type")
+    if tokenizer_path is None and not (folder / "tokenizer.json").is_file() and (folder / "tokenizer.bin").is_file():
+        tokenizer_path = folder / "tokenizer.bin"  # a llama2.c tokenizer (a student of a llama2.c teacher)
     tokenizer = hf_tokenizer_spec(folder, spec, tokenizer_path=tokenizer_path)
     if tokenizer is not None:
         spec = with_tokenizer_ids(spec, tokenizer)
@@ -269,6 +275,71 @@ def load_hf_folder(folder: str | os.PathLike, *, tokenizer_path=None) -> Checkpo
         tensors=SafetensorsSource({n: owner[n] for n in names}, names),
         tokenizer=tokenizer,
         source_format="hf-safetensors",
-        source_files=(str(config_path), *extra, *files),
+        source_files=(str(config_path), *extra, *files, *_prequantized_files(folder)),
         hf_config=config,
+        prequantized=read_prequantized(folder, spec),
     )
+
+
+def _prequantized_files(folder: Path) -> tuple[str, ...]:
+    paths = (folder / QUANTIZATION_FILE, folder / QUANTIZATION_WEIGHTS)
+    return tuple(str(p) for p in paths if p.is_file())
+
+
+def _raw_tensor(file: SafetensorsFile, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    entry = file.tensors.get(name)
+    if entry is None:
+        raise InputError(file.path, name, "missing")
+    if entry.dtype != dtype or entry.shape != shape:
+        raise InputError(file.path, name, f"expected {dtype} {list(shape)}, got {entry.dtype} {list(entry.shape)}")
+    np_dtype, width = DTYPES[dtype]
+    count = (entry.end - entry.begin) // width
+    return np.fromfile(file.path, dtype=np_dtype, count=count, offset=entry.begin).reshape(shape)
+
+
+def read_prequantized(folder: Path, spec: ModelSpec) -> PreQuantized | None:
+    """The trained integer codes of a distilled student (quantization.json + quantization.safetensors),
+    validated against the spec; None for an ordinary folder."""
+    from quantlab.quant.rtn import QuantizedWeight, group_count
+    from quantlab.quant.scheme import parse_scheme
+
+    path = folder / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    description = read_json_file(path)
+    if not isinstance(description, dict) or description.get("format") != PREQUANTIZED_FORMAT:
+        raise InputError(path, "format", f"expected {PREQUANTIZED_FORMAT!r}")
+    recipe, linears = description.get("recipe"), description.get("linears")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("scheme"), str):
+        raise InputError(path, "recipe", "must be a recipe object with a scheme")
+    try:
+        scheme = parse_scheme(recipe["scheme"])
+    except ValueError as e:
+        raise InputError(path, "recipe.scheme", str(e)) from None
+    if not isinstance(linears, list) or not all(isinstance(n, str) for n in linears):
+        raise InputError(path, "linears", "must be a list of linear names")
+    shapes = spec.expected_shapes()
+    weights = {}
+    codes_file = SafetensorsFile(folder / QUANTIZATION_WEIGHTS)
+    for name in linears:
+        if f"{name}.weight" not in shapes:
+            raise InputError(path, "linears", f"{name!r} is not a linear of this model")
+        n, k = shapes[f"{name}.weight"]
+        groups = (n, group_count(k, scheme.group_size))
+        zero_points = None
+        if not scheme.symmetric:
+            zero_points = _raw_tensor(codes_file, f"{name}.zero_points", "U8", groups)
+        scales = _raw_tensor(codes_file, f"{name}.scales", "F32", groups)
+        if not np.isfinite(scales).all():
+            raise InputError(codes_file.path, f"{name}.scales", "not finite")
+        try:
+            weights[name] = QuantizedWeight(
+                _raw_tensor(codes_file, f"{name}.codes", "U8", (n, k)),
+                scales,
+                zero_points,
+                scheme.bits,
+                scheme.group_size,
+            )
+        except ValueError as e:
+            raise InputError(codes_file.path, name, str(e)) from None
+    return PreQuantized(recipe=recipe, weights=weights, path=str(path))

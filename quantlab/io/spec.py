@@ -145,6 +145,20 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class PreQuantized:
+    """Integer codes a checkpoint already carries (a quantization-aware distilled student).
+
+    ``weights``: linear name -> quantlab.quant.rtn.QuantizedWeight, exported as they are (no
+    re-rounding); ``recipe``: the recipe (file schema) they were trained for; ``path``: where they came
+    from, for error messages.
+    """
+
+    recipe: dict
+    weights: dict
+    path: str
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     spec: ModelSpec
     tensors: TensorSource
@@ -152,6 +166,7 @@ class Checkpoint:
     source_format: str  # "hf-safetensors" | "gguf" | "llama2c" | "torch-pickle"
     source_files: tuple[str, ...] = field(default=())
     hf_config: dict | None = None  # the config.json to emit for Hugging Face clients, when known
+    prequantized: PreQuantized | None = None  # integer codes to export as they are (quantlab distill)
 
     def source_sha256(self) -> dict[str, str]:
         return {os.path.basename(p): sha256_file(p) for p in self.source_files}

@@ -1,0 +1,1 @@
+"""Distillation: a student (fake-quantized or smaller) trained in PyTorch to match its teacher."""

@@ -1,0 +1,57 @@
+"""The torch decoder distillation trains against onnxruntime on the graph quantlab builds, and the
+fake-quantized linear against quantlab's quantization maths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from quantlab.build.decoder import build_decoder  # noqa: E402
+from quantlab.distill.fakequant import FakeQuantLinear  # noqa: E402
+from quantlab.distill.model import DecoderLM, load_tensors  # noqa: E402
+from quantlab.io import load_checkpoint  # noqa: E402
+from quantlab.quant.rtn import dequantize, rtn_quantize  # noqa: E402
+from tests.models import model_path  # noqa: E402
+from tests.tiny import run_decoder, tiny_checkpoint  # noqa: E402
+
+# Same fp32 weights and maths; only the summation order differs between torch and onnxruntime.
+LOGITS_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("which", ["stories260K", "tiny-untied", "tiny-tied"])
+def test_logits_match_onnxruntime(which, tmp_path):
+    if which == "stories260K":
+        ckpt = load_checkpoint(model_path("stories260K.bin"))  # llama2.c adjacent-pair RoPE, GQA, tied head
+    else:
+        ckpt = tiny_checkpoint(3, tie=which == "tiny-tied")
+    ids = np.random.default_rng(0).integers(0, ckpt.spec.vocab_size, (2, 37))
+    reference = run_decoder(build_decoder(ckpt), ckpt, tmp_path / "ort", ids)
+    with torch.no_grad():
+        logits = DecoderLM(ckpt.spec, load_tensors(ckpt))(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(logits, reference, atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("group", "symmetric"), [(32, False), (32, True), (64, False), (-1, True)])
+def test_fakequant_starts_at_its_codes_and_exports_them(group, symmetric):
+    weight = np.random.default_rng(1).normal(0, 0.1, (24, 172)).astype(np.float32)  # K=172: a partial group
+    qw = rtn_quantize(weight, 4, group, symmetric)
+    layer = FakeQuantLinear(qw)
+    out = layer.export()
+    np.testing.assert_array_equal(out.q, qw.q)
+    np.testing.assert_array_equal(out.scales, qw.scales)
+    if symmetric:
+        assert out.zero_points is None
+    else:
+        np.testing.assert_array_equal(out.zero_points, qw.zero_points)
+    np.testing.assert_array_equal(layer.dequantized().detach().numpy(), dequantize(qw))
+
+
+def test_fakequant_gradients_reach_weights_and_scales():
+    qw = rtn_quantize(np.random.default_rng(2).normal(0, 0.1, (8, 64)).astype(np.float32), 4, 32, False)
+    layer = FakeQuantLinear(qw)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    (layer(x) ** 2).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert layer.scale.grad is not None and layer.scale.grad.abs().sum() > 0

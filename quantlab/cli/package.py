@@ -7,6 +7,7 @@ numpy and tokenizers) and a manifest with every file's sha256; the same inputs g
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from quantlab.package.bundle import DEFAULT_MAX_NEW_TOKENS, build_bundle, parse_size
 from quantlab.package.targets import TARGETS
@@ -23,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fit",
         metavar="SOURCE",
         default=None,
-        help="convert SOURCE (the artifact's checkpoint) with a ladder of recipes and keep the best measured "
-        "KL divergence under --max-size",
+        help="choose each layer's precision under --max-size from measured sensitivity, converting SOURCE (the "
+        "artifact's checkpoint); uniform recipes that fit are measured too and the lowest KL divergence wins",
     )
     p.add_argument("--zip", action="store_true", help="write one deterministic zip file instead of a folder")
     p.add_argument("--ort", action="store_true", help="ship onnxruntime's ORT format (model.ort) for minimal builds")
@@ -52,5 +53,15 @@ def run(args: argparse.Namespace) -> int:
     fit = result.manifest.get("fit")
     if fit:
         print(f"--fit chose {fit['chosen']} (kld_mean {fit['kld_mean']:.5f}) under {fit['budget_bytes'] / 1e6:.3f} MB")
+        per_layer = fit.get("per_layer")
+        if per_layer:
+            counts = Counter(per_layer["precisions"].values())
+            mix = ", ".join(f"{n} x {scheme}" for scheme, n in sorted(counts.items()))
+            print(
+                f"per-layer: {mix}; kld_mean {per_layer['kld_mean']:.5f} measured, "
+                f"{per_layer['predicted_kld_mean']:.5f} predicted"
+            )
+        if fit.get("note"):
+            print(f"note: {fit['note']}")
     print(f"recorded greedy ids: {gen['ids']}")
     return 0

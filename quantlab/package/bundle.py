@@ -9,8 +9,10 @@
     manifest.sha256                  manifest.json's sha256, and that line's own sha256
 
 Same inputs, same bytes: nothing records a time, a host or a path; the zip has sorted entries, fixed
-timestamps (1980-01-01) and fixed permissions. Integrity, not authenticity: the hashes catch corruption
-and edits that do not also rewrite them; sign the bundle if you need the latter.
+timestamps (1980-01-01) and fixed permissions; ``--ort``'s model.ort is re-serialized in one canonical
+layout (:mod:`quantlab.package.ort_format`), since onnxruntime's writer varies per run. Integrity, not
+authenticity: the hashes catch corruption and edits that do not also rewrite them; sign the bundle if
+you need the latter.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from quantlab.errors import InputError
 from quantlab.io.spec import sha256_file
 from quantlab.package.fit import fit_to_budget, layer_precisions
 from quantlab.package.kernels import LIBRARY_NAME, elf_machine, kernel_library
+from quantlab.package.ort_format import canonical_ort
 from quantlab.package.targets import CONTRIB_DOMAIN, TARGETS, Target
 
 logger = logging.getLogger(__name__)
@@ -143,15 +146,14 @@ def _copy_artifact_files(artifact: Path, manifest: dict, stage: Path, skip: set[
 ORT_FILE = "model.ort"
 ORT_OPERATORS_FILE = "model.required_operators.config"
 ORT_PLATFORMS = {"cpu-arm64": "arm"}  # onnxruntime's --target_platform; amd64 otherwise
-ORT_NOTE = (
-    "onnxruntime's ORT-format serializer does not write the same bytes twice for the same graph, "
-    "so a bundle with model.ort is verified by hash but is not byte-identical across rebuilds"
-)
+# the operator config's own header names the temporary folder it was converted in
+ORT_CONFIG_HEADER = "# Generated from model/s:\n# - model.ort\n"
 
 
 def _convert_to_ort(stage: Path, target: Target) -> None:
     """model.onnx + model.onnx.data in ``stage`` -> model.ort (weights inline) + the operator config,
-    with onnxruntime's own tool (``onnxruntime.tools.convert_onnx_models_to_ort``)."""
+    with onnxruntime's own tool (``onnxruntime.tools.convert_onnx_models_to_ort``), then laid out
+    canonically (:func:`quantlab.package.ort_format.canonical_ort`): the tool's bytes vary per run."""
     with tempfile.TemporaryDirectory(prefix="quantlab-ort-") as tmp:
         work, out = Path(tmp) / "in", Path(tmp) / "out"
         work.mkdir()
@@ -165,8 +167,10 @@ def _convert_to_ort(stage: Path, target: Target) -> None:
         if proc.returncode != 0 or not (out / ORT_FILE).is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise InputError(None, "--ort", f"onnxruntime could not convert the model to the ORT format: {tail[0]}")
-        shutil.copyfile(out / ORT_FILE, stage / ORT_FILE)
-        shutil.copyfile(out / ORT_OPERATORS_FILE, stage / ORT_OPERATORS_FILE)
+        (stage / ORT_FILE).write_bytes(canonical_ort((out / ORT_FILE).read_bytes()))
+        operators = (out / ORT_OPERATORS_FILE).read_text(encoding="utf-8").splitlines(keepends=True)
+        body = "".join(line for line in operators if not line.startswith("#"))
+        (stage / ORT_OPERATORS_FILE).write_text(ORT_CONFIG_HEADER + body, encoding="utf-8")
     config = json.loads((stage / "genai_config.json").read_text(encoding="utf-8"))
     config["model"]["decoder"]["filename"] = ORT_FILE
     write_json(stage / "genai_config.json", config)
@@ -228,7 +232,7 @@ def _write_bundle_folder(
         "producer": "quantlab package",
         "target": {**dataclasses.asdict(target), "op_domains": domains},
         "model_file": model_file,
-        "deterministic": True if not ort_format else {"bytes": False, "why": ORT_NOTE},
+        "deterministic": True,
         "graph_changes": changes,
         "versions": dependency_versions(),
         "artifact": {"manifest_sha256": sha256_file(artifact / MANIFEST_FILE), "versions": art.get("versions")},

@@ -8,12 +8,18 @@ Writes benchmarks/results/kv_cache.json, kv_cache.md and kv_cache.png.
 1. bytes: cache bytes per token of SmolLM2-135M (30 layers, 3 kv heads, head_dim 64) per format, measured
    on the arrays a forward returns (scales included) as the growth from 64 to 128 tokens, against the fp16
    cache's 2 bytes per element; a residual window's f32 tokens are a fixed cost, reported beside it.
-   ``-smooth`` formats calibrate key channel scales on 8 x 256 tokens sampled from the fp32 model.
+   ``-smooth`` and ``-static`` formats calibrate key (and value) channel ranges on 8 x 256 tokens sampled
+   from the fp32 model (``-static``: the clipped range of least squared error, kv_cache.static_cache_ranges).
 2. kld: SmolLM2-135M (the Q4_1 GGUF from ../shared/models, dequantized to fp32 weights; the same weights
    for every format, only the cache differs), sequences of 1024 tokens of English text (this repository's
    README and house style), one full forward each. Every key/value goes through the cache's
    quantize/dequantize before attention (and a residual window masks per query position), so a full
    forward gives the same logits as token-by-token decoding with that cache (tests/kv checks it).
+   ``-channel-keys`` formats (KIVI's key layout) quantize keys in blocks, where a full forward is not
+   decoding: in one forward every key of a completed block is attended quantized, while decoding keeps
+   the query's own unfinished block in f32, so the full forward (the default, recorded as "method") is
+   the pessimistic side (tests/kv/test_channel_keys.py); ``--decode`` measures them token by token
+   (both rows as one batch, 1024 steps: slow on a shared machine).
    KL(P_fp32cache || P_format) per position, in nats.
 3. latency: one decode step (1 new token) with a cache of 256, 1024 and 4096 tokens already in it
    (random cache contents of the right dtype: the time does not depend on the values), 2 threads,
@@ -51,6 +57,10 @@ FORMATS = (
     "int4-r32-smooth",
     "int2-r32-smooth",  # kivi2
     "int2-g16-r32-smooth",
+    "int2-r32-channel-keys",  # keys per channel over 32-token blocks (KIVI), values per token
+    "int4-r32-channel-keys",
+    "int8-static",  # what fused attention (GroupQueryAttention) reads: static calibrated per-channel scales
+    "int4-static",
 )
 CONTEXTS = (256, 1024, 4096)
 CALIB_SEQUENCES, CALIB_LEN = 8, 256
@@ -61,22 +71,22 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def artifact(ckpt, work: Path, name: str, kv: str) -> Path:
+def artifact(ckpt, work: Path, name: str, kv: str, attention: str = "plain") -> Path:
     """An artifact folder (model + genai_config only) of ``ckpt`` with cache format ``kv``, reused if present.
 
-    ``-smooth`` formats calibrate their key channel scales on CALIB_SEQUENCES x CALIB_LEN tokens sampled
-    from the fp32 model (seed 0; the evaluation text is never seen by calibration).
+    ``-smooth`` and ``-static`` formats calibrate their channel ranges on CALIB_SEQUENCES x CALIB_LEN tokens
+    sampled from the fp32 model (seed 0; the evaluation text is never seen by calibration).
     """
     from quantlab.build.decoder import BuildOptions, build_decoder
-    from quantlab.build.kv_cache import collect_key_scales, parse_kv_cache
+    from quantlab.build.kv_cache import collect_key_scales, parse_kv_cache, static_cache_ranges
     from quantlab.emit.artifact import genai_config, save_model, write_json
 
-    folder = work / f"{name}-kv-{kv}"
+    folder = work / (f"{name}-kv-{kv}" + ("" if attention == "plain" else f"-{attention}"))
     if (folder / "genai_config.json").is_file():
         return folder
     fmt = parse_kv_cache(kv)
-    key_scales = None
-    if fmt.smooth_keys:
+    key_scales = value_scales = None
+    if fmt.smooth_keys or fmt.static:
         from quantlab.eval.data import sample_from_model
         from quantlab.runtime.generate import OrtDecoder
 
@@ -85,10 +95,19 @@ def artifact(ckpt, work: Path, name: str, kv: str) -> Path:
         if not calib.is_file():
             log(f"sample {CALIB_SEQUENCES} x {CALIB_LEN} calibration tokens")
             np.save(calib, sample_from_model(base, CALIB_SEQUENCES, CALIB_LEN, 0, ckpt.spec.bos_token_id or 1))
-        key_scales = collect_key_scales(base, np.load(calib), ckpt.spec.rope_interleaved)
+        ranges = work / f"{name}-kv-ranges-{kv}.npz"  # shared by the plain and fused artifacts of a format
+        if fmt.static and ranges.is_file():
+            key_scales, value_scales = np.load(ranges)["keys"], np.load(ranges)["values"]
+        elif fmt.static:
+            key_scales, value_scales = static_cache_ranges(base, np.load(calib), ckpt.spec.rope_interleaved, fmt)
+            np.savez(ranges, keys=key_scales, values=value_scales)
+        else:
+            key_scales = collect_key_scales(base, np.load(calib), ckpt.spec.rope_interleaved)
     log(f"build {folder.name}")
     folder.mkdir(parents=True, exist_ok=True)
-    options = BuildOptions(kv_cache=fmt, key_channel_scales=key_scales)
+    options = BuildOptions(
+        kv_cache=fmt, key_channel_scales=key_scales, value_channel_scales=value_scales, attention=attention
+    )
     save_model(build_decoder(ckpt, options), folder, progress=False)
     write_json(folder / "genai_config.json", genai_config(ckpt, kv_cache=fmt))
     return folder
@@ -129,7 +148,22 @@ def text_ids(ckpt, seq_len: int, n: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)  # (n, seq_len)
 
 
-def bench_kld(ckpt, folders: dict[str, Path], seq_len: int, n: int, previous: dict | None = None) -> dict:
+def decode_logits(dec, data: np.ndarray) -> np.ndarray:
+    """Logits of every position of ``data`` (n, seq) from decoding one token per step -> (n, seq, vocab)."""
+    cache = dec.empty_cache(data.shape[0])
+    out = None
+    for t in range(data.shape[1]):
+        logits, cache = dec.forward(data[:, t : t + 1], cache)  # (n, 1, vocab)
+        if out is None:
+            out = np.empty((data.shape[0], data.shape[1], logits.shape[-1]), dtype=np.float32)
+        out[:, t] = logits[:, 0]
+    return out
+
+
+def bench_kld(
+    ckpt, folders: dict[str, Path], seq_len: int, n: int, previous: dict | None = None, decode: bool = False
+) -> dict:
+    from quantlab.build.kv_cache import parse_kv_cache
     from quantlab.quant.metrics import kl_divergence_per_token, log_softmax
     from quantlab.runtime.generate import OrtDecoder
 
@@ -155,14 +189,17 @@ def bench_kld(ckpt, folders: dict[str, Path], seq_len: int, n: int, previous: di
             continue
         dec = OrtDecoder(folder, threads=2)
         kl, nll, agree = [], [], 0
-        for b, row in zip(base, data, strict=True):
-            cand = dec.forward(row[None], dec.empty_cache())[0][0]
+        by_decoding = decode and parse_kv_cache(kv).channel_keys
+        decoded = decode_logits(dec, data) if by_decoding else None
+        for i, (b, row) in enumerate(zip(base, data, strict=True)):
+            cand = decoded[i] if decoded is not None else dec.forward(row[None], dec.empty_cache())[0][0]
             kl.append(kl_divergence_per_token(b, cand))  # (seq,)
             nll.append(-log_softmax(cand[:-1])[np.arange(seq_len - 1), row[1:]])
             agree += int((b.argmax(-1) == cand.argmax(-1)).sum())
         kl_rows = np.stack(kl)  # (n, seq)
         flat = kl_rows.ravel()
         out["formats"][kv] = {
+            "method": "token-by-token decode" if by_decoding else "one full forward",
             "kld_mean": float(flat.mean()),
             "kld_median": float(np.median(flat)),
             "kld_p99": float(np.percentile(flat, 99)),
@@ -179,6 +216,7 @@ def bench_kld(ckpt, folders: dict[str, Path], seq_len: int, n: int, previous: di
 
 
 def bench_latency(folders: dict[str, Path], steps: int, previous: dict | None = None) -> dict:
+    from quantlab.build.kv_cache import parse_kv_cache
     from quantlab.runtime.generate import OrtDecoder
 
     out = {"threads": 2, "steps": steps, "load_average_before": os.getloadavg()[0], "ms_per_token": {}}
@@ -194,6 +232,11 @@ def bench_latency(folders: dict[str, Path], steps: int, previous: dict | None = 
                 dtype = dec.input_types[name]
                 if name.endswith("_residual"):
                     shape = (1, dec.kv_heads, min(ctx, 32), d)
+                fmt = parse_kv_cache(kv)
+                if fmt.channel_keys and name.endswith(".key_scale"):  # one scale row per block of keys
+                    shape = (1, dec.kv_heads, ctx // fmt.residual, d)
+                if name.endswith("_tail"):  # ctx is a whole number of blocks
+                    shape = (1, dec.kv_heads, 0, d)
                 if dtype == np.float32:
                     cache[name] = rng.standard_normal(shape).astype(np.float32) * (0.01 if "scale" in name else 1)
                 else:
@@ -378,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--sequences", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--decode", action="store_true", help="kld of -channel-keys formats by token-by-token decoding")
     p.add_argument("--bounded-tokens", type=int, default=2048)
     p.add_argument("--out", type=Path, default=RESULTS / "kv_cache.json")
     args = p.parse_args(argv)
@@ -401,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                     "formats": {**results.get("bytes", {}).get("formats", {}), **fresh["formats"]},
                 }
             if "kld" in parts:
-                results["kld"] = bench_kld(ckpt, folders, args.seq_len, args.sequences, results.get("kld"))
+                results["kld"] = bench_kld(
+                    ckpt, folders, args.seq_len, args.sequences, results.get("kld"), decode=args.decode
+                )
             if "latency" in parts:
                 results["latency"] = bench_latency(folders, args.steps, results.get("latency"))
     if "bounded" in parts and STORIES.is_file():

@@ -14,19 +14,27 @@ A format is one spelled-out string parsed into a frozen :class:`KvCacheFormat`:
     -r<R>   a residual window (KIVI's, arXiv 2402.02750): the last R tokens are also kept in f32
             (``..._residual`` (batch, kv_heads, <= R, head_dim)), and a query attends to the R latest keys
             and values (its own included) in full precision and to older ones quantized. The residual is
-            a fixed cost, not a per-token one. ``kivi2`` spells ``int2-r32-smooth``.
+            a fixed cost, not a per-token one.
+    -channel-keys  keys per channel over blocks of R tokens, the unfinished block in f32 (KIVI's own design,
+            :mod:`quantlab.build.kv_channel_keys`); values as above. ``kivi2`` spells ``int2-r32-smooth``.
     -smooth a suffix (``int4-smooth``, ``int8-g32-smooth``): keys are divided by a static per-channel scale
             calibrated on data before the per-token quantization, and multiplied back after it, so outlier
             key channels (KIVI's observation: keys have them, values do not) no longer set every token's
             step. The channel scale is the largest RoPE pair norm seen, sqrt(k[c]^2 + k[c']^2) for the
             channels c, c' RoPE rotates together: rotation keeps it, so it covers every position.
+    -static int8-static, int4-static: static per-channel scales for keys and values, calibrated on data
+            (the clipped per-channel range of least squared error, :func:`static_cache_ranges`), constants
+            in the graph, so the cache state holds the integers alone. This is the layout onnxruntime's
+            GroupQueryAttention reads (k_quant_type / v_quant_type PER_CHANNEL, scale (1, kv_heads, 1,
+            head_dim)): codes round(x / scale) clipped to [-128, 127] / [-8, 7], int4 packed as below.
+            The fused attention path needs it; the plain path runs it too, with the same numbers.
 
-Scales are dynamic: computed inside the graph from each new token's own key/value when it is appended
+Scales (but -static's) are dynamic: computed inside the graph from each new token's own key/value when it is appended
 (per token, KIVI's choice for values, arXiv 2402.02750), and carried in the cache state as extra
 tensors ``past_key_values.{i}.key_scale`` / ``present.{i}.key_scale`` (same for values). Every key and
 value, the current token's included, is quantized and dequantized before attention, so a full-sequence
 forward from an empty cache gives the same numbers as token-by-token decoding: quality measured on a
-full forward is the quality of decoding with this cache.
+full forward is the quality of decoding with this cache (not with -channel-keys: see its module).
 
 The maths (quantize, dequantize, int4 packing) is here as pure numpy functions, the reference the graph
 is tested against; :func:`quantize_in_graph` and :func:`dequantize_in_graph` emit the same maths as
@@ -44,12 +52,15 @@ import onnx_ir as ir
 KV_CACHE_FORMATS = ("fp32", "int8", "int4", "int2")
 _QMAX = {"int8": 127, "int4": 7, "int2": 1.5}
 _BITS = {"fp32": 32, "int8": 8, "int4": 4, "int2": 2}
+# kivi2 keeps its per-token keys: int2-r32-channel-keys (KIVI's own key layout) measured worse on SmolLM2
+# (benchmarks/results/kv_cache.md), so the alias was not moved to it.
 _ALIASES = {"kivi2": "int2-r32-smooth"}
-_FORMAT_RE = re.compile(r"(fp32|int8|int4|int2)(?:-g(\d+))?(?:-r(\d+))?(-smooth)?")
+_FORMAT_RE = re.compile(r"(fp32|int8|int4|int2)(?:-g(\d+))?(?:-r(\d+))?(-smooth)?(-static)?(-channel-keys)?")
 # Smallest scale: an all-zero token would otherwise divide by zero.
 MIN_SCALE = 1e-8
 SCALE_SUFFIX = "_scale"
 RESIDUAL_SUFFIX = "_residual"
+TAIL_SUFFIX = "_tail"  # -channel-keys: the latest keys of a block not yet full, f32 (see kv_channel_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +71,8 @@ class KvCacheFormat:
     group: int = 0
     smooth_keys: bool = False  # static calibrated per-channel key scales (see the module docstring)
     residual: int = 0  # recent tokens also kept in f32 (0: none)
+    static: bool = False  # static calibrated per-channel scales for keys and values, none in the cache state
+    channel_keys: bool = False  # keys per channel over blocks of ``residual`` tokens (KIVI), see kv_channel_keys
 
     def __post_init__(self):
         if self.kind not in KV_CACHE_FORMATS:
@@ -68,6 +81,13 @@ class KvCacheFormat:
             raise ValueError("group and residual must be >= 0")
         if self.kind == "fp32" and (self.group or self.smooth_keys or self.residual):
             raise ValueError("an fp32 cache takes no group, residual or smoothing")
+        if self.static and (self.kind not in ("int8", "int4") or self.group or self.residual or self.smooth_keys):
+            raise ValueError("-static is int8-static or int4-static alone (per-channel scales, no -g, -r or -smooth)")
+        if self.channel_keys and (not self.residual or self.smooth_keys or self.static):
+            raise ValueError(
+                "-channel-keys needs -r<R> (the key block and the value window, int2-r32-channel-keys) and takes "
+                "no -smooth or -static"
+            )
 
     def __str__(self) -> str:
         return (
@@ -75,7 +95,17 @@ class KvCacheFormat:
             + (f"-g{self.group}" if self.group else "")
             + (f"-r{self.residual}" if self.residual else "")
             + ("-smooth" if self.smooth_keys else "")
+            + ("-static" if self.static else "")
+            + ("-channel-keys" if self.channel_keys else "")
         )
+
+    def with_residual(self, tokens: int) -> KvCacheFormat:
+        """This format with a residual window of ``tokens`` (0: none), for ``--kv kivi2 --kv-residual 64``."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"the residual window must be a whole number of tokens >= 0, got {tokens!r}")
+        if tokens and not self.quantized:
+            raise ValueError(f"a residual window needs a quantized cache (--kv int8, int4, int2, kivi2), not {self}")
+        return dataclasses.replace(self, residual=tokens)
 
     @property
     def quantized(self) -> bool:
@@ -105,17 +135,28 @@ class KvCacheFormat:
         return head_dim // self.per_byte
 
     def scale_dim(self, head_dim: int) -> int:
-        return head_dim // self.group_size(head_dim) if self.quantized else 0
+        """Last dimension of the per-token scale tensor in the cache state (0: none)."""
+        return head_dim // self.group_size(head_dim) if self.quantized and not self.static else 0
 
-    def bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
-        """Cache bytes one token costs across all layers, keys and values, scales included."""
+    @property
+    def qmin(self) -> int:
+        """Lowest code of a static format: the full two's-complement range, as GroupQueryAttention clips."""
+        return -self.qmax - 1
+
+    def bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int) -> float:
+        """Cache bytes one token costs across all layers, keys and values, scales included (with
+        -channel-keys a key block's head_dim scales are shared by its R tokens: a fraction per token)."""
         itemsize = 4 if self.kind == "fp32" else 1
-        per_head = self.stored_dim(head_dim) * itemsize + self.scale_dim(head_dim) * 4
-        return 2 * num_layers * num_kv_heads * per_head
+        value = self.stored_dim(head_dim) * itemsize + self.scale_dim(head_dim) * 4
+        key = self.stored_dim(head_dim) + head_dim * 4 / self.residual if self.channel_keys else value
+        per_head = key + value
+        return num_layers * num_kv_heads * (int(per_head) if per_head == int(per_head) else per_head)
 
     def residual_bytes(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
-        """The fixed cost of the f32 residual window, once it is full."""
-        return 2 * num_layers * num_kv_heads * self.residual * head_dim * 4
+        """The fixed cost of the f32 residual window, once it is full (with -channel-keys: the value window
+        and at most R - 1 key tail tokens)."""
+        keys = self.residual - 1 if self.channel_keys else self.residual
+        return num_layers * num_kv_heads * (self.residual + keys) * head_dim * 4
 
     def describe(self, num_layers: int, num_kv_heads: int, head_dim: int) -> dict:
         """The cache's description for genai_config.json and the manifest."""
@@ -133,15 +174,30 @@ class KvCacheFormat:
                 residual="past_key_values.{i}.key_residual / value_residual f32 (batch, kv_heads, <= residual, "
                 "head_dim): the latest tokens, attended in full precision; a fixed "
                 f"{self.residual_bytes(num_layers, num_kv_heads, head_dim)} bytes"
+                if self.residual and not self.channel_keys
+                else "past_key_values.{i}.value_residual f32 (batch, kv_heads, <= residual, head_dim), the latest "
+                "values attended in full precision, and the keys' tail: at most "
+                f"{self.residual_bytes(num_layers, num_kv_heads, head_dim)} fixed bytes"
                 if self.residual
                 else None,
-                group_size=self.group_size(head_dim),
+                group_size=None if self.static else self.group_size(head_dim),
                 keys="per token, per kv head"
                 + ("" if not self.group else f", per {self.group} channels")
-                + (", after dividing by static calibrated per-channel scales" if self.smooth_keys else ""),
-                values="per token, per kv head" + ("" if not self.group else f", per {self.group} channels"),
+                + (", after dividing by static calibrated per-channel scales" if self.smooth_keys else "")
+                if not (self.static or self.channel_keys)
+                else "per (kv head, channel), static"
+                if self.static
+                else f"per (kv head, channel) over blocks of {self.residual} tokens (KIVI): "
+                "past_key_values.{i}.key holds whole blocks, key_scale (batch, kv_heads, blocks, head_dim) f32, "
+                f"key_tail (batch, kv_heads, < {self.residual}, head_dim) f32 the latest keys of the unfinished block",
+                values="per token, per kv head" + ("" if not self.group else f", per {self.group} channels")
+                if not self.static
+                else "per (kv head, channel), static",
                 scales="dynamic, float32, in the cache state as past_key_values.{i}.key_scale / value_scale "
-                f"(batch, kv_heads, seq, {self.scale_dim(head_dim)})",
+                f"(batch, kv_heads, seq, {self.scale_dim(head_dim)})"
+                if not self.static
+                else "static, float32 (1, kv_heads, 1, head_dim) per layer, calibrated, constants in the graph "
+                "(model.layers.{i}.self_attn.key_cache_scale / value_cache_scale); GroupQueryAttention PER_CHANNEL",
                 packing={
                     "int4": "two int4 per byte: low nibble channel 2j, high nibble 2j+1, stored as q + 8",
                     "int2": "four per byte: channel 4j + k in bits 2k..2k+1, level (q - 1.5) * scale",
@@ -152,17 +208,20 @@ class KvCacheFormat:
 
 
 def parse_kv_cache(text: str) -> KvCacheFormat:
-    """``fp32`` | ``int8`` | ``int4`` | ``int2``, then ``-g<group>``, ``-r<residual>``, ``-smooth`` in that order
-    (``int4-g32-r32-smooth``); ``kivi2`` is ``int2-r32-smooth``; a ``kv-`` prefix is allowed. Raises ValueError."""
+    """``fp32`` | ``int8`` | ``int4`` | ``int2``, then ``-g<group>``, ``-r<residual>``, ``-smooth``, ``-static``,
+    ``-channel-keys`` in that order (``int4-g32-r32-smooth``, ``int2-r32-channel-keys``); ``kivi2`` is
+    ``int2-r32-smooth``; a ``kv-`` prefix is allowed. Raises ValueError."""
     body = str(text).removeprefix("kv-")
     body = _ALIASES.get(body, body)
     m = _FORMAT_RE.fullmatch(body)
     if not m or m.group(2) == "0" or m.group(3) == "0":
         raise ValueError(
             f"unknown kv cache format {text!r}; expected one of {', '.join(KV_CACHE_FORMATS)} or kivi2, "
-            "optionally with -g<group>, -r<residual>, -smooth (int4-g32-r32-smooth)"
+            "optionally with -g<group>, -r<residual>, -smooth (int4-g32-r32-smooth), -channel-keys "
+            "(int2-r32-channel-keys), or int8-static / int4-static"
         )
-    return KvCacheFormat(m.group(1), int(m.group(2) or 0), bool(m.group(4)), int(m.group(3) or 0))
+    kind, group, residual = m.group(1), int(m.group(2) or 0), int(m.group(3) or 0)
+    return KvCacheFormat(kind, group, bool(m.group(4)), residual, bool(m.group(5)), bool(m.group(6)))
 
 
 def rope_partner(head_dim: int, interleaved: bool) -> np.ndarray:
@@ -189,6 +248,75 @@ def collect_key_scales(decoder, ids: np.ndarray, interleaved: bool, batch: int =
         layer = np.stack([key_channel_scales(cache[n], interleaved) for n in decoder.past_key_names])
         scales = layer if scales is None else np.maximum(scales, layer)
     return scales
+
+
+# Clipping ratios tried per channel by static_cache_ranges: the range that minimizes the squared error
+# of the static quantization on the calibration data (a few outliers clipped beat a coarser step for all).
+CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.29, -0.05), 2))
+
+
+def static_cache_ranges(
+    decoder, ids: np.ndarray, interleaved: bool, fmt: KvCacheFormat, batch: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrate a ``-static`` format -> (keys, values) ranges, each (layers, kv_heads, head_dim) f32: per
+    channel the clipped range (a CLIP_RATIOS fraction of the largest value) whose static quantization has
+    the least squared error over ``ids`` run through the fp32-cache ``decoder``. A key channel is judged on
+    its own values pooled with its RoPE partner's, which rotation mixes into it at other positions, and
+    clipped from the pair norm range (:func:`key_channel_scales`), which covers every position."""
+    keys = {n: [] for n in decoder.past_key_names}
+    values = {n: [] for n in decoder.past_value_names}
+    for start in range(0, ids.shape[0], batch):
+        rows = ids[start : start + batch]
+        _, cache = decoder.forward(rows, decoder.empty_cache(rows.shape[0]))
+        for store in (keys, values):
+            for n in store:
+                store[n].append(cache[n])
+    out = []
+    for store, is_key in ((keys, True), (values, False)):
+        layers = []
+        for n in store:
+            x = np.concatenate(store[n], axis=0)  # (sequences, kv_heads, seq, head_dim)
+            if is_key:
+                top = key_channel_scales(x, interleaved)  # (kv_heads, head_dim)
+                x = np.concatenate([x, x[..., rope_partner(x.shape[-1], interleaved)]], axis=2)
+            else:
+                top = np.maximum(np.abs(x).max(axis=(0, 2)), 1e-6)
+            layers.append(_least_error_range(x, top, fmt))
+        out.append(np.stack(layers).astype(np.float32))
+    return out[0], out[1]
+
+
+def _least_error_range(x: np.ndarray, top: np.ndarray, fmt: KvCacheFormat) -> np.ndarray:
+    """x (n, kv_heads, seq, head_dim), top (kv_heads, head_dim) -> the range among top * CLIP_RATIOS with the
+    least squared error of round-and-clip quantization per channel."""
+    best, best_err = top, None
+    for ratio in CLIP_RATIOS:
+        rng = (top * ratio).astype(np.float32)
+        scale = rng[None, :, None, :] / np.float32(fmt.qmax)
+        err = ((np.clip(np.round(x / scale), fmt.qmin, fmt.qmax) * scale - x) ** 2).mean(axis=(0, 2))
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = np.where(better, rng, best), np.where(better, err, best_err)
+    return best
+
+
+def static_scales(ranges: np.ndarray, fmt: KvCacheFormat) -> np.ndarray:
+    """Calibrated ranges (layers, kv_heads, head_dim) -> the static per-channel scales, range / qmax."""
+    return (np.asarray(ranges, dtype=np.float32) / np.float32(fmt.qmax)).astype(np.float32)
+
+
+def quantize_static(x: np.ndarray, scale: np.ndarray, fmt: KvCacheFormat) -> np.ndarray:
+    """x (batch, kv_heads, seq, head_dim), scale broadcastable (1, kv_heads, 1, head_dim) -> int8, or int4
+    packed by :func:`pack_int4`: round_half_even(x / scale) clipped to [qmin, qmax]."""
+    q = np.clip(np.round(x.astype(np.float32) / scale), fmt.qmin, fmt.qmax).astype(np.int8)
+    return q if fmt.kind == "int8" else pack_int4(q)
+
+
+def dequantize_static(stored: np.ndarray, scale: np.ndarray, fmt: KvCacheFormat) -> np.ndarray:
+    q = unpack_int4(stored) if fmt.kind == "int4" else stored
+    return q.astype(np.float32) * scale
 
 
 # -- the maths, as the reference -----------------------------------------------------------------
@@ -361,3 +489,31 @@ def dequantize_in_graph(
     if channel_scale is not None:
         deq = b.op("Mul", [deq, channel_scale], name=f"{prefix}.unsmooth")
     return deq
+
+
+def quantize_static_in_graph(
+    b, x: ir.Value, fmt: KvCacheFormat, head_dim: int, scale: ir.Value, prefix: str
+) -> ir.Value:
+    """x (batch, kv_heads, seq, head_dim) f32, scale (1, kv_heads, 1, head_dim) -> :func:`quantize_static`."""
+    q = b.op("Round", [b.op("Div", [x, scale], name=f"{prefix}.div")], name=f"{prefix}.round")
+    lo, hi = float(fmt.qmin), float(fmt.qmax)
+    q = b.op("Clip", [q, b.f32(lo, f"kv_qmin{fmt.qmin}"), b.f32(hi, f"kv_qmax{fmt.qmax}")], name=f"{prefix}.clip")
+    if fmt.kind == "int8":
+        return b.op("Cast", [q], {"to": ir.DataType.INT8}, name=f"{prefix}.int8")
+    code = b.op("Add", [q, b.f32(8.0, "kv_int4_offset")], name=f"{prefix}.unsigned")  # codes q + 8 in 0..15
+    return _pack_in_graph(b, code, fmt, head_dim, prefix)
+
+
+def dequantize_static_in_graph(
+    b, stored: ir.Value, fmt: KvCacheFormat, head_dim: int, scale: ir.Value, prefix: str
+) -> ir.Value:
+    """stored (batch, kv_heads, total, stored_dim) -> f32 (.., head_dim), :func:`dequantize_static`."""
+    if fmt.kind == "int8":
+        q = b.op("Cast", [stored], {"to": ir.DataType.FLOAT}, name=f"{prefix}.f32")
+    else:
+        q = b.op(
+            "Sub",
+            [_unpack_in_graph(b, stored, fmt, head_dim, prefix), b.f32(8.0, "kv_int4_offset")],
+            name=f"{prefix}.signed",
+        )
+    return b.op("Mul", [q, scale], name=f"{prefix}.deq")

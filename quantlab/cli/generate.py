@@ -78,7 +78,8 @@ def continuation_text(tok, prompt: list[int], ids: list[int]) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantlab.runtime.generate import BoundedCache, OrtDecoder, SamplingConfig, generate
+    from quantlab.build.kv_cache import TAIL_SUFFIX
+    from quantlab.runtime.generate import BOUNDED_CHANNEL_KEYS, BoundedCache, OrtDecoder, SamplingConfig, generate
     from quantlab.runtime.tokenizer import load_tokenizer
 
     folder = Path(args.artifact)
@@ -110,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         decoder = TorchDecoder(folder, threads=args.threads)
     else:
         decoder = OrtDecoder(folder, threads=args.threads)
+        if bounded is not None and any(n.endswith(TAIL_SUFFIX) for n in decoder.cache_names):
+            raise InputError(None, "--kv-window", BOUNDED_CHANNEL_KEYS)
     stop = () if args.ignore_eos else sorted(tok.eos_token_ids)
     ids: list[int] = []
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantlab.build.kv_cache import RESIDUAL_SUFFIX, SCALE_SUFFIX
+from quantlab.build.kv_cache import RESIDUAL_SUFFIX, SCALE_SUFFIX, TAIL_SUFFIX
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -55,6 +55,12 @@ GREEDY = SamplingConfig()
 POSITION_MODES = ("original", "cache")
 
 
+BOUNDED_CHANNEL_KEYS = (
+    "a bounded cache (--kv-window) evicts single tokens, and a -channel-keys cache (int2-r32-channel-keys) quantizes "
+    "keys in blocks that share scales: use a per-token format (kivi2 = int2-r32-smooth) or no window"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class BoundedCache:
     """Attention sinks + sliding window: keep the first ``sinks`` and the last ``window`` cached tokens.
@@ -86,6 +92,8 @@ class BoundedCache:
         length = cache_length(cache)
         if length <= self.capacity:
             return cache
+        if any(name.endswith(TAIL_SUFFIX) for name in cache):
+            raise ValueError(BOUNDED_CHANNEL_KEYS)
         keep = np.r_[0 : self.sinks, length - self.window : length]
         out = {}
         for name, t in cache.items():
@@ -99,8 +107,13 @@ class BoundedCache:
 
 
 def cache_length(cache: dict[str, np.ndarray]) -> int:
-    """Tokens in the cache: the sequence axis of its first tensor (a key, never a residual window)."""
-    return next(iter(cache.values())).shape[2] if cache else 0
+    """Tokens in the cache: the sequence axis of its first tensor (a key, never a residual window), plus
+    that key's f32 tail with a -channel-keys format (whole blocks in the key, the rest in the tail)."""
+    if not cache:
+        return 0
+    name, first = next(iter(cache.items()))
+    tail = cache.get(name + TAIL_SUFFIX)
+    return first.shape[2] + (tail.shape[2] if tail is not None else 0)
 
 
 def cache_bytes(cache: dict[str, np.ndarray]) -> int:
@@ -176,7 +189,7 @@ class OrtDecoder:
         self.cache_names: dict[str, str] = {}
         for past, present in zip(self.past_key_names + self.past_value_names, present_names, strict=True):
             self.cache_names[past] = present
-            for suffix in (SCALE_SUFFIX, RESIDUAL_SUFFIX):
+            for suffix in (SCALE_SUFFIX, RESIDUAL_SUFFIX, TAIL_SUFFIX):
                 if past + suffix in self.input_names:
                     self.cache_names[past + suffix] = present + suffix
         # the cache's last dimension: head_dim, head_dim / 2 for packed int4, groups for a scale

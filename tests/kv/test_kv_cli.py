@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from quantlab.build.kv_cache import parse_kv_cache
 from quantlab.cli.main import main
 from quantlab.errors import InputError
 from quantlab.recipe import load_recipe, recipe_from_dict
@@ -71,3 +73,53 @@ def test_kivi2_calibrates_and_generates_with_a_bounded_cache(tmp_path, capsys):
     argv = ["generate", str(out), "--prompt-ids", "1", "--max-new-tokens", "120", "--ignore-eos", "--json"]
     assert main([*argv, "--kv-window", "40", "--kv-sinks", "4"]) == 0
     assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ids"]) == 120
+
+
+def test_kv_residual_sets_the_window_of_the_chosen_format(tmp_path, capsys):
+    out = tmp_path / "stories-int4-r6"
+    src = str(model_path("stories260K.bin"))
+    argv = ["convert", src, "-o", str(out), "--kv", "int4-r32", "--kv-residual", "6", "--no-eval", "--no-progress"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["kv_cache"] == "int4-r6"
+    assert (manifest["kv_cache"]["format"], manifest["kv_cache"]["residual_tokens"]) == ("int4-r6", 6)
+    from quantlab.runtime.generate import OrtDecoder
+
+    dec = OrtDecoder(out)
+    _, cache = dec.forward(np.arange(1, 11)[None, :], dec.empty_cache())
+    assert cache["past_key_values.0.key_residual"].shape[2] == 6  # only the latest 6 tokens stay in f32
+    assert cache["past_key_values.0.key"].shape[2] == 10
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--kv", "int8", "--kv-residual", "-1"], ">= 0"),
+        (["--kv-residual", "8"], "quantized cache"),  # the default fp32 cache has nothing to keep
+        (["--kv", "fp32", "--kv-residual", "8"], "quantized cache"),
+        (["--kv", "int8", "--kv-residual", "x"], "invalid int"),
+    ],
+)
+def test_bad_kv_residual(tmp_path, capsys, flags, says):
+    src = str(model_path("stories260K.bin"))
+    argv = ["convert", src, "-o", str(tmp_path / "x"), *flags, "--no-progress"]
+    if "x" in flags:  # argparse's own check exits 2 before main returns
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    else:
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--kv-residual" in err and says in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_with_residual():
+    assert str(parse_kv_cache("kivi2").with_residual(64)) == "int2-r64-smooth"
+    assert str(parse_kv_cache("kivi2").with_residual(0)) == "int2-smooth"
+    assert str(parse_kv_cache("int2-r32-channel-keys").with_residual(64)) == "int2-r64-channel-keys"
+    with pytest.raises(ValueError, match="-channel-keys needs"):  # the key block is the window
+        parse_kv_cache("int2-r32-channel-keys").with_residual(0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError):
+            parse_kv_cache("int8").with_residual(bad)

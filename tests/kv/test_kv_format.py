@@ -35,6 +35,10 @@ FP16_BYTES = 2 * 30 * 3 * 64 * 2
         "int2",
         "int2-r32",
         "int4-g32-r16-smooth",
+        "int8-static",
+        "int4-static",
+        "int2-r32-channel-keys",
+        "int4-g32-r16-channel-keys",
     ],
 )
 def test_parse_round_trips(text):
@@ -60,6 +64,11 @@ def test_kv_prefix_and_kivi2_alias():
         "fp32-g32",
         "fp32-smooth",
         "int4-smooth-g32",
+        "int2-channel-keys",  # a key block needs -r<R>
+        "int2-r32-smooth-channel-keys",
+        "int8-r8-static",
+        "int2-static",
+        "int8-static-smooth",
         "fp16",
         "",
     ],
@@ -81,6 +90,9 @@ def test_bytes_per_token_against_fp16():
     kivi2 = parse_kv_cache("kivi2")
     assert kivi2.bytes_per_token(*SMOLLM2) == 2 * 30 * 3 * (16 + 4)
     assert kivi2.residual_bytes(*SMOLLM2) == 2 * 30 * 3 * 32 * 64 * 4  # fixed, whatever the length
+    blocks = parse_kv_cache("int2-r32-channel-keys")  # keys: 16 B + 64 f32 scales per 32-token block
+    assert blocks.bytes_per_token(*SMOLLM2) == 30 * 3 * ((16 + 64 * 4 / 32) + (16 + 4))
+    assert blocks.residual_bytes(*SMOLLM2) == 30 * 3 * (32 + 31) * 64 * 4  # value window + at most 31 keys
 
 
 def test_int4_golden_bytes():

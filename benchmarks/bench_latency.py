@@ -116,43 +116,50 @@ def run_full(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) -
     timing = ["--runs", str(opts.runs), "--gen", str(opts.gen), "--prompt-len", "128", "--threads", opts.threads]
     if opts.pin:
         timing += ["--pin", opts.pin]
+    smol = {}
+    if "smollm2" not in opts.skip or opts.context_model == "smollm2":
+        smol = {r: convert(SMOLLM2, work / "smollm2" / r, r, fresh) for r in RECIPES}
     if "smollm2" not in opts.skip:
-        arts = [convert(SMOLLM2, work / "smollm2" / r, r, fresh) for r in RECIPES]
+        arts = list(smol.values())
         bench(
             "smollm2",
             [*arts, SMOLLM2],
             out_dir,
             [*timing, "--baseline", str(arts[0]), "--model-label", "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"],
         )
-    if "1b" in opts.skip and "1b-context" in opts.skip:
+    context_args = [
+        "--contexts",
+        "256,1024,4096",
+        "--threads",
+        "2",
+        "--runs",
+        "3",
+        "--gen",
+        str(min(opts.gen, 32)),
+        "--backend",
+        "onnxruntime",
+        "--backend",
+        "torch-kernels",
+    ] + (["--pin", opts.pin] if opts.pin else [])
+    if "1b-context" not in opts.skip and opts.context_model == "smollm2":
+        targets = [smol[r] for r in CONTEXT_RECIPES] + [Path(p) for p in opts.kv_artifact]
+        label = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+        bench("smollm2_context", targets, out_dir, [*context_args, "--model-label", label])
+    if "1b" in opts.skip and ("1b-context" in opts.skip or opts.context_model == "smollm2"):
         return
     hf = work / "llama-1b-random-hf"
     if fresh or not (hf / "model.safetensors.index.json").is_file():
         log(f"writing the random-weight Llama-3.2-1B-shaped model to {hf}")
         shutil.rmtree(hf, ignore_errors=True)
         write_random_model(hf, layers=16)
-    arts = {r: convert(hf, work / "llama-1b-random" / r, r, fresh) for r in RECIPES}
+    arts = {r: convert(hf, work / "llama-1b-random" / r, r, fresh) for r in opts.recipes_1b}
     if "1b" not in opts.skip:
-        bench("1b", [*arts.values(), hf], out_dir, [*timing, "--model-label", LABEL_1B])
-    if "1b-context" not in opts.skip:
-        targets = [arts[r] for r in CONTEXT_RECIPES] + [Path(p) for p in opts.kv_artifact]
-        args = [
-            "--contexts",
-            "256,1024,4096",
-            "--threads",
-            "2",
-            "--runs",
-            "3",
-            "--gen",
-            "32",
-            "--backend",
-            "onnxruntime",
-            "--backend",
-            "torch-kernels",
-            "--model-label",
-            LABEL_1B,
-        ]
-        bench("1b_context", targets, out_dir, args + (["--pin", opts.pin] if opts.pin else []))
+        # transformers on the bf16 folder (--hf-model) is "what users run today"; --no-hf-1b leaves it out
+        extra = [] if opts.no_hf_1b else [hf]
+        bench("1b", [*arts.values(), *extra], out_dir, [*timing, "--model-label", LABEL_1B])
+    if "1b-context" not in opts.skip and opts.context_model == "1b":
+        targets = [arts[r] for r in CONTEXT_RECIPES if r in arts] + [Path(p) for p in opts.kv_artifact]
+        bench("1b_context", targets, out_dir, [*context_args, "--model-label", LABEL_1B])
 
 
 def main() -> int:
@@ -172,6 +179,20 @@ def main() -> int:
     ap.add_argument("--pin", default=None, help="pin the workers to these CPUs, e.g. 0,1")
     ap.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "1b", "1b-context"])
     ap.add_argument("--no-readme", action="store_true", help="do not render the results into README.md")
+    ap.add_argument(
+        "--recipes-1b",
+        nargs="+",
+        default=list(RECIPES),
+        choices=RECIPES,
+        help="recipes converted and timed for the 1B-shaped model (default: all)",
+    )
+    ap.add_argument("--no-hf-1b", action="store_true", help="leave transformers out of the 1B table (slow)")
+    ap.add_argument(
+        "--context-model",
+        choices=["1b", "smollm2"],
+        default="1b",
+        help="the model of the TPOT-against-context sweep (smollm2: about 10x quicker)",
+    )
     ap.add_argument(
         "--kv-artifact",
         action="append",

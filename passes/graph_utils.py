@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+# Tensor metadata key set by the builder on a weight stored transposed (in, out) for MatMul: a
+# callable returning its (out, in) float32 source, which quantizers read instead of transposing.
+OUT_IN_SOURCE = "quantlab.out_in_source"
+
 
 def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     """Put ``new`` where ``old`` was: its (single) output takes over old's uses, name, shape and type."""

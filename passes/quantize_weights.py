@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.passes.graph_utils import add_initializer, replace_node
+from quantlab.passes.graph_utils import OUT_IN_SOURCE, add_initializer, replace_node
 from quantlab.quant.packing import matmul_nbits_attributes, pack_matmul_nbits
 from quantlab.quant.rtn import QuantizedWeight, rtn_quantize
 from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
@@ -212,7 +212,10 @@ def _rtn_of(tensor: ir.TensorProtocol, scheme: QuantScheme) -> Callable[[], Quan
     """Round-to-nearest of a graph weight stored (in, out), computed when first asked for."""
 
     def quantize() -> QuantizedWeight:
-        weight = np.asarray(tensor.numpy(), dtype=np.float32).T  # (out, in) view, as the maths expects
+        # (out, in), as the maths expects: the builder's source when it left one (no transposed
+        # copy beside the original: 1 GB for a 128k-vocabulary head), else a view of the graph tensor.
+        source = getattr(tensor, "meta", {}).get(OUT_IN_SOURCE)
+        weight = np.asarray(source() if source else np.asarray(tensor.numpy(), dtype=np.float32).T, dtype=np.float32)
         rows = max(1, RTN_CHUNK_ELEMENTS // weight.shape[1])
         parts = [
             rtn_quantize(np.ascontiguousarray(weight[r : r + rows]), scheme.bits, scheme.group_size, scheme.symmetric)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.build.decoder import BuildOptions, build_decoder
-from quantlab.build.kv_cache import collect_key_scales, parse_kv_cache
+from quantlab.build.decoder import ATTENTION_KINDS, BuildOptions, build_decoder
+from quantlab.build.kv_cache import KvCacheFormat, collect_key_scales, parse_kv_cache, static_cache_ranges
 from quantlab.emit.artifact import estimate_artifact_bytes, save_model, write_artifact
 from quantlab.emit.staging import check_free_space, remove_stale_temporaries, temporary_prefix
 from quantlab.errors import InputError, QualityBudgetError
@@ -68,8 +68,11 @@ def cleanup_pipeline() -> list[ir.passes.PassBase]:
     return [RemoveDeadNodesPass(), FoldConstantsPass(), RemoveDeadNodesPass(), InferShapesPass(), CheckModelPass()]
 
 
-def quantization_pipeline(model: ir.Model, recipe: Recipe, calibration=None) -> list[ir.passes.PassBase]:
-    """The weight passes a recipe asks for (empty for a float recipe)."""
+def quantization_pipeline(
+    model: ir.Model, recipe: Recipe, calibration=None, prequantized=None
+) -> list[ir.passes.PassBase]:
+    """The weight passes a recipe asks for (empty for a float recipe); ``prequantized`` (a checkpoint's
+    trained codes by linear name) are emitted as they are."""
     if recipe.scheme is None:
         return []
     schemes = {name: recipe.scheme_for(name) for name in quantizable_linears(model)}
@@ -82,7 +85,10 @@ def quantization_pipeline(model: ir.Model, recipe: Recipe, calibration=None) -> 
     pipeline.append(
         QuantizeWeightsPass(
             weight_only,
-            precomputed=calibration.quantized if calibration is not None else None,
+            precomputed={
+                **(prequantized or {}),
+                **(calibration.quantized if calibration is not None else {}),
+            },
             format=recipe.format,
             accuracy_level=recipe.accuracy_level,
         )
@@ -157,6 +163,49 @@ def measure_quality(
     return report
 
 
+def prequantized_recipe(prequantized, requested: Recipe) -> Recipe:
+    """The recipe a checkpoint's trained codes were made for, keeping the requested storage dtype and KV
+    cache; a requested weight scheme other than theirs is an error (they cannot be re-rounded)."""
+    from quantlab.recipe import recipe_from_dict
+
+    stored = recipe_from_dict(prequantized.recipe, prequantized.path)
+    if requested.scheme is not None and (
+        dataclasses.replace(requested.scheme, method="rtn") != dataclasses.replace(stored.scheme, method="rtn")
+    ):
+        raise InputError(
+            prequantized.path,
+            "recipe.scheme",
+            f"this checkpoint carries trained {stored.scheme} codes; convert it with the default recipe, "
+            f"not {requested.scheme}",
+        )
+    return dataclasses.replace(stored, weight_dtype=requested.weight_dtype, kv_cache=requested.kv_cache)
+
+
+ATTENTION_DESCRIPTIONS = {
+    "plain": {"kind": "plain", "ops": "MatMul / Softmax (plain ONNX, any runtime)"},
+    "fused": {
+        "kind": "fused",
+        "ops": "com.microsoft.GroupQueryAttention (onnxruntime only; RoPE and q/k norm as plain ops before it)",
+    },
+}
+
+
+def fused_cache_format(fmt: KvCacheFormat) -> KvCacheFormat:
+    """The cache format the fused path stores for ``fmt``: GroupQueryAttention reads int8 or int4 with
+    static per-channel scales (PER_CHANNEL), so int8 / int4 become int8-static / int4-static (logged);
+    a format it cannot read (per-token scales with groups, residual windows, int2) raises ValueError."""
+    if not fmt.quantized or fmt.static:
+        return fmt
+    if fmt.kind in ("int8", "int4") and not (fmt.group or fmt.residual or fmt.smooth_keys):
+        static = dataclasses.replace(fmt, static=True)
+        logger.info("fused attention stores the cache as %s (static per-channel scales, calibrated)", static)
+        return static
+    raise ValueError(
+        f"fused attention (GroupQueryAttention) cannot read a {fmt} cache: it takes int8 or int4 with static "
+        "per-channel scales (--kv int8 / int4); use --attention plain for this format"
+    )
+
+
 def convert(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -164,6 +213,8 @@ def convert(
     recipe: str | Recipe = "fp32",
     weight_dtype: str | None = None,
     kv_cache: str | None = None,
+    kv_residual: int | None = None,
+    attention: str = "plain",
     calib: str | None = None,
     calib_from_model: int | None = None,
     budget: QualityBudget | None = None,
@@ -177,8 +228,11 @@ def convert(
 ) -> Path:
     """Checkpoint -> artifact folder. Raises InputError on bad input, QualityBudgetError on a missed budget.
 
-    A calibration saves each finished layer beside the output (``.{out}.resume/``); ``resume=True``
-    continues from there after an interruption, refusing when any input differs.
+    ``kv_residual`` sets the residual window (recent tokens kept in f32) of the cache format, replacing any
+    ``-r<N>`` in it. ``attention="fused"`` builds onnxruntime's GroupQueryAttention (a quantized cache then
+    is int8-static / int4-static: see :func:`fused_cache_format`). A calibration saves each finished layer
+    beside the output (``.{out}.resume/``); ``resume=True`` continues from there after an interruption,
+    refusing when any input differs.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if weight_dtype is not None:
@@ -188,6 +242,19 @@ def convert(
             recipe = dataclasses.replace(recipe, kv_cache=str(parse_kv_cache(kv_cache)))
         except ValueError as e:
             raise InputError(None, "--kv", str(e)) from e
+    if kv_residual is not None:
+        try:
+            residual = parse_kv_cache(recipe.kv_cache).with_residual(kv_residual)
+            recipe = dataclasses.replace(recipe, kv_cache=str(residual))
+        except ValueError as e:
+            raise InputError(None, "--kv-residual", str(e)) from e
+    if attention not in ATTENTION_KINDS:
+        raise InputError(None, "--attention", f"must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+    if attention == "fused":
+        try:
+            recipe = dataclasses.replace(recipe, kv_cache=str(fused_cache_format(parse_kv_cache(recipe.kv_cache))))
+        except ValueError as e:
+            raise InputError(None, "--attention", str(e)) from e
     kv_format = parse_kv_cache(recipe.kv_cache)
     # a quantized weight or cache is measured against the fp32 model
     lossy = recipe.scheme is not None or kv_format.quantized
@@ -203,12 +270,16 @@ def convert(
     if calib_from_model is not None and calib_from_model < 1:
         raise InputError(None, "--calib-from-model", "must be >= 1")
     ckpt = load_checkpoint(source, allow_pickle=allow_pickle, tokenizer_path=tokenizer)
+    if ckpt.prequantized is not None:  # a distilled student: its trained integers, not a new rounding
+        recipe = prequantized_recipe(ckpt.prequantized, recipe)
+        lossy = True
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise InputError(out, None, "output already exists (pass --force to replace it)")
     budget = budget or QualityBudget()
     gated = budget.max_kld is not None or budget.min_top1 is not None
-    needs_baseline = calib_from_model is not None or kv_format.smooth_keys or (lossy and (evaluate_quality or gated))
+    cache_calibrated = kv_format.smooth_keys or kv_format.static
+    needs_baseline = calib_from_model is not None or cache_calibrated or (lossy and (evaluate_quality or gated))
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(out):
         logger.warning("removed %s, left by an interrupted conversion", stale)
@@ -236,8 +307,8 @@ def convert(
             ckpt_for_build = with_overrides(ckpt, calibration.float_overrides)
         else:
             ckpt_for_build = ckpt
-        key_scales = None
-        if kv_format.smooth_keys:
+        key_scales = value_scales = None
+        if cache_calibrated:
             kv_data = (
                 data
                 if recipe.needs_calibration
@@ -250,11 +321,23 @@ def convert(
                     progress=progress,
                 )
             )
-            key_scales = collect_key_scales(OrtDecoder(baseline), np.asarray(kv_data.ids), ckpt.spec.rope_interleaved)
+            kv_decoder, kv_ids, interleaved = OrtDecoder(baseline), np.asarray(kv_data.ids), ckpt.spec.rope_interleaved
+            if kv_format.static:
+                key_scales, value_scales = static_cache_ranges(kv_decoder, kv_ids, interleaved, kv_format)
+            else:
+                key_scales = collect_key_scales(kv_decoder, kv_ids, interleaved)
             extra["kv_cache_calibration"] = kv_data.describe()
-        options = BuildOptions(weight_dtype=recipe.weight_dtype, kv_cache=kv_format, key_channel_scales=key_scales)
+        extra["attention"] = ATTENTION_DESCRIPTIONS[attention]
+        options = BuildOptions(
+            weight_dtype=recipe.weight_dtype,
+            kv_cache=kv_format,
+            key_channel_scales=key_scales,
+            value_channel_scales=value_scales,
+            attention=attention,
+        )
         model = build_decoder(ckpt_for_build, options)
-        pipeline = quantization_pipeline(model, recipe, calibration) + cleanup_pipeline()
+        prequantized = ckpt.prequantized.weights if ckpt.prequantized is not None else None
+        pipeline = quantization_pipeline(model, recipe, calibration, prequantized) + cleanup_pipeline()
         model, records = run_passes(model, pipeline, dump_dir=dump_ir)
 
         def check(stage: Path) -> dict:

@@ -16,7 +16,7 @@ class InputError(Exception):
 
     def __init__(self, path: str | os.PathLike | None, field: str | None, message: str):
         self.path = None if path is None else os.fspath(path)
-        self.field = field
+        self.field = None if field is None else str(field)  # a YAML key can be an int: `1: x`
         self.message = message
         super().__init__(self.one_line())
 

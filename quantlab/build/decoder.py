@@ -18,7 +18,12 @@ With a quantized cache (``BuildOptions.kv_cache``, see :mod:`quantlab.build.kv_c
 tensors are int8 (or uint8, two int4 per byte, last dim head_dim / 2) and each has a scale beside it,
 in and out: ``past_key_values.{i}.key_scale`` -> ``present.{i}.key_scale`` f32 (batch, kv_heads, seq,
 groups). New keys/values are quantized in the graph when appended; the whole cache is dequantized
-before attention.
+before attention. A static format (int8-static) has no scale tensors: its scales are constants.
+
+``BuildOptions.attention = "fused"`` emits each layer's attention core (cache append, GQA, softmax) as
+one com.microsoft.GroupQueryAttention node over the same inputs and outputs; projections, q/k norm and
+RoPE stay plain ops before it (see :meth:`_Builder.fused_attention`). It reads fp32 and static int8/int4
+caches.
 
 Every linear is ``MatMul(x, W)`` with ``W`` an initializer of shape (in, out), named after the
 checkpoint tensor it came from (``model.layers.0.self_attn.q_proj.weight``), so weight passes find
@@ -29,6 +34,7 @@ checkpoint until the emitter writes that tensor, one tensor at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -38,12 +44,18 @@ from onnx_ir import tape as ir_tape
 from quantlab.build.kv_cache import (
     RESIDUAL_SUFFIX,
     SCALE_SUFFIX,
+    TAIL_SUFFIX,
     KvCacheFormat,
     dequantize_in_graph,
+    dequantize_static_in_graph,
     quantize_in_graph,
+    quantize_static_in_graph,
+    static_scales,
 )
+from quantlab.build.kv_channel_keys import append_key_blocks_in_graph
 from quantlab.build.rope import rope_inv_freq
 from quantlab.io.spec import Checkpoint, ModelSpec
+from quantlab.passes.graph_utils import OUT_IN_SOURCE
 
 OPSET = 21
 IR_VERSION = 10
@@ -52,6 +64,9 @@ IR_VERSION = 10
 MASKED_SCORE = float(np.finfo(np.float32).min)
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+ATTENTION_KINDS = ("plain", "fused")
+MS_DOMAIN = "com.microsoft"
 _IR_DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16}
 
 
@@ -59,18 +74,33 @@ _IR_DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16}
 class BuildOptions:
     """How to lay out the graph. ``weight_dtype`` fp16 stores weights in half precision and casts
     them to fp32 in the graph, so a CPU runs fp32 arithmetic on half the bytes on disk. ``kv_cache`` is
-    the format of the cache tensors crossing the graph's inputs and outputs."""
+    the format of the cache tensors crossing the graph's inputs and outputs. ``attention`` is ``plain``
+    (MatMul/Softmax, runs anywhere) or ``fused``: onnxruntime's com.microsoft.GroupQueryAttention, with
+    the same cache I/O (see :meth:`_Builder.fused_attention`)."""
 
     weight_dtype: str = "fp32"
     kv_cache: KvCacheFormat = KvCacheFormat()
-    # (layers, kv_heads, head_dim) f32, for a ``-smooth`` cache format: kv_cache.collect_key_scales
+    # (layers, kv_heads, head_dim) f32, for a ``-smooth`` or ``-static`` cache format: the keys' calibrated
+    # range per channel (kv_cache.collect_key_scales, or static_cache_ranges for -static)
     key_channel_scales: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    # (layers, kv_heads, head_dim) f32, for a ``-static`` cache format: the values' calibrated range
+    value_channel_scales: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    attention: str = "plain"
 
     def __post_init__(self):
         if self.weight_dtype not in _NP_DTYPES:
             raise ValueError(f"weight_dtype must be one of {sorted(_NP_DTYPES)}, got {self.weight_dtype!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        if self.attention == "fused" and self.kv_cache.quantized and not self.kv_cache.static:
+            raise ValueError(
+                f"fused attention (GroupQueryAttention) reads a quantized cache with static per-channel scales "
+                f"only: use int8-static or int4-static, or plain attention for {self.kv_cache}"
+            )
         if self.kv_cache.smooth_keys and self.key_channel_scales is None:
             raise ValueError(f"kv cache {self.kv_cache} needs calibrated key_channel_scales")
+        if self.kv_cache.static and (self.key_channel_scales is None or self.value_channel_scales is None):
+            raise ValueError(f"kv cache {self.kv_cache} needs calibrated key_ and value_channel_scales")
 
 
 class _Builder:
@@ -81,15 +111,28 @@ class _Builder:
         self.tape = ir_tape.Tape()
         self._consts: dict[tuple, ir.Value] = {}
         self.recent: ir.Value | None = None  # (seq, total) bool, with a residual window: see recent_mask
+        self.gqa_inputs: tuple | None = None  # (seqlens_k, total_sequence_length, attention_bias), fused only
+        self._rope_bshd: tuple | None = None  # cos, sin as (batch, seq, 1, head_dim / 2), fused only
 
     # -- initializers ----------------------------------------------------------------------------
-    def _lazy(self, name: str, shape: tuple[int, ...], fn: Callable[[], np.ndarray], dtype: str) -> ir.Value:
+    def _lazy(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        fn: Callable[[], np.ndarray],
+        dtype: str,
+        out_in: Callable[[], np.ndarray] | None = None,
+    ) -> ir.Value:
+        """``out_in``: for a weight stored transposed, its (out, in) float32 source, which weight
+        quantizers read instead of transposing the graph tensor back (see ``OUT_IN_SOURCE``)."""
         np_dtype = _NP_DTYPES[dtype]
 
         def load() -> ir.Tensor:
             return ir.Tensor(np.ascontiguousarray(fn(), dtype=np_dtype), name=name)
 
         tensor = ir.LazyTensor(load, dtype=_IR_DTYPES[dtype], shape=ir.Shape(shape), name=name)
+        if out_in is not None and dtype == "fp32":
+            tensor.meta[OUT_IN_SOURCE] = out_in
         return self.tape.initializer(tensor, name=name)
 
     def _as_f32(self, value: ir.Value) -> ir.Value:
@@ -100,7 +143,8 @@ class _Builder:
     def linear_weight(self, name: str) -> ir.Value:
         """A torch-layout (out, in) weight stored transposed as (in, out) for ``MatMul(x, W)``."""
         out_f, in_f = self.source.shape(name)
-        w = self._lazy(name, (in_f, out_f), lambda: self.source.load(name).T, self.options.weight_dtype)
+        load = functools.partial(self.source.load, name)
+        w = self._lazy(name, (in_f, out_f), lambda: load().T, self.options.weight_dtype, out_in=load)
         return self._as_f32(w)
 
     def vector(self, name: str) -> ir.Value:
@@ -234,6 +278,12 @@ class _Builder:
             "Reshape", [x, self.i64([0, s.num_heads, -1, s.head_dim], "shape_b_h_t_d")], name=f"{prefix}.rep"
         )
 
+    def static_scale(self, i: int, kind: str) -> ir.Value:
+        """Layer i's static per-channel cache scale for ``key`` or ``value``: (1, kv_heads, 1, head_dim) f32."""
+        ranges = self.options.key_channel_scales if kind == "key" else self.options.value_channel_scales
+        table = static_scales(ranges[i], self.options.kv_cache)  # (kv_heads, head_dim)
+        return self.const(table[None, :, None, :], f"model.layers.{i}.self_attn.{kind}_cache_scale")
+
     def append_to_cache(
         self, past: tuple, new: ir.Value, name: str, channel_scale: ir.Value | None = None
     ) -> tuple[list[ir.Value], ir.Value, ir.Value | None]:
@@ -248,6 +298,13 @@ class _Builder:
             present = self.op("Concat", [past[0], new], {"axis": 2}, name=name)
             return [present], present, None
         d = self.spec.head_dim
+        if fmt.channel_keys and name.endswith(".key"):  # blocks + f32 tail: the tail is the recent keys
+            presents, keys = append_key_blocks_in_graph(self, past, new, fmt, d, name)
+            return presents, keys, None
+        if fmt.static:  # channel_scale is the static cache scale; nothing but the integers in the state
+            stored = quantize_static_in_graph(self, new, fmt, d, channel_scale, f"{name}.quantize")
+            present = self.op("Concat", [past[0], stored], {"axis": 2}, name=name)
+            return [present], dequantize_static_in_graph(self, present, fmt, d, channel_scale, f"{name}.deq"), None
         stored, scale = quantize_in_graph(self, new, fmt, d, f"{name}.quantize", channel_scale)
         present = self.op("Concat", [past[0], stored], {"axis": 2}, name=name)
         present_scale = self.op("Concat", [past[1], scale], {"axis": 2}, name=f"{name}{SCALE_SUFFIX}")
@@ -295,15 +352,16 @@ class _Builder:
         scale = self.f32(1.0 / float(np.sqrt(self.spec.head_dim)), "attn_scale")
         k_t = self.op("Transpose", [k_all], {"perm": [0, 1, 3, 2]}, name=f"{p}.k_t")
         scores = self.op("Mul", [self.op("MatMul", [q, k_t], name=f"{p}.qk"), scale], name=f"{p}.scaled")
-        kr_t = self.op("Transpose", [k_recent], {"perm": [0, 1, 3, 2]}, name=f"{p}.kr_t")
-        recent_scores = self.op("Mul", [self.op("MatMul", [q, kr_t], name=f"{p}.qkr"), scale], name=f"{p}.scaled_r")
         total = self.op("Shape", [scores], {"start": 3, "end": 4}, name=f"{p}.total")
-        r = self.op("Shape", [recent_scores], {"start": 3, "end": 4}, name=f"{p}.r")
+        r = self.op("Shape", [v_recent], {"start": 2, "end": 3}, name=f"{p}.r")
         lead = self.op("Sub", [total, r], name=f"{p}.lead")  # (1,) older tokens, quantized only
-        zeros3 = self.i64([0, 0, 0], "zeros3")
-        pads = self.op("Concat", [zeros3, lead, self.i64([0, 0, 0, 0], "zeros4")], {"axis": 0}, name=f"{p}.pads")
-        padded = self.op("Pad", [recent_scores, pads], name=f"{p}.scores_r_pad")  # (b, h, s, total)
-        scores = self.op("Where", [self.recent, padded, scores], name=f"{p}.mixed")
+        if k_recent is not None:  # (-channel-keys: k_all already holds the recent keys in f32)
+            kr_t = self.op("Transpose", [k_recent], {"perm": [0, 1, 3, 2]}, name=f"{p}.kr_t")
+            recent_scores = self.op("Mul", [self.op("MatMul", [q, kr_t], name=f"{p}.qkr"), scale], name=f"{p}.scaled_r")
+            zeros3 = self.i64([0, 0, 0], "zeros3")
+            pads = self.op("Concat", [zeros3, lead, self.i64([0, 0, 0, 0], "zeros4")], {"axis": 0}, name=f"{p}.pads")
+            padded = self.op("Pad", [recent_scores, pads], name=f"{p}.scores_r_pad")  # (b, h, s, total)
+            scores = self.op("Where", [self.recent, padded, scores], name=f"{p}.mixed")
         scores = self.op("Where", [allowed, scores, self.f32(MASKED_SCORE, "masked_score")], name=f"{p}.masked")
         probs = self.op("Softmax", [scores], {"axis": -1}, name=f"{p}.probs")
         zero = self.f32(0.0, "kv_zero")
@@ -327,16 +385,19 @@ class _Builder:
             k = self.rms_norm(k, f"{p}.k_norm.weight", f"{p}.k_norm")
         q = self.apply_rope(q, cos, sin, f"{p}.q_rope")
         k = self.apply_rope(k, cos, sin, f"{p}.k_rope")
-        key_scale = None
+        key_scale = value_scale = None
         if self.options.kv_cache.smooth_keys:
             table = np.asarray(self.options.key_channel_scales[i], dtype=np.float32)  # (kv_heads, head_dim)
             key_scale = self.const(table[None, :, None, :], f"{p}.key_channel_scale")  # (1, kv_heads, 1, d)
+        if self.options.kv_cache.static:
+            key_scale, value_scale = self.static_scale(i, "key"), self.static_scale(i, "value")
         present_k, k_cache, k_recent = self.append_to_cache(past_k, k, f"present.{i}.key", key_scale)
-        present_v, v_cache, v_recent = self.append_to_cache(past_v, v, f"present.{i}.value")
+        present_v, v_cache, v_recent = self.append_to_cache(past_v, v, f"present.{i}.value", value_scale)
         k_all = self.repeat_kv(k_cache, f"{p}.k")
         v_all = self.repeat_kv(v_cache, f"{p}.v")
-        if k_recent is not None:
-            k_r, v_r = self.repeat_kv(k_recent, f"{p}.kr"), self.repeat_kv(v_recent, f"{p}.vr")
+        if v_recent is not None:
+            k_r = None if k_recent is None else self.repeat_kv(k_recent, f"{p}.kr")
+            v_r = self.repeat_kv(v_recent, f"{p}.vr")
             ctx = self.mixed_attention(q, k_all, v_all, k_r, v_r, allowed, p)
             ctx = self.op("Transpose", [ctx], {"perm": [0, 2, 1, 3]}, name=f"{p}.ctx_bshd")
             ctx = self.op("Reshape", [ctx, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.ctx_flat")
@@ -352,6 +413,73 @@ class _Builder:
         ctx = self.op("Reshape", [ctx, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.ctx_flat")
         return self.linear(ctx, f"{p}.o_proj"), present_k, present_v
 
+    def gqa_common_inputs(self, input_ids: ir.Value, attention_mask: ir.Value, allowed: ir.Value) -> tuple:
+        """GroupQueryAttention's per-step inputs, shared by all layers: seqlens_k (batch,) int32 = total - 1
+        for every row (the cache holds padding too: left padding stays in place, as in the plain path),
+        total_sequence_length () int32, and attention_bias (batch, 1, seq, total) f32, 0 where the plain
+        path's mask allows a key and MASKED_SCORE where it does not (the padding; causality is the op's)."""
+        total = self.op("Shape", [attention_mask], {"start": 1, "end": 2}, name="gqa.total")  # (1,) int64
+        batch = self.op("Shape", [input_ids], {"start": 0, "end": 1}, name="gqa.batch")  # (1,) int64
+        last = self.op("Sub", [total, self.i64([1], "one1")], name="gqa.last")
+        seqlens = self.op("Expand", [last, batch], name="gqa.seqlens_i64")  # (batch,)
+        seqlens = self.op("Cast", [seqlens], {"to": ir.DataType.INT32}, name="gqa.seqlens_k")
+        total_s = self.op("Squeeze", [total], name="gqa.total_s")
+        total_s = self.op("Cast", [total_s], {"to": ir.DataType.INT32}, name="gqa.total_sequence_length")
+        bias = self.op(
+            "Where", [allowed, self.f32(0.0, "kv_zero"), self.f32(MASKED_SCORE, "masked_score")], name="gqa.bias"
+        )
+        return seqlens, total_s, bias
+
+    def fused_attention(self, x, i, cos, sin, allowed, past_k, past_v):  # noqa: ARG002 (allowed: in gqa_inputs)
+        """Attention as one com.microsoft.GroupQueryAttention node, same cache I/O as :meth:`attention`.
+
+        Projections, q/k norm and RoPE stay plain ops in front of it (do_rotary=0): the rotation then uses
+        the position_ids input exactly as the plain path does (left padding, a bounded cache's original
+        positions), which the op's own rotary, deriving positions from seqlens_k, would not.
+        """
+        s = self.spec
+        p = f"model.layers.{i}.self_attn"
+        q = self.linear(x, f"{p}.q_proj", s.attention_bias)  # (batch, seq, heads * head_dim)
+        k = self.linear(x, f"{p}.k_proj", s.attention_bias)  # (batch, seq, kv_heads * head_dim)
+        v = self.linear(x, f"{p}.v_proj", s.attention_bias)
+        q = self.op(
+            "Reshape", [q, self.i64([0, 0, s.num_heads, s.head_dim], f"shape_bs{s.num_heads}d")], name=f"{p}.q4"
+        )
+        k = self.op(
+            "Reshape", [k, self.i64([0, 0, s.num_kv_heads, s.head_dim], f"shape_bs{s.num_kv_heads}d")], name=f"{p}.k4"
+        )  # (batch, seq, kv_heads, head_dim)
+        if s.qk_norm:
+            q = self.rms_norm(q, f"{p}.q_norm.weight", f"{p}.q_norm")
+            k = self.rms_norm(k, f"{p}.k_norm.weight", f"{p}.k_norm")
+        if self._rope_bshd is None:  # (batch, seq, 1, head_dim / 2): broadcast over the heads axis 2
+            self._rope_bshd = tuple(
+                self.op("Transpose", [t], {"perm": [0, 2, 1, 3]}, name=f"{t.name}_bshd") for t in (cos, sin)
+            )
+        q = self.apply_rope(q, *self._rope_bshd, f"{p}.q_rope")
+        k = self.apply_rope(k, *self._rope_bshd, f"{p}.k_rope")
+        q = self.op("Reshape", [q, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.q_flat")
+        k = self.op("Reshape", [k, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.k_flat")
+        seqlens, total, bias = self.gqa_inputs
+        fmt = self.options.kv_cache
+        attrs = {"num_heads": s.num_heads, "kv_num_heads": s.num_kv_heads}
+        inputs = [q, k, v, past_k[0], past_v[0], seqlens, total, None, None, None, bias]
+        if fmt.quantized:  # static per-channel scales (BuildOptions refuses any other quantized cache)
+            attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8 // fmt.per_byte)
+            inputs += [None, self.static_scale(i, "key"), self.static_scale(i, "value")]
+        ctx, present_k, present_v = self.tape.op_multi_out(
+            "GroupQueryAttention",
+            inputs,
+            attrs,
+            domain=MS_DOMAIN,
+            name=f"{p}.GroupQueryAttention",
+            outputs=[
+                ir.Value(name=f"{p}.ctx_flat"),
+                ir.Value(name=f"present.{i}.key"),
+                ir.Value(name=f"present.{i}.value"),
+            ],
+        )
+        return self.linear(ctx, f"{p}.o_proj"), [present_k], [present_v]
+
     def mlp(self, x: ir.Value, i: int) -> ir.Value:
         p = f"model.layers.{i}.mlp"
         gate = self.linear(x, f"{p}.gate_proj")
@@ -362,7 +490,8 @@ class _Builder:
     def layer(self, x, i, cos, sin, allowed, past_k, past_v):
         """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
         h = self.rms_norm(x, f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.input_layernorm")
-        attn, pk, pv = self.attention(h, i, cos, sin, allowed, past_k, past_v)
+        attention = self.fused_attention if self.options.attention == "fused" else self.attention
+        attn, pk, pv = attention(h, i, cos, sin, allowed, past_k, past_v)
         x = self.op("Add", [x, attn], name=f"model.layers.{i}.attn_residual")
         h = self.rms_norm(
             x, f"model.layers.{i}.post_attention_layernorm.weight", f"model.layers.{i}.post_attention_layernorm"
@@ -392,8 +521,15 @@ def _cache_inputs(spec: ModelSpec, fmt: KvCacheFormat, name: str) -> tuple[ir.Va
     """(cache,) or (stored, scale) graph inputs for ``past_key_values.{i}.key`` (or .value)."""
     d = spec.head_dim
     cache = _io(name, fmt.storage, ["batch_size", spec.num_kv_heads, "past_sequence_length", fmt.stored_dim(d)])
-    if not fmt.quantized:
+    if not fmt.quantized or fmt.static:
         return (cache,)
+    if fmt.channel_keys and name.endswith(".key"):  # whole blocks, a scale per block and channel, the f32 tail
+        blocks = ["batch_size", spec.num_kv_heads, "past_key_block_tokens", fmt.stored_dim(d)]
+        return (
+            _io(name, fmt.storage, blocks),
+            _io(f"{name}{SCALE_SUFFIX}", ir.DataType.FLOAT, ["batch_size", spec.num_kv_heads, "past_key_blocks", d]),
+            _io(f"{name}{TAIL_SUFFIX}", ir.DataType.FLOAT, ["batch_size", spec.num_kv_heads, "past_key_tail", d]),
+        )
     scale_dims = ["batch_size", spec.num_kv_heads, "past_sequence_length", fmt.scale_dim(d)]
     scale = _io(f"{name}{SCALE_SUFFIX}", ir.DataType.FLOAT, scale_dims)
     if not fmt.residual:
@@ -422,6 +558,8 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
     allowed = b.attention_mask(input_ids, attention_mask)
     if fmt.residual:
         b.recent = b.recent_mask(input_ids, attention_mask, fmt.residual)
+    if options.attention == "fused":
+        b.gqa_inputs = b.gqa_common_inputs(input_ids, attention_mask, allowed)
     presents = []
     for i in range(s.num_layers):
         x, pk, pv = b.layer(x, i, cos, sin, allowed, *pasts[i])
@@ -432,7 +570,8 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
         # passes treat it uniformly (the fp32 artifact pays vocab * hidden * 4 bytes for it).
         name = "model.embed_tokens.weight"
         v, h = ckpt.tensors.shape(name)
-        head = b._as_f32(b._lazy("lm_head.weight", (h, v), lambda: ckpt.tensors.load(name).T, options.weight_dtype))
+        load = functools.partial(ckpt.tensors.load, name)
+        head = b._as_f32(b._lazy("lm_head.weight", (h, v), lambda: load().T, options.weight_dtype, out_in=load))
     else:
         head = b.linear_weight("lm_head.weight")
     logits = b.op("MatMul", [x, head], name="logits")
@@ -440,7 +579,9 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
     logits.type = ir.TensorType(f32)
     past_inputs = [v for kv in pasts for tensors in kv for v in tensors]
     for p, past in zip(presents, past_inputs, strict=True):  # same dtype and last dim as the matching input
-        seq_dim = "residual_length" if past.name.endswith(RESIDUAL_SUFFIX) else "total_sequence_length"
+        seq_dim = {"residual_length": "residual_length", "past_sequence_length": "total_sequence_length"}.get(
+            past.shape[2], f"present_{str(past.shape[2]).removeprefix('past_')}"
+        )
         p.shape = ir.Shape(["batch_size", s.num_kv_heads, seq_dim, past.shape[3]])
         p.type = ir.TensorType(past.dtype)
 
@@ -449,7 +590,7 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
         outputs=[logits, *presents],
         nodes=b.tape.nodes,
         initializers=b.tape.initializers,
-        opset_imports={"": OPSET},
+        opset_imports={"": OPSET, **({MS_DOMAIN: 1} if options.attention == "fused" else {})},
         name="quantlab_decoder",
     )
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="quantlab")
@@ -464,7 +605,7 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None) -
              ``model.layers.{i}.<role input>`` (e.g. model.layers.3.mlp.act)
     """
     # the layer runs without a cache, so the cache format does not apply
-    options = dataclasses.replace(options or BuildOptions(), kv_cache=KvCacheFormat())
+    options = dataclasses.replace(options or BuildOptions(), kv_cache=KvCacheFormat(), attention="plain")
     s = ckpt.spec
     b = _Builder(ckpt, options)
     f32 = ir.DataType.FLOAT

@@ -28,7 +28,7 @@ from quantlab.calib.layerwise import (
 from quantlab.calib.resume import LayerCheckpoints
 from quantlab.io.spec import Checkpoint
 from quantlab.quant import awq, smoothquant
-from quantlab.quant.gptq import GPTQConfig, gptq_quantize
+from quantlab.quant.gptq import GPTQConfig, gptq_quantize, run_gptq
 from quantlab.quant.rtn import dequantize, rtn_quantize
 from quantlab.quant.scheme import PER_CHANNEL
 from quantlab.recipe import Recipe
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 # Tokens per linear input kept for AWQ's searches (spread over all calibration sequences).
 AWQ_SAMPLE_TOKENS = 4096
+CALIBRATION_BATCH_TOKENS = 1024
 # Tokens per linear input kept to report each layer's quantization error.
 ERROR_SAMPLE_TOKENS = 512
 _ROLE_BY_SHORT_NAME = {role.split(".")[-1]: role for role in ROLES}
@@ -47,7 +48,7 @@ def calibrate(
     recipe: Recipe,
     tokens: np.ndarray,
     *,
-    batch: int = 8,
+    batch: int | None = None,
     threads: int | None = None,
     progress: bool = True,
     checkpoints: LayerCheckpoints | None = None,
@@ -63,6 +64,10 @@ def calibrate(
     decide = METHODS[method]
     sequential = recipe.gptq.sequential if method == "gptq" else True
     hidden = embed_tokens(ckpt, tokens)  # (n, seq, hidden)
+    # About CALIBRATION_BATCH_TOKENS tokens per onnxruntime run: the MLP's intermediate tensors (and the
+    # taps the Hessians read) scale with it, about 0.5 GB at 1024 tokens of a 1B model, and beyond about
+    # a thousand rows the GEMMs gain nothing.
+    batch = batch or max(1, CALIBRATION_BATCH_TOKENS // max(1, tokens.shape[1]))
     result, first = CalibrationResult(), 0
     if checkpoints is not None:
         first, result, restored = checkpoints.restore(ckpt.spec.num_layers, hidden.shape)
@@ -81,6 +86,7 @@ def calibrate(
                 samples=AWQ_SAMPLE_TOKENS if method == "awq" else ERROR_SAMPLE_TOKENS,
                 absmax=method == "smoothquant",
                 seed=seed + i,
+                outputs=None if sequential else hidden,  # in place: one copy of the hidden states
             )
             layer_weights, divisors = decide(fp, i, stats, recipe, result)
             result.layer_errors.append(_linear_errors(fp, i, stats, layer_weights, divisors))
@@ -120,16 +126,20 @@ def _linear(i: int, role: str) -> str:
 def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: CalibrationResult) -> dict:
     """GPTQ (arXiv 2210.17323) for every linear of layer i, from the Hessian of its input."""
     dequantized = {}
-    for role in ROLES:
+    todo = [role for role in ROLES if recipe.scheme_for(_linear(i, role)) is not None]
+    for n, role in enumerate(todo):
         name = _linear(i, role)
         scheme = recipe.scheme_for(name)
-        if scheme is None:
-            continue
         weight = fp.tensors.load(name + ".weight")
         config = GPTQConfig.from_scheme(
             scheme, percdamp=recipe.gptq.damp, act_order=recipe.gptq.act_order, block_size=recipe.gptq.block_size
         )
-        qw = gptq_quantize(weight, stats.hessians[LINEAR_INPUTS[role]], config)
+        x_name = LINEAR_INPUTS[role]
+        if any(LINEAR_INPUTS[later] == x_name for later in todo[n + 1 :]):
+            qw = gptq_quantize(weight, stats.hessians[x_name], config)
+        else:  # its last user: GPTQ may work in the Hessian's own buffer (256 MB for down_proj at 1B)
+            # (run_gptq holds the only reference, so its permuted copy can replace the original)
+            qw = run_gptq(weight, stats.hessians.pop(x_name), config, consume=True).weight
         result.quantized[name] = qw
         dequantized[name + ".weight"] = dequantize(qw)
     return dequantized, {}

@@ -63,15 +63,18 @@ class LayerRunner:
         import onnxruntime as ort
 
         self.index = index
-        model = build_layer(ckpt, index)
-        proto = ir.serde.serialize_model(model)  # one layer: far below protobuf's 2 GB
+        # One layer is far below protobuf's 2 GB. Each copy of the weights is dropped as soon as the
+        # next exists: at the 1B scale a layer is 240 MB of float32.
+        serialized = ir.serde.serialize_model(build_layer(ckpt, index)).SerializeToString()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # No arena: the intermediates of a 2048-token batch (attention scores, the MLP's 4x-wide
+        # tensors) go back to the system after each run instead of staying reserved with padding.
+        opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(serialized, sess_options=opts, providers=["CPUExecutionProvider"])
+        del serialized
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, hidden: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -110,27 +113,41 @@ class LayerStats:
 
 
 def observe_layer(
-    runner: LayerRunner, hidden: np.ndarray, *, batch: int, hessians: bool, samples: int, absmax: bool, seed: int
-) -> tuple[np.ndarray, LayerStats]:
+    runner: LayerRunner,
+    hidden: np.ndarray,
+    *,
+    batch: int,
+    hessians: bool,
+    samples: int,
+    absmax: bool,
+    seed: int,
+    outputs: np.ndarray | None | str = "new",
+) -> tuple[np.ndarray | None, LayerStats]:
     """Run the layer over all calibration sequences; return its outputs and the statistics asked for.
 
     ``samples``: how many tokens per linear input to keep (evenly spread, seeded) for searches that
-    need the activations themselves (AWQ); 0 keeps none.
+    need the activations themselves (AWQ); 0 keeps none. ``outputs``: where the layer's outputs go:
+    "new" (a new array), an array (``hidden`` itself works: a batch's inputs are not read again once
+    its outputs exist), or None (not kept; a sequential calibration recomputes them from the
+    quantized layer). Every copy of the hidden states not made is 512 MB for 128 x 512 tokens of a
+    2048-wide model.
     """
-    from quantlab.quant.gptq import accumulate_hessian
+    from quantlab.quant.gptq import HessianSum
 
     stats = LayerStats()
-    out = np.empty_like(hidden)
+    out = np.empty_like(hidden) if isinstance(outputs, str) else outputs
     rng = np.random.default_rng(seed)
     n_total = hidden.shape[0] * hidden.shape[1]
+    sums: dict[str, HessianSum] = {}
     for sl in batches(hidden.shape[0], batch):
-        out[sl], taps = runner.run(hidden[sl])
+        y, taps = runner.run(hidden[sl])
+        if out is not None:
+            out[sl] = y
+        del y
         for name, x in taps.items():
             x = x.reshape(-1, x.shape[-1])  # (tokens, K)
             if hessians:
-                stats.hessians[name], stats.counts[name] = accumulate_hessian(
-                    stats.hessians.get(name), stats.counts.get(name, 0), x
-                )
+                sums.setdefault(name, HessianSum()).add(x)
             if samples:
                 keep = max(1, round(samples * x.shape[0] / n_total))
                 idx = np.sort(rng.choice(x.shape[0], size=min(keep, x.shape[0]), replace=False))
@@ -138,6 +155,10 @@ def observe_layer(
             if absmax:
                 m = np.abs(x).max(axis=0)
                 stats.absmax[name] = m if name not in stats.absmax else np.maximum(stats.absmax[name], m)
+        del taps
+    for name, acc in sums.items():
+        stats.counts[name] = acc.count
+        stats.hessians[name] = acc.hessian()
     return out, stats
 
 

@@ -38,8 +38,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="KV cache format in the graph: fp32 (default), int8, int4, int2 with per-token scales, then "
         "-g<N> (channel groups), -r<N> (the latest N tokens also kept in f32), -smooth (calibrated key channel "
-        "scales); kivi2 = int2-r32-smooth. Overrides the recipe's kv_cache. Quantized caches run in quantlab "
-        "generate, not in onnxruntime-genai",
+        "scales), -channel-keys (keys per channel over blocks of the -r<N> tokens); kivi2 = int2-r32-smooth; "
+        "int8-static / int4-static: calibrated per-channel scales (what "
+        "--attention fused reads; onnxruntime-genai runs these). Overrides the recipe's kv_cache. The other "
+        "quantized caches run in quantlab generate, not in onnxruntime-genai",
+    )
+    p.add_argument(
+        "--kv-residual",
+        metavar="N",
+        type=int,
+        default=None,
+        help="the residual window of the chosen quantized cache format: the latest N tokens also kept in f32 "
+        "(--kv kivi2 --kv-residual 32; 0 removes the window); replaces any -r<N> in the format",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["plain", "fused"],
+        default="plain",
+        help="plain: MatMul/Softmax attention, runs in any ONNX runtime (default); fused: onnxruntime's "
+        "GroupQueryAttention (onnxruntime and onnxruntime-genai only), which stores --kv int8/int4 with static "
+        "calibrated per-channel scales (int8-static / int4-static)",
     )
     calib = p.add_mutually_exclusive_group()
     calib.add_argument(
@@ -108,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
             recipe=args.recipe,
             weight_dtype=args.dtype,
             kv_cache=args.kv,
+            kv_residual=args.kv_residual,
+            attention=args.attention,
             calib=args.calib,
             calib_from_model=args.calib_from_model,
             budget=budget,

@@ -19,6 +19,7 @@ from quantlab.errors import InputError, QualityBudgetError
 SUBCOMMANDS = {
     "bench": "quantlab.cli.bench",
     "convert": "quantlab.cli.convert",
+    "distill": "quantlab.cli.distill",
     "eval": "quantlab.cli.eval",
     "generate": "quantlab.cli.generate",
     "inspect": "quantlab.cli.inspect",

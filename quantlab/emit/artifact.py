@@ -86,16 +86,16 @@ def kv_cache_description(ckpt: Checkpoint, kv_cache: KvCacheFormat) -> dict:
     """The cache format as genai_config.json and the manifest describe it."""
     s = ckpt.spec
     d = kv_cache.describe(s.num_layers, s.num_kv_heads, s.head_dim)
-    d["onnxruntime_genai"] = GENAI_QUANTIZED_CACHE_NOTE if kv_cache.quantized else "supported"
+    d["onnxruntime_genai"] = GENAI_QUANTIZED_CACHE_NOTE if kv_cache.quantized and not kv_cache.static else "supported"
     return d
 
 
 def genai_config(ckpt: Checkpoint, *, context_length: int | None = None, kv_cache: KvCacheFormat | None = None) -> dict:
     """onnxruntime-genai's genai_config.json for our decoder's I/O names.
 
-    An fp32 cache gives exactly the file onnxruntime-genai loads; a quantized cache adds
-    ``model.decoder.kv_cache`` (the format, and the scale tensors' names), which quantlab's runtime
-    reads and onnxruntime-genai does not support.
+    An fp32 or static (int8-static) cache gives exactly the file onnxruntime-genai loads; a quantized cache
+    with per-token scales adds ``model.decoder.kv_cache`` (the format, and the scale tensors' names), which
+    quantlab's runtime reads and onnxruntime-genai does not support.
     """
     s = ckpt.spec
     ctx = context_length or s.max_position_embeddings
@@ -147,7 +147,10 @@ def genai_config(ckpt: Checkpoint, *, context_length: int | None = None, kv_cach
             "top_p": 1.0,
         },
     }
-    if kv_cache is not None and kv_cache.quantized:
+    # A static format (int8-static) is int8 / uint8 tensors alone under the usual names, which
+    # onnxruntime-genai allocates by the graph's input type: the file stays one genai loads (it refuses
+    # unknown keys), and the manifest describes the format.
+    if kv_cache is not None and kv_cache.quantized and not kv_cache.static:
         decoder = config["model"]["decoder"]
         decoder["kv_cache"] = {
             **kv_cache_description(ckpt, kv_cache),
@@ -156,6 +159,10 @@ def genai_config(ckpt: Checkpoint, *, context_length: int | None = None, kv_cach
             "present_key_scale_names": "present.%d.key_scale",
             "present_value_scale_names": "present.%d.value_scale",
         }
+        if kv_cache.channel_keys:  # the keys of the unfinished block, f32
+            decoder["kv_cache"].update(
+                past_key_tail_names="past_key_values.%d.key_tail", present_key_tail_names="present.%d.key_tail"
+            )
     return config
 
 

@@ -23,6 +23,9 @@ from tests.models import model_path
 STORIES = "stories260K.bin"
 # A calibration long enough to interrupt (several seconds of GPTQ over stories260K's 5 layers).
 CALIBRATED_RECIPE = 'scheme = "w4a16-g32-gptq"\n[calibration]\nsamples = 4\nseq_len = 64\n'
+# For the signal tests: a calibration that runs for seconds after the .resume folder appears (about 7 s
+# here), so the signal lands inside it even when a loaded machine delays the test's polling.
+SIGNAL_RECIPE = 'scheme = "w4a16-g32-gptq"\n[calibration]\nsamples = 32\nseq_len = 256\n'
 KILL_POINTS = int(os.environ.get("QUANTLAB_KILL_POINTS", "10"))
 KILL_SEED = 20261129
 
@@ -74,11 +77,13 @@ def recipe(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_during_calibration_cleans_up(tmp_path, recipe, signum, code):
+def test_signal_during_calibration_cleans_up(tmp_path, signum, code):
+    recipe = tmp_path / "signal.toml"
+    recipe.write_text(SIGNAL_RECIPE)
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
-    proc = _spawn(_convert_argv(out, recipe))
+    proc = _spawn([*_convert_argv(out, recipe), "--calib-from-model", "32"])
     # The baseline artifact exists while calibration runs: interrupt then.
     _wait_for(lambda: any(".resume" in p.name for p in work.iterdir()), proc)
     proc.send_signal(signum)

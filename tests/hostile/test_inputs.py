@@ -381,6 +381,13 @@ def test_fuzz_recipe_override_not_a_list(capsys, tmp_path):
     assert_refused(capsys, model_path(STORIES), tmp_path, "r.json", "override", extra=["--recipe", recipe])
 
 
+def test_fuzz_yaml_recipe_with_an_integer_key(capsys, tmp_path):
+    """Found by fuzzing: `1:` parses as {1: None}, and the int key broke the error message itself."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("1:")
+    assert_refused(capsys, model_path(STORIES), tmp_path, "r.yaml", "1: unknown key", extra=["--recipe", recipe])
+
+
 def test_fuzz_npy_header_that_breaks_numpy_tokenizer(capsys, tmp_path):
     data = tmp_path / "c.npy"
     header = b"{'descr': '<i8', 'fortran_order': False, 'shape': (1, (}"

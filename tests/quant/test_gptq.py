@@ -110,3 +110,17 @@ def test_config_from_scheme():
     assert (config.bits, config.group_size, config.symmetric, config.act_order) == (4, 32, True, True)
     with pytest.raises(ValueError, match="percdamp"):
         GPTQConfig(percdamp=1.5)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consuming_the_hessian_gives_the_same_codes(layer, act_order):
+    """consume=True (calibration's last user of a Hessian) works in the caller's buffer, same result."""
+    weight, hessian, _ = layer
+    config = GPTQConfig.from_scheme(parse_scheme("w4a16-g32-gptq"), act_order=act_order)
+    kept = gptq_quantize(weight, hessian, config)
+    buffer = hessian.copy()
+    consumed = gptq_quantize(weight, buffer, config, consume=True)
+    np.testing.assert_array_equal(kept.q, consumed.q)
+    np.testing.assert_array_equal(kept.scales, consumed.scales)
+    if not act_order:  # damping went into the buffer itself: no (K, K) copy was made
+        assert not np.array_equal(buffer, hessian)

@@ -81,11 +81,88 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(w.swapaxes(1, 2)).reshape(weight.shape)
 
 
+# GGUF value types (gguf.GGUFValueType) -> bytes of one value; 8 string, 9 array: variable.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_gguf_header(path: str | os.PathLike) -> None:
+    """Walk a v2/v3 GGUF header (metadata and tensor infos) checking every count and length against
+    the bytes left in the file, before the gguf package parses it.
+
+    The package trusts counts: a mutated file whose string array claims 2^32 elements sends it into
+    a loop over slices past the end of the file (fuzzing found it: minutes of CPU and gigabytes of
+    memory for a 169 kB file). Here every element costs at least one byte read, so the walk is
+    linear in the file size. Raises InputError naming the field; returns quietly otherwise (the
+    package still reports what this walk does not check).
+    """
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            return  # the package's own errors cover a file too short for a header
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] < 2:
+                return
+            pos = 8
+
+            def take(n: int, what: str) -> int:
+                nonlocal pos
+                if n < 0 or n > size - pos:
+                    raise InputError(path, what, f"needs {n} bytes at offset {pos}, the file has {size - pos} left")
+                start, pos = pos, pos + n
+                return start
+
+            def u64(what: str) -> int:
+                return struct.unpack_from("<Q", buf, take(8, what))[0]
+
+            def u32(what: str) -> int:
+                return struct.unpack_from("<I", buf, take(4, what))[0]
+
+            def value(kind: int, what: str, depth: int = 0) -> None:
+                if kind in _SCALAR_BYTES:
+                    take(_SCALAR_BYTES[kind], what)
+                elif kind == _STRING:
+                    take(u64(what), what)
+                elif kind == _ARRAY and depth < 4:
+                    inner, count = u32(what), u64(what)
+                    least = _SCALAR_BYTES.get(inner, 8 if inner == _STRING else 12)
+                    if count > (size - pos) // least:
+                        raise InputError(
+                            path, what, f"array claims {count} elements, the file has {size - pos} bytes left"
+                        )
+                    if inner in _SCALAR_BYTES:
+                        take(count * least, what)
+                    else:
+                        for _ in range(count):
+                            value(inner, what, depth + 1)
+                else:
+                    raise InputError(path, what, f"unknown or too deeply nested value type {kind}")
+
+            n_tensors, n_kv = u64("tensor_count"), u64("metadata_kv_count")
+            if n_kv > size // 13 or n_tensors > size // 24:
+                raise InputError(path, "header", f"claims {n_kv} metadata keys and {n_tensors} tensors in {size} bytes")
+            for i in range(n_kv):
+                key_at = take(u64(f"metadata key {i}"), f"metadata key {i}")
+                key = bytes(buf[key_at:pos]).decode("utf-8", "replace")
+                value(u32(key), key)
+            for i in range(n_tensors):
+                name_at = take(u64(f"tensor {i} name"), f"tensor {i} name")
+                name = bytes(buf[name_at:pos]).decode("utf-8", "replace")
+                n_dims = u32(name)
+                if n_dims > 8:
+                    raise InputError(path, name, f"{n_dims} dimensions")
+                take(8 * n_dims + 12, name)  # dims, type, offset
+
+
 def open_gguf(path: str | os.PathLike):
     """A GGUFReader, with every failure of a malformed file turned into an InputError."""
     import gguf
 
     size = os.path.getsize(path)
+    check_gguf_header(path)
     try:
         reader = gguf.GGUFReader(path)
     except ValueError as e:

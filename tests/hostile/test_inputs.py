@@ -388,6 +388,18 @@ def test_fuzz_yaml_recipe_with_an_integer_key(capsys, tmp_path):
     assert_refused(capsys, model_path(STORIES), tmp_path, "r.yaml", "1: unknown key", extra=["--recipe", recipe])
 
 
+def test_fuzz_gguf_string_array_claiming_4g_elements_is_refused_fast(capsys, tmp_path):
+    """Found by fuzzing as a hang: the gguf package looped over 2^32 string slices past the file's end."""
+    key = b"tokenizer.ggml.tokens"
+    body = struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    body += struct.pack("<IIQ", 9, 8, 1 << 32) + struct.pack("<Q", 1) + b"a" + b"\0" * 64
+    path = tmp_path / "model.gguf"
+    path.write_bytes(body)
+    start = time.monotonic()
+    assert_refused(capsys, path, tmp_path, "model.gguf", "tokenizer.ggml.tokens", "4294967296 elements")
+    assert time.monotonic() - start < 5.0
+
+
 def test_fuzz_npy_header_that_breaks_numpy_tokenizer(capsys, tmp_path):
     data = tmp_path / "c.npy"
     header = b"{'descr': '<i8', 'fortran_order': False, 'shape': (1, (}"

@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_kv_cache import CONTEXTS, SMOLLM2, artifact, log  # noqa: E402
+from bench_kv_cache import CONTEXTS, SMOLLM2, artifact, log, time_decode  # noqa: E402
 from common import machine  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -60,15 +60,7 @@ def random_cache(dec, ctx: int, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def decode_ms(dec, ctx: int, steps: int, rng: np.random.Generator) -> float:
-    cache = random_cache(dec, ctx, rng)
-    ids = np.array([[42]], dtype=np.int64)
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        dec.forward(ids, cache)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return round(1000 * float(np.median(times)), 2)
+    return time_decode(dec, random_cache(dec, ctx, rng), steps)
 
 
 def parity(plain, fused) -> float:

@@ -67,6 +67,18 @@ CALIB_SEQUENCES, CALIB_LEN = 8, 256
 TEXT_FILES = (REPO / "README.md", REPO.parent / "shared" / "docs" / "house-style.md")
 
 
+def time_decode(dec, cache: dict[str, np.ndarray], steps: int) -> float:
+    """Median ms of one decode step over ``cache`` (two warm-up steps excluded)."""
+    ids = np.array([[42]], dtype=np.int64)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        dec.forward(ids, cache)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return round(1000 * float(np.median(times)), 2)
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -241,14 +253,7 @@ def bench_latency(folders: dict[str, Path], steps: int, previous: dict | None = 
                     cache[name] = rng.standard_normal(shape).astype(np.float32) * (0.01 if "scale" in name else 1)
                 else:
                     cache[name] = rng.integers(0, 127, shape).astype(dtype)
-            ids = np.array([[42]], dtype=np.int64)
-            times = []
-            for i in range(steps + 2):
-                t0 = time.perf_counter()
-                dec.forward(ids, cache)
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-            out["ms_per_token"][kv][str(ctx)] = round(1000 * float(np.median(times)), 2)
+            out["ms_per_token"][kv][str(ctx)] = time_decode(dec, cache, steps)
             log(f"latency {kv} ctx {ctx}: {out['ms_per_token'][kv][str(ctx)]} ms")
     out["load_average_after"] = os.getloadavg()[0]
     return out

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.emit.staging import staged_output
+from quantlab.io.common import hf_config_for_spec
 from quantlab.io.hf import MODEL_TYPES, PREQUANTIZED_FORMAT, QUANTIZATION_FILE, QUANTIZATION_WEIGHTS
 from quantlab.io.spec import ModelSpec, TokenizerSpec
 from quantlab.quant.rtn import QuantizedWeight
@@ -48,34 +49,19 @@ def _rope_rows(spec: ModelSpec, name: str) -> np.ndarray | None:
 
 
 def hf_config(spec: ModelSpec) -> dict:
-    """A transformers config.json for the spec (the half-split RoPE layout)."""
-    config = {
-        "architectures": [MODEL_TYPES[spec.family]],
-        "model_type": spec.family,
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "head_dim": spec.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": spec.rms_norm_eps,
-        "rope_theta": spec.rope_theta,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "tie_word_embeddings": spec.tie_word_embeddings,
-        "torch_dtype": "float32",
-    }
-    if spec.family in ("llama", "qwen3"):
-        config["attention_bias"] = spec.attention_bias
+    """A transformers config.json for the spec (the half-split RoPE layout), in the spec's own family."""
+    config = hf_config_for_spec(spec)
+    config["architectures"] = [MODEL_TYPES[spec.family]]
+    config["model_type"] = spec.family
+    if spec.family not in ("llama", "qwen3"):
+        del config["attention_bias"]  # Qwen2's biases are implied, Mistral has none
+    if spec.family != "llama":
+        del config["mlp_bias"]
     if spec.family == "mistral":
         config["sliding_window"] = None
-    if spec.rope_scaling is not None:
-        config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(spec.rope_scaling)}
-    if spec.bos_token_id is not None:
-        config["bos_token_id"] = spec.bos_token_id
-    if spec.eos_token_ids:
-        config["eos_token_id"] = list(spec.eos_token_ids) if len(spec.eos_token_ids) > 1 else spec.eos_token_ids[0]
+    for key in ("bos_token_id", "eos_token_id"):
+        if config[key] is None:
+            del config[key]
     return config
 
 

@@ -87,7 +87,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         self.schemes = dict(schemes)
-        self.precomputed = dict(precomputed or {})
+        self.precomputed = precomputed if precomputed is not None else {}  # looked up, never copied
         self.format = format
         self.accuracy_level = accuracy_level
 

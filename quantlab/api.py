@@ -8,6 +8,7 @@ ids = api.generate_ids("out/smollm2-fp32", [1, 2, 3], max_new_tokens=16)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -85,10 +86,10 @@ def quantization_pipeline(
     pipeline.append(
         QuantizeWeightsPass(
             weight_only,
-            precomputed={
-                **(prequantized or {}),
-                **(calibration.quantized if calibration is not None else {}),
-            },
+            # a view, not a merged copy: the calibrated codes stay packed until the pass takes each
+            precomputed=collections.ChainMap(
+                calibration.quantized if calibration is not None else {}, prequantized or {}
+            ),
             format=recipe.format,
             accuracy_level=recipe.accuracy_level,
         )

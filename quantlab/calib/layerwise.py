@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from quantlab.build.decoder import LINEAR_INPUTS, build_layer
 from quantlab.io.spec import Checkpoint
-from quantlab.quant.rtn import QuantizedWeight
+from quantlab.quant.packed import PackedWeights
 
 logger = logging.getLogger(__name__)
 
@@ -166,14 +166,14 @@ def observe_layer(
 class CalibrationResult:
     """What calibration decided, for the graph passes to apply.
 
-    quantized: linear name -> integers (weight-only methods).
+    quantized: linear name -> integers (weight-only methods), held bit-packed until the emitter asks.
     int8: linear name -> (codes int8 (N, K), scales (N,)) for W8A8.
     float_overrides: canonical tensor name -> new float values (norm weights with scales folded in,
         float linears whose rows absorbed a scale).
     layer_errors: per layer, ||y_q - y|| / ||y|| of the layer output on the calibration data.
     """
 
-    quantized: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
+    quantized: PackedWeights = dataclasses.field(default_factory=PackedWeights)
     int8: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     float_overrides: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     layer_errors: list[float] = dataclasses.field(default_factory=list)

@@ -139,9 +139,10 @@ class LayerCheckpoints:
     def save_layer(self, i: int, result: CalibrationResult, before: dict[str, set], hidden: np.ndarray) -> None:
         """Layer i's new entries in ``result`` (keys not in ``before``) and the hidden states after it."""
         arrays: dict[str, np.ndarray] = {"layer_error": np.float64(result.layer_errors[i])}
-        for name, qw in result.quantized.items():
+        for name in result.quantized:
             if name in before["quantized"]:
                 continue
+            qw = result.quantized[name]
             arrays[f"q/{name}/q"] = qw.q
             arrays[f"q/{name}/scales"] = qw.scales
             if qw.zero_points is not None:

@@ -79,6 +79,15 @@ def ptq(work: Path, model: Path, scheme: str, levels: list[int], calib: int, cal
     return artifacts
 
 
+def reusable(artifact: Path, args) -> bool:
+    """--reuse-ptq: keep a baseline or post-training artifact an earlier run left in --workdir."""
+    if args.reuse_ptq and (artifact / "manifest.json").is_file():
+        COMMANDS.append(f"# reused {artifact} from an earlier run with the same settings")
+        print(COMMANDS[-1], flush=True)
+        return True
+    return False
+
+
 def stories_qat(args, work: Path) -> dict:
     model = MODELS / "stories260K.bin"
     golden_ids = json.loads((GOLDEN / "stories260K_greedy.json").read_text())
@@ -157,16 +166,19 @@ def smollm2(args, work: Path) -> dict:
     _, train_s = timed(
         "distill", model, "-o", student, "--mode", "qat", "--recipe", scheme, "--init", args.init,
         "--steps", args.steps, "--samples", args.samples, "--seq-len", args.seq_len, "--batch", args.batch,
-        "--calib-samples", args.init_calib or args.calib, "--lr", args.lr, "--loss", args.loss, "--seed", args.seed,
+        "--calib-samples", args.init_calib or args.calib, "--lr", args.lr, "--scale-lr", args.scale_lr or args.lr,
+        "--loss", args.loss, "--seed", args.seed,
         "--time-budget", args.time_budget, "--warmup", args.warmup, "--no-progress",
     )  # fmt: skip
     cli("convert", student, "-o", work / "qat", "--no-progress", "--no-eval")
-    cli("convert", model, "-o", work / "fp32", "--no-progress")
+    if not reusable(work / "fp32", args):
+        cli("convert", model, "-o", work / "fp32", "--no-progress")
     artifacts = {}
     for method in args.ptq.split(","):
         recipe = recipe_file(work, method, scheme, method, 0, args.calib, args.calib_len)
         extra = ["--calib-from-model", args.calib] if method != "rtn" else []
-        cli("convert", model, "-o", work / method, "--recipe", recipe, "--no-eval", "--no-progress", *extra)
+        if not reusable(work / method, args):
+            cli("convert", model, "-o", work / method, "--recipe", recipe, "--no-eval", "--no-progress", *extra)
         artifacts[method] = work / method
     artifacts["qat"] = work / "qat"
     results = {
@@ -205,6 +217,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--lr", type=float)
+    ap.add_argument("--scale-lr", type=float, help="smollm2: the quantization scales' rate (default --lr)")
     ap.add_argument("--init")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--loss", default="fkl")
@@ -220,6 +233,9 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=1800.0, help="smollm2: seconds for the whole distill run")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--workdir", help="keep the artifacts here (default: a temporary folder)")
+    ap.add_argument(
+        "--reuse-ptq", action="store_true", help="smollm2: reuse the fp32/PTQ artifacts already in --workdir"
+    )
     args = ap.parse_args()
     for key, value in DEFAULTS[args.part].items():
         if getattr(args, key) is None:

@@ -111,7 +111,8 @@ def stories_qat(args, work: Path) -> dict:
     generated = json.loads(
         cli("generate", work / "qat", "--prompt-ids", "1", "--greedy", "--max-new-tokens", 32, "--json")
     )
-    reference = golden_ids["ids"][: len(generated["ids"])]
+    # the golden ids start with the BOS prompt; generate --json returns the new tokens only
+    reference = golden_ids["ids"][1 : 1 + len(generated["ids"])]
     pairs = zip(generated["ids"], reference, strict=False)
     matching = next((i for i, (a, b) in enumerate(pairs) if a != b), len(reference))
     best_ptq = min((n for n in results if n != "qat"), key=lambda n: results[n]["held_out"]["kld_mean"])

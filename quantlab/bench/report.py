@@ -130,10 +130,16 @@ def markdown(docs: list[tuple[Path, dict]], readme_dir: Path) -> str:
         m = doc["machine"]
         sweep = any(r.get("context") is not None for r in doc["results"])
         roof = ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in doc["roofline_GBps"].items())
+        others = m.get("others_cpu_share")
+        quiet = (
+            f"other processes took {100 * others:.0f}% of the CPU time"
+            if others is not None
+            else f"load average at start {m['loadavg_start'][0]:.2f}"
+        )
         parts.append(
             f"**{name}** — {m['cpu']}, {m['cores']} cores; onnxruntime {m['versions'].get('onnxruntime')}, "
             f"torch {m['versions'].get('torch')}, transformers {m['versions'].get('transformers')}; "
-            f"roofline {roof}; load average at start {m['loadavg_start'][0]:.2f}; {doc['created']}."
+            f"roofline {roof}; {quiet}; {doc['created']}."
         )
         if sweep:
             parts.append(_sweep_markdown(doc))

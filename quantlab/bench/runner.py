@@ -35,7 +35,10 @@ SCHEMA = 1
 # we call the machine noisy: on a quiet machine both stay within a few percent.
 NOISY_SPREAD = 0.2
 NOISY_RUN_SPREAD = 0.1
-LOAD_WARNING = 1.0  # 1-minute load average at the start above which timings are noise on a small machine
+# Share of the machine's CPU time (all cores, the whole run) that processes other than the benchmark used,
+# above which the timings are noise. The load average cannot tell: it counts the benchmark's own
+# workers and the conversions a script ran just before.
+OTHERS_WARNING = 0.05
 VERSIONED = ("quantlab", "onnxruntime", "numpy", "torch", "transformers", "onnx", "llama-cpp-python", "matplotlib")
 ROOFLINE_METHOD = (
     "numpy float32 sum over a {mib} MiB array split into one slice per thread, summed by that many Python "
@@ -303,6 +306,7 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
         if base.kind != ARTIFACT:
             raise InputError(config.baseline, None, "--baseline must be an artifact folder (quantlab convert)")
     machine = machine_info()
+    witness = CpuWitness()
     roofline = {str(t): measure_roofline(t, config.roofline_mib) for t in sorted(set(config.threads))}
     rows, notes = [], []
     for name in config.backends or BACKENDS:
@@ -336,6 +340,7 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
                 if row["target"] == os.fspath(target.path) and row["backend"].startswith("onnxruntime"):
                     row["quality"] = quality
     machine["loadavg_end"] = list(os.getloadavg())
+    machine["others_cpu_share"] = witness.others_share()
     return {
         "benchmark": "latency",
         "schema": SCHEMA,
@@ -363,13 +368,41 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
     }
 
 
+class CpuWitness:
+    """How much CPU time other processes took while the benchmark ran.
+
+    ``/proc/stat``'s busy time of the whole machine (steal included: another VM on our cores) minus
+    what this process and its waited-for children (the workers) used, over wall time x cores."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        t = os.times()
+        return busy / tick, t.user + t.system + t.children_user + t.children_system, time.monotonic()
+
+    def others_share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self.start, end, strict=True))
+        return max(0.0, busy - own) / max(1e-9, wall * (os.cpu_count() or 1))
+
+
 def noise_warnings(machine: dict, rows: list[dict]) -> list[str]:
     out = []
-    load = machine["loadavg_start"][0]
-    if load > LOAD_WARNING:
+    others = machine.get("others_cpu_share")
+    if others is not None and others > OTHERS_WARNING:
         out.append(
-            f"load average was {load:.2f} when the benchmark started ({machine['cores']} cores): "
-            "other work shared the CPUs, so these timings are noise"
+            f"other processes used {100 * others:.0f}% of the CPU time ({machine['cores']} cores) during the "
+            "benchmark: these timings are noise"
         )
     for row in rows:
         if row.get("noisy"):

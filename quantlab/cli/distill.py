@@ -35,7 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=64, help="sequences GPTQ/AWQ initialization calibrates on")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the weights (default 1e-4)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="peak learning rate of the weights (default 1e-4); qat with 0: the codes stay fixed, the scales learn",
+    )
     p.add_argument("--scale-lr", type=float, help="peak learning rate of the quantization scales (default --lr)")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps (default 50)")
     p.add_argument("--loss", choices=["fkl", "rkl", "fkl+rkl"], default="fkl", help="forward / reverse KL")

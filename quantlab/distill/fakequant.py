@@ -10,6 +10,11 @@ gradient of weights pushed outside the grid, which is how the scales learn to cl
 the integers they were initialized with (the asymmetric range of RTN/GPTQ/AWQ; 2^(bits-1) when
 symmetric), so the exported codes, scales and zero points are the integers and floats the forward
 pass used: :meth:`FakeQuantLinear.export` re-derives nothing, it reads them off.
+
+:meth:`FakeQuantLinear.freeze_codes` fixes the integer codes where they are (say, GPTQ's): from then on
+``W_hat = (codes - z) * s`` with only ``s`` learning, and its gradient is exact, not straight-through.
+That is E2E-QP's "train the step sizes only" (arXiv 2407.11062): on a model whose GPTQ codes were chosen
+with error compensation, letting a noisy small-batch gradient flip codes undoes more than it wins.
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ class FakeQuantLinear(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.from_numpy(scales))  # (N, G)
         self.register_buffer("zero_point", torch.from_numpy(qw.zero_point_array().astype(np.float32)))  # (N, G)
         self.bias = None if bias is None else torch.nn.Parameter(bias.clone())
+        self.register_buffer("frozen_codes", None)  # (N, G, group) once freeze_codes() ran
+
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Keep today's integer codes for good; the latent weight stops learning (module docstring)."""
+        self.frozen_codes = self.codes().detach().clone()
+        self.weight.requires_grad_(False)
 
     def _grouped(self) -> torch.Tensor:
         pad = self.n_groups * self.group - self.k
@@ -54,7 +66,9 @@ class FakeQuantLinear(torch.nn.Module):
         return w.view(w.shape[0], self.n_groups, self.group)  # (N, G, group)
 
     def codes(self) -> torch.Tensor:
-        """Integer codes as floats (N, G, group), with the straight-through gradient."""
+        """Integer codes as floats (N, G, group), with the straight-through gradient (or the frozen ones)."""
+        if self.frozen_codes is not None:
+            return self.frozen_codes
         q = round_ste(self._grouped() / self.scale[:, :, None] + self.zero_point[:, :, None])
         return torch.clamp(q, 0, (1 << self.bits) - 1)
 

@@ -8,8 +8,9 @@ Modes:
 
 - ``qat``: the student is the teacher with every linear the recipe quantizes fake-quantized
   (quantlab.distill.fakequant), its codes initialized by RTN, GPTQ or AWQ (quantlab.calib, the same
-  code ``convert`` runs), then trained; the embedding and the head stay frozen at what the recipe makes
-  of them (8-bit RTN by default). The folder carries the trained integers; ``convert`` emits them.
+  code ``convert`` runs), then trained (with a weight rate of 0 the codes stay as initialized and only
+  the scales learn: FakeQuantLinear.freeze_codes); the embedding and the head stay frozen at what the
+  recipe makes of them (8-bit RTN by default). The folder carries the trained integers; ``convert`` emits them.
 - ``shrink``: the student keeps ``layers`` of the teacher's layers, evenly spread from the first to the
   last (or starts from random weights, ``init="random"``, the from-scratch baseline), and is trained
   in fp32.
@@ -102,12 +103,16 @@ def frozen_tables(tensors: dict[str, np.ndarray], ckpt: Checkpoint, recipe: Reci
     return embedding, head
 
 
-def qat_student(ckpt: Checkpoint, recipe: Recipe, codes: dict, overrides: dict) -> DecoderLM:
+def qat_student(
+    ckpt: Checkpoint, recipe: Recipe, codes: dict, overrides: dict, *, freeze_codes: bool = False
+) -> DecoderLM:
     tensors = {**load_tensors(ckpt), **overrides}
     linears = {}
     for name, qw in codes.items():
         bias = tensors.get(name + ".bias")
         linears[name] = FakeQuantLinear(qw, None if bias is None else torch.from_numpy(bias))
+        if freeze_codes:
+            linears[name].freeze_codes()
     embedding, head = frozen_tables(tensors, ckpt, recipe)
     model = DecoderLM(ckpt.spec, tensors, linears=linears, embedding_table=embedding, head_table=head)
     model.embedding.requires_grad_(False)  # exported by the recipe's RTN: the tables above
@@ -218,7 +223,7 @@ def distill(
     quantized_recipe = None
     if mode == "qat":
         codes, overrides = initial_codes(ckpt, recipe, init, calib_tokens, progress)
-        student = qat_student(ckpt, recipe, codes, overrides)
+        student = qat_student(ckpt, recipe, codes, overrides, freeze_codes=config.lr == 0)
         pairs = [(i, i) for i in range(ckpt.spec.num_layers)]
         spec = ckpt.spec
         stored = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, method="rtn"))
@@ -252,6 +257,7 @@ def distill(
         "teacher": {"source": os.fspath(source), "sha256": ckpt.source_sha256()},
         "mode": mode,
         "init": init,
+        "codes": ("frozen" if config.lr == 0 else "trained") if mode == "qat" else None,
         "layers": layers if mode == "shrink" else None,
         "kept_layers": [p[1] for p in pairs] if mode == "shrink" else None,
         "recipe": quantized_recipe.to_dict() if quantized_recipe else None,

@@ -40,7 +40,8 @@ def test_json_has_every_key_per_artifact(bench_run, stories_fp32, stories_w8):
         "warnings",
     } <= set(doc)
     machine = doc["machine"]
-    assert {"cpu", "cores", "affinity", "versions", "loadavg_start", "loadavg_end"} <= set(machine)
+    assert {"cpu", "cores", "affinity", "versions", "loadavg_start", "loadavg_end", "others_cpu_share"} <= set(machine)
+    assert 0 <= machine["others_cpu_share"] <= 1
     assert {"onnxruntime", "numpy", "torch", "quantlab"} <= set(machine["versions"])
     ort_rows = [r for r in doc["results"] if r["backend"] == "onnxruntime"]
     assert sorted(r["variant"] for r in ort_rows) == ["fp32", "w8a16-g128-asym"]

@@ -92,3 +92,23 @@ def test_graph_weight_bytes_leave_out_the_embedding(stories_fp32, stories_w8):
     w8 = describe_target(stories_w8)
     assert w8.quantized and 0 < w8.embedding_bytes < fp32.embedding_bytes  # GatherBlockQuantized table
     assert w8.weight_bytes_per_step < fp32.weight_bytes_per_step / 2
+
+
+def test_cpu_witness_sees_another_process_and_not_its_own_workers():
+    import subprocess
+    import sys
+    import time
+
+    spin = "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < {}: pass"
+    witness = runner.CpuWitness()
+    subprocess.run([sys.executable, "-c", spin.format(1.0)], check=True)  # waited for: our own worker
+    own = witness.others_share()
+    witness = runner.CpuWitness()
+    other = subprocess.Popen([sys.executable, "-c", spin.format(1.5)])
+    time.sleep(1.4)
+    foreign = witness.others_share()  # measured before the wait: someone else's CPU time
+    other.wait()
+    cores = runner.os.cpu_count()
+    assert foreign > own
+    assert foreign > 0.5 / cores  # one busy process for most of the window
+    assert runner.noise_warnings({"others_cpu_share": foreign, "cores": cores}, [])

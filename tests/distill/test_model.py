@@ -55,3 +55,20 @@ def test_fakequant_gradients_reach_weights_and_scales():
     (layer(x) ** 2).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     assert layer.scale.grad is not None and layer.scale.grad.abs().sum() > 0
+
+
+def test_frozen_codes_train_the_scales_only_and_export_the_same_integers():
+    qw = rtn_quantize(np.random.default_rng(3).normal(0, 0.1, (8, 96)).astype(np.float32), 4, 32, True)
+    layer = FakeQuantLinear(qw)
+    layer.freeze_codes()
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(0))
+    (layer(x) ** 2).sum().backward()
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+    assert layer.scale.grad is not None and layer.scale.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.scale.mul_(1.3)  # a change that would move most codes if they were re-rounded from the weight
+    out = layer.export()
+    np.testing.assert_array_equal(out.q, qw.q)
+    np.testing.assert_allclose(out.scales, qw.scales * np.float32(1.3), rtol=1e-6)
+    expected = (qw.q.astype(np.float32) - 8) * np.repeat(out.scales, 32, axis=1)
+    np.testing.assert_allclose(layer.dequantized().detach().numpy(), expected, rtol=1e-6, atol=0)

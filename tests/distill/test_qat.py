@@ -126,6 +126,32 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
         Checkpoints(tmp_path / "b", {"test": 2}).restore(student, torch.optim.AdamW(student.parameters()))
 
 
+def test_scale_only_training_keeps_the_initial_codes(tmp_path):
+    from safetensors.numpy import load_file
+
+    from quantlab.distill.student import half_split_rows
+
+    stories = model_path("stories260K.bin")
+    config = dataclasses.replace(CONFIG, lr=0.0, scale_lr=1e-3, vector_lr=0.0, steps=30)
+    result = distill(
+        stories, tmp_path / "s", mode="qat", recipe=RECIPE, samples=64, seq_len=64, config=config, progress=False
+    )
+    assert result["codes"] == "frozen"
+    assert np.mean(result["losses"][-5:]) < np.mean(result["losses"][:5])
+    ckpt = load_checkpoint(stories)
+    start, _ = initial_codes(ckpt, load_recipe(RECIPE), "rtn", None, progress=False)
+    saved = load_file(str(tmp_path / "s" / "quantization.safetensors"))
+    moved = 0
+    for name, qw in start.items():
+        codes, scales = qw.q, qw.scales
+        if name.endswith(("q_proj", "k_proj")):  # llama2.c rows leave in the half-split RoPE layout
+            rows = half_split_rows(ckpt.spec, ckpt.spec.num_heads if "q_proj" in name else ckpt.spec.num_kv_heads)
+            codes, scales = codes[rows], scales[rows]
+        np.testing.assert_array_equal(saved[name + ".codes"], codes, err_msg=name)
+        moved += int(np.sum(saved[name + ".scales"] != scales))
+    assert moved > 0  # the scales did learn
+
+
 def test_convert_refuses_to_re_round_trained_codes(run):
     root, _ = run
     with pytest.raises(InputError, match="trained w4a16-g32-asym codes"):

@@ -15,6 +15,7 @@ time, so peak memory stays about one weight.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -111,10 +112,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             w_value = node.inputs[1]
             k, n = w_value.shape  # stored (in, out) for MatMul(x, W)
             if linear in self.precomputed:
-                qw = self.precomputed[linear]
-                if qw.shape != (n, k):
-                    raise ValueError(f"{linear}: precomputed weight is {qw.shape}, graph needs {(n, k)}")
-                source = _constant(qw)
+                shape = _precomputed_shape(self.precomputed, linear)
+                if shape != (n, k):
+                    raise ValueError(f"{linear}: precomputed weight is {shape}, graph needs {(n, k)}")
+                source = _lookup(self.precomputed, linear)
             else:
                 source = _rtn_of(w_value.const_value, scheme)
             if self.format == "matmulnbits":
@@ -199,8 +200,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         node.replace_input_with(1, dq.outputs[0])
 
 
-def _constant(qw: QuantizedWeight) -> Callable[[], QuantizedWeight]:
-    return lambda: qw
+def _lookup(precomputed: Mapping[str, QuantizedWeight], linear: str) -> Callable[[], QuantizedWeight]:
+    """The precomputed integers, fetched when the writer asks: calibrated codes are held bit-packed and
+    unpack to a byte per code, so fetching them all up front held 1 GB more for a 1B model."""
+    return lambda: precomputed[linear]
+
+
+def _precomputed_shape(precomputed: Mapping[str, QuantizedWeight], linear: str) -> tuple[int, int]:
+    """(N, K) of a precomputed weight without unpacking it (PackedWeights knows it from the packed codes)."""
+    maps = precomputed.maps if isinstance(precomputed, collections.ChainMap) else [precomputed]
+    for m in maps:
+        if linear in m:
+            return tuple(m.shape(linear)) if hasattr(m, "shape") and callable(m.shape) else tuple(m[linear].shape)
+    raise KeyError(linear)
 
 
 # Rows quantized at a time: RTN is row-independent, and its float temporaries for a whole

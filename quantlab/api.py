@@ -70,10 +70,11 @@ def cleanup_pipeline() -> list[ir.passes.PassBase]:
 
 
 def quantization_pipeline(
-    model: ir.Model, recipe: Recipe, calibration=None, prequantized=None
+    model: ir.Model, recipe: Recipe, calibration=None, prequantized=None, *, embedding: bool = True
 ) -> list[ir.passes.PassBase]:
     """The weight passes a recipe asks for (empty for a float recipe); ``prequantized`` (a checkpoint's
-    trained codes by linear name) are emitted as they are."""
+    trained codes by linear name) are emitted as they are. ``embedding=False`` leaves out the token
+    embedding's pass, for a graph without one (calibration's single decoder layer)."""
     if recipe.scheme is None:
         return []
     schemes = {name: recipe.scheme_for(name) for name in quantizable_linears(model)}
@@ -81,7 +82,7 @@ def quantization_pipeline(
     pipeline: list[ir.passes.PassBase] = []
     if calibration is not None and calibration.int8:
         pipeline.append(QuantizeDynamicInt8Pass(calibration.int8))
-    if recipe.embedding is not None:
+    if recipe.embedding is not None and embedding:
         pipeline.append(QuantizeEmbeddingPass(recipe.embedding))
     pipeline.append(
         QuantizeWeightsPass(
@@ -290,7 +291,7 @@ def convert(
         calibration, extra, checkpoints = None, {}, None
         if recipe.needs_calibration:
             from quantlab.calib.calibrate import calibrate
-            from quantlab.calib.layerwise import with_overrides
+            from quantlab.calib.layerwise import release_freed_memory, with_overrides
             from quantlab.calib.resume import LayerCheckpoints, calibration_fingerprint, resume_folder
 
             data = calibration_tokens(
@@ -301,6 +302,7 @@ def convert(
             fingerprint = calibration_fingerprint(ckpt.source_sha256(), recipe.to_dict(), tokens)
             checkpoints = LayerCheckpoints(resume_folder(out), fingerprint, resume=resume)
             calibration = calibrate(ckpt, recipe, tokens, progress=progress, checkpoints=checkpoints)
+            release_freed_memory()  # calibration's garbage, before the artifact is built
             extra["calibration"] = {
                 **data.describe(),
                 "layer_relative_errors": [round(e, 6) for e in calibration.layer_errors],

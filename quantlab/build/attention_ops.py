@@ -114,7 +114,7 @@ class CacheOps:
             pads = self.op("Concat", [zeros3, lead, self.i64([0, 0, 0, 0], "zeros4")], {"axis": 0}, name=f"{p}.pads")
             padded = self.op("Pad", [recent_scores, pads], name=f"{p}.scores_r_pad")  # (b, h, s, total)
             scores = self.op("Where", [self.recent, padded, scores], name=f"{p}.mixed")
-        scores = self.op("Where", [allowed, scores, self.f32(MASKED_SCORE, "masked_score")], name=f"{p}.masked")
+        scores = self.op("Add", [scores, self.score_bias(allowed)], name=f"{p}.masked")
         probs = self.op("Softmax", [scores], {"axis": -1}, name=f"{p}.probs")
         zero = self.f32(0.0, "kv_zero")
         older = self.op("Where", [self.recent, zero, probs], name=f"{p}.probs_old")

@@ -24,8 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from quantlab.quant.gram import add_upper, mirror_upper
 from quantlab.quant.rtn import QuantizedWeight, group_count, grouped, scales_zero_points
 from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
+
+# MKL's Cholesky results depend on its thread count (a tie in a code's rounding then flips), not on the
+# cores the process may use: a fixed count gives the same codes with any OMP_NUM_THREADS or affinity.
+# Two threads: the 2-core machine's full speed; 1 would double the 1B model's factorization time.
+FACTOR_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -67,15 +73,16 @@ class GPTQResult:
 class HessianSum:
     """The GPTQ Hessian ``H = 2/n * sum_t x_t x_t^T`` accumulated over calibration batches in place.
 
-    Memory is one (K, K) float32 buffer plus the GEMM's (K, K) result per batch: ``x.T @ x`` on the
-    same array is a BLAS syrk, half the flops of a general GEMM. The sum stays unnormalized until
-    :meth:`hessian`, so a batch costs one pass over the buffer, not three. For down_proj of a 1B model
-    (K = 8192) that is the difference between 0.3 and 1 GB held per linear input.
+    Memory is one (K, K) float32 buffer plus one batch's blocks of ``x^T x``. Only the blocks on and
+    above the diagonal are computed, on onnxruntime's GEMM (:mod:`quantlab.quant.gram`: 5x the speed of
+    numpy's syrk on the 2-core machine); :meth:`hessian` mirrors them and normalizes once. For down_proj
+    of a 1B model (K = 8192) the buffer is 256 MB per linear input.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self.sum: np.ndarray | None = None
         self.count = 0
+        self.threads = threads
 
     def add(self, x: np.ndarray) -> None:
         """x: activations (..., K) entering the linear."""
@@ -83,18 +90,16 @@ class HessianSum:
         tokens = x.reshape(-1, x.shape[-1])  # (tokens, K)
         if self.sum is not None and self.sum.shape[0] != tokens.shape[1]:
             raise ValueError(f"hessian has K={self.sum.shape[0]}, activations have K={tokens.shape[1]}")
-        gram = tokens.T @ tokens
         if self.sum is None:
-            self.sum = gram
-        else:
-            self.sum += gram
+            self.sum = np.zeros((tokens.shape[1], tokens.shape[1]), dtype=np.float32)
+        add_upper(self.sum, tokens, self.threads)
         self.count += tokens.shape[0]
 
     def hessian(self) -> np.ndarray:
         """The normalized Hessian; the accumulator hands its buffer over and is empty afterwards."""
         if self.sum is None or self.count == 0:
             raise ValueError("no calibration tokens")
-        h, self.sum = self.sum, None
+        h, self.sum = mirror_upper(self.sum), None
         h *= np.float32(2.0 / self.count)
         return h
 
@@ -131,15 +136,6 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Te
     scales, zero_points = scales_zero_points(w.min(dim=1).values.numpy(), w.max(dim=1).values.numpy(), bits, symmetric)
     zp = np.full(scales.shape, 1 << (bits - 1), np.float32) if zero_points is None else zero_points
     return torch.from_numpy(scales), torch.from_numpy(zp.astype(np.float32))
-
-
-def _quantize_column(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and dequantized values of one column, bit-identical to rtn.quantize_with_params/dequantize."""
-    reciprocal = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = torch.clamp(_roundf(w * reciprocal + zero), 0, max_code)
-    return codes, (codes - zero) * scale
 
 
 def _static_params(W: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,28 +185,39 @@ def _quantize_block(
     Err1 = torch.zeros_like(W1)
     Hinv1 = Hinv[i1:i2, i1:i2]
     max_code = (1 << config.bits) - 1
-    loss = 0.0
-    for i in range(i2 - i1):
-        column = int(perm[i1 + i])  # natural index of this column
-        group = column // size
-        if not config.act_order and column % size == 0:
-            # Dynamic groups: fit on the group's columns as updated so far. This block's part of
-            # the group is W1; a part past the block still lacks the pending lazy update from
-            # columns i1 .. i1+i-1, applied here so the result is independent of the block width.
-            end = min(i1 + i + size, k)
-            pending = Hinv[i1 : i1 + i, i2:end].T @ Err1[:i]  # (end - i2, N)
-            ahead = torch.cat([W1[i : end - i1], Wt[i2:end] - pending], dim=0)  # (group, N)
-            scales[:, group], zeros[:, group] = _group_params(ahead.T, config.bits, config.symmetric)
-        w = W1[i]
-        d = Hinv1[i, i]
-        code, q = _quantize_column(w, scales[:, group], zeros[:, group], max_code)
-        codes_t[i1 + i], Qt[i1 + i] = code, q
-        err = (w - q) / d
-        loss += float(torch.dot(w - q, w - q)) / float(d) ** 2 / 2
-        W1[i:] -= Hinv1[i, i:, None] * err[None, :]
-        Err1[i] = err
-    Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1  # lazy batch update of the columns after the block
-    return loss
+    columns = perm[i1:i2].tolist()  # natural index of each column
+    diagonal = Hinv1.diagonal().tolist()
+    params: dict[int, tuple] = {}  # group -> (scale, reciprocal, zero), the rows' parameters
+    with _threads(1):  # thousands of small vector ops: thread hand-offs would cost more than they save
+        for i, column in enumerate(columns):
+            group = column // size
+            if not config.act_order and column % size == 0:
+                # Dynamic groups: fit on the group's columns as updated so far. This block's part of
+                # the group is W1; a part past the block still lacks the pending lazy update from
+                # columns i1 .. i1+i-1, applied here so the result is independent of the block width.
+                end = min(i1 + i + size, k)
+                ahead = W1[i : end - i1]
+                if end > i2:
+                    pending = Hinv[i1 : i1 + i, i2:end].T @ Err1[:i]  # (end - i2, N)
+                    ahead = torch.cat([ahead, Wt[i2:end] - pending], dim=0)  # (group, N)
+                scales[:, group], zeros[:, group] = _group_params(ahead.T, config.bits, config.symmetric)
+                params.pop(group, None)
+            if group not in params:
+                scale = scales[:, group]
+                params[group] = (scale, torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale)), zeros[:, group])
+            scale, reciprocal, zero = params[group]
+            w = W1[i]
+            code = torch.clamp(_roundf(w * reciprocal + zero), 0, max_code)
+            q = (code - zero) * scale
+            codes_t[i1 + i], Qt[i1 + i] = code, q
+            err = Err1[i]
+            torch.sub(w, q, out=err)
+            err /= diagonal[i]
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1.0)
+        # lazy batch update of the columns after the block; one thread, as MKL's GEMM results depend on
+        # the thread count and the same input must give the same codes on any machine
+        Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1
+    return float(torch.sum(Err1 * Err1)) / 2  # sum over its columns of (w - q)^2 / d^2 / 2
 
 
 def run_gptq(weight: np.ndarray, hessian: np.ndarray, config: GPTQConfig, *, consume: bool = False) -> GPTQResult:
@@ -245,32 +252,37 @@ def run_gptq(weight: np.ndarray, hessian: np.ndarray, config: GPTQConfig, *, con
 
     box = [H]
     del H
-    Hinv = _inverse_hessian_factor(box, config.percdamp)
     Wt = W.T.contiguous()  # (K, N): a column of W per row
-    Qt, codes_t = torch.zeros_like(Wt), torch.zeros_like(Wt)
+    del W
+    with _threads(FACTOR_THREADS):
+        Hinv = _inverse_hessian_factor(box, config.percdamp)
+    Qt, codes_t = torch.zeros_like(Wt), torch.zeros(Wt.shape, dtype=torch.uint8)
     loss = 0.0
-    with _single_threaded():  # thousands of small vector ops: thread hand-offs would cost more than they save
-        for i1 in range(0, k, config.block_size):
-            i2 = min(i1 + config.block_size, k)
-            loss += _quantize_block(Wt, Hinv, i1, i2, perm, scales, zeros, codes_t, Qt, config)
+    for i1 in range(0, k, config.block_size):
+        i2 = min(i1 + config.block_size, k)
+        loss += _quantize_block(Wt, Hinv, i1, i2, perm, scales, zeros, codes_t, Qt, config)
+    del Wt, Hinv
 
-    inverse = torch.argsort(perm)
-    codes, Q = codes_t.T[:, inverse], Qt.T[:, inverse]
+    if config.act_order:  # back to the natural column order
+        inverse = torch.argsort(perm)
+        codes_t, Qt = codes_t[inverse], Qt[inverse]
     zero_points = None if config.symmetric else zeros.numpy().astype(np.uint8)
     quantized = QuantizedWeight(
-        np.ascontiguousarray(codes.numpy()).astype(np.uint8),
-        scales.numpy(),
-        zero_points,
-        config.bits,
-        config.group_size,
+        np.ascontiguousarray(codes_t.numpy().T), scales.numpy(), zero_points, config.bits, config.group_size
     )
-    return GPTQResult(quantized, np.ascontiguousarray(Q.numpy()), loss)
+    del codes_t
+    return GPTQResult(quantized, np.ascontiguousarray(Qt.numpy().T), loss)
 
 
-class _single_threaded:
+class _threads:
+    """torch's intra-op thread count set to ``n`` inside the block, restored after."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
     def __enter__(self):
         self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(self.n)
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.threads)

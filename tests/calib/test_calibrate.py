@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from quantlab.build.decoder import build_decoder
+from quantlab.build.decoder import build_decoder, build_layer
 from quantlab.calib.calibrate import calibrate
 from quantlab.calib.layerwise import LayerRunner, embed_tokens, with_overrides
 from quantlab.passes.quantize_dynamic import QuantizeDynamicInt8Pass
@@ -123,3 +123,69 @@ def test_gptq_sequential_and_parallel_modes(ckpt):
     # layer 0 sees the same inputs either way; layer 1 sees quantized vs fp outputs of layer 0
     np.testing.assert_array_equal(seq.quantized[first].q, par.quantized[first].q)
     assert not np.array_equal(seq.quantized[last].q, par.quantized[last].q)
+
+
+def test_layer_graph_output_subsets_compute_the_same_values(ckpt):
+    # "taps" leaves out down_proj and the residual (a quarter of a layer's FLOPs), "hidden" the taps;
+    # what they keep must equal the full layer's outputs bit for bit: same ops, same inputs.
+    hidden = embed_tokens(ckpt, HELD_OUT[:2])
+    out, taps = LayerRunner(ckpt, 1).run(hidden)
+    taps_only = LayerRunner(ckpt, 1, outputs="taps")
+    none, subset = taps_only.run(hidden)
+    assert none is None and subset.keys() == taps.keys()
+    for name in taps:
+        np.testing.assert_array_equal(subset[name], taps[name])
+    names = {node.name for node in build_layer(ckpt, 1, outputs="taps").graph}
+    assert not any("down_proj" in name for name in names)
+    assert any("down_proj" in node.name for node in build_layer(ckpt, 1).graph)
+    only_out, no_taps = LayerRunner(ckpt, 1, outputs="hidden").run(hidden)
+    assert no_taps == {}
+    np.testing.assert_array_equal(only_out, out)
+
+
+def test_the_quantized_layer_runs_the_calibrated_integers(ckpt):
+    # Sequential calibration feeds the next layer the artifact's own computation: the recipe's weight
+    # passes over the calibrated codes. At accuracy level 0 (fp32 on dequantized weights) that must
+    # agree with the layer run on the dequantized weights as floats; at level 4 (int8 activations) it
+    # differs by the activation rounding only, and must differ (the passes did run).
+    from quantlab.calib.calibrate import _quantized_layer
+    from quantlab.quant.rtn import dequantize
+
+    recipe = load_recipe("w4a16-g32-asym-gptq")
+    result = calibrate(ckpt, recipe, CALIB[:8], progress=False)
+    hidden = embed_tokens(ckpt, HELD_OUT[:2])
+    floats = {f"{name}.weight": dequantize(result.quantized[name]) for name in result.quantized}
+    as_floats, _ = LayerRunner(with_overrides(ckpt, floats), 0, outputs="hidden").run(hidden)
+    fp, _ = LayerRunner(ckpt, 0, outputs="hidden").run(hidden)
+    level0, _ = _quantized_layer(ckpt, 0, dataclasses.replace(recipe, accuracy_level=0), result, None).run(hidden)
+    level4, _ = _quantized_layer(ckpt, 0, recipe, result, None).run(hidden)
+    np.testing.assert_allclose(level0, as_floats, atol=1e-5, rtol=0)
+    assert not np.array_equal(level0, fp)
+    # int8 activations add their rounding: smaller than what the 4-bit weights changed, but not nothing
+    activation_error = np.linalg.norm(level4 - as_floats)
+    assert 0 < activation_error < 0.5 * np.linalg.norm(fp - as_floats)
+
+
+def test_stacked_linears_get_their_own_gptq_result(ckpt):
+    # q/k/v (and gate/up) share a Hessian and are solved as one stacked weight; GPTQ rows are
+    # independent, so each linear must get what a GPTQ run on it alone gives.
+    from quantlab.calib.layerwise import observe_layer
+    from quantlab.quant.gptq import GPTQConfig, gptq_quantize
+
+    recipe = load_recipe("w4a16-g32-asym-gptq")
+    result = calibrate(ckpt, recipe, CALIB[:8], progress=False)
+    _, stats = observe_layer(
+        LayerRunner(ckpt, 0), embed_tokens(ckpt, CALIB[:8]), batch=8, hessians=True, samples=0, absmax=False, seed=0
+    )
+    config = GPTQConfig.from_scheme(
+        recipe.scheme_for("model.layers.0.self_attn.k_proj"),
+        percdamp=recipe.gptq.damp,
+        act_order=recipe.gptq.act_order,
+        block_size=recipe.gptq.block_size,
+    )
+    for role in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        name = f"model.layers.0.{role}"
+        alone = gptq_quantize(ckpt.tensors.load(name + ".weight"), stats.hessians["input_layernorm.out"], config)
+        stacked = result.quantized[name]
+        assert np.mean(alone.q == stacked.q) >= 0.999
+        np.testing.assert_array_equal(alone.scales, stacked.scales)

@@ -79,10 +79,33 @@ QL_API int ql_path_available(int32_t path);
 QL_API int ql_best_path(void);
 // Human-readable build and CPU description: compiled paths, paths this CPU runs, the best one.
 QL_API const char* ql_build_info(void);
-// ABI version; bumped whenever ql_matmul_nbits_args changes.
+// ABI version; bumped whenever an argument struct or the set of entry points changes.
 QL_API int ql_abi_version(void);
 
-#define QL_ABI_VERSION 1
+// GPTQ's column loop over one lazy-batch block (csrc/gptq.cpp). The block holds `block` columns of
+// W stored as rows of W^T (row b = column b of the block, `n` contiguous floats, one per row of W).
+// For columns begin .. end-1 in turn: code = clamp(roundf(w * reciprocal + zero), 0, max_code),
+// q = (code - zero) * scale, err = (w - q) / hinv[b][b], then every later column j of the block
+// (up to `block`, not `end`) gets w_j -= hinv[b][j] * err. scales, reciprocals and zero_points are
+// (groups, n) float32; column b uses row group_of_column[b - begin] of them.
+typedef struct ql_gptq_columns_args {
+  float* w;                        // (block, n) in/out
+  const float* hinv;               // upper Cholesky factor of H^-1 at the block's first column, row stride ld_hinv
+  float* err;                      // (block, n) out, rows begin .. end-1: the scaled errors
+  float* q;                        // (block, n) out: the dequantized codes
+  uint8_t* codes;                  // (block, n) out
+  const float* scales;             // (groups, n)
+  const float* reciprocals;        // (groups, n): 1 / scale, 0 where the scale is 0
+  const float* zero_points;        // (groups, n), as floats
+  const int32_t* group_of_column;  // (end - begin)
+  int64_t n, block, begin, end, ld_hinv;
+  int32_t max_code;  // 2^bits - 1
+  int32_t threads;   // <= 0: hardware concurrency
+} ql_gptq_columns_args;
+
+QL_API int ql_gptq_columns(const ql_gptq_columns_args* args);
+
+#define QL_ABI_VERSION 2
 
 #ifdef __cplusplus
 }

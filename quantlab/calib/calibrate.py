@@ -31,9 +31,9 @@ from quantlab.calib.layerwise import (
 )
 from quantlab.calib.resume import LayerCheckpoints
 from quantlab.io.spec import Checkpoint
-from quantlab.quant import awq, smoothquant
-from quantlab.quant.gptq import GPTQConfig, gptq_quantize, run_gptq
-from quantlab.quant.rtn import dequantize, rtn_quantize
+from quantlab.quant import awq, linalg, smoothquant
+from quantlab.quant.gptq import GPTQConfig, gptq_quantize
+from quantlab.quant.rtn import QuantizedWeight, dequantize, rtn_quantize
 from quantlab.quant.scheme import PER_CHANNEL
 from quantlab.recipe import Recipe
 
@@ -108,6 +108,7 @@ def calibrate(
                 hidden = fp_out
             if checkpoints is not None:
                 checkpoints.save_layer(i, result, before, hidden)
+                checkpoints.offload_layer(i, result, before)  # its codes are read back from there when needed
             release_freed_memory()
     return result
 
@@ -140,7 +141,9 @@ def _linear_errors(fp: Checkpoint, i: int, stats, layer_weights: dict, divisors:
         x = stats.sample(LINEAR_INPUTS[role])[:ERROR_SAMPLE_TOKENS]  # (tokens, K)
         reference = x @ fp.tensors.load(name).T
         scaled_x = x / divisors[role] if role in divisors else x
-        errors.append(relative_error(scaled_x @ layer_weights[name].T, reference))
+        weight = layer_weights[name]
+        weight = dequantize(weight) if isinstance(weight, QuantizedWeight) else weight
+        errors.append(relative_error(scaled_x @ weight.T, reference))
     return float(np.mean(errors)) if errors else 0.0
 
 
@@ -162,18 +165,16 @@ def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: Calibrat
         stacks.setdefault((LINEAR_INPUTS[role], recipe.scheme_for(_linear(i, role))), []).append(role)
     for n, ((x_name, scheme), roles) in enumerate(stacks.items()):
         names = [_linear(i, role) for role in roles]
-        weights = [fp.tensors.load(name + ".weight") for name in names]
+        weights = [fp.tensors.load(name + ".weight") for name in names]  # stacked by GPTQ as it transposes
         config = GPTQConfig.from_scheme(
             scheme, percdamp=recipe.gptq.damp, act_order=recipe.gptq.act_order, block_size=recipe.gptq.block_size
         )
-        stacked = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=0)
-        del weights
         if any(key[0] == x_name for key in list(stacks)[n + 1 :]):
-            qw = gptq_quantize(stacked, stats.hessians[x_name], config)
+            qw = gptq_quantize(weights, stats.hessians[x_name], config)
         else:  # its last user: GPTQ may work in the Hessian's own buffer (256 MB for down_proj at 1B)
             # (run_gptq holds the only reference, so its permuted copy can replace the original)
-            qw = run_gptq(stacked, stats.hessians.pop(x_name), config, consume=True).weight
-        del stacked
+            qw = gptq_quantize(weights, stats.hessians.pop(x_name), config, consume=True)
+        del weights
         start = 0
         for name in names:
             rows = slice(start, start + fp.tensors.shape(name + ".weight")[0])
@@ -185,7 +186,8 @@ def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: Calibrat
                 zero_points=None if qw.zero_points is None else qw.zero_points[rows],
             )
             result.quantized[name] = part
-            dequantized[name + ".weight"] = dequantize(part)
+            dequantized[name + ".weight"] = part  # dequantized one at a time by _linear_errors
+    linalg.release()  # the GEMM sessions' arenas: a K = 8192 factor's inverse leaves ~0.2 GB in them
     return dequantized, {}
 
 

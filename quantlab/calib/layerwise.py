@@ -115,6 +115,11 @@ class LayerRunner:
         del model
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # No spinning: an idle onnxruntime worker spins, waiting for the next op, by default. Calibration
+        # keeps several sessions alive on the same cores (the layer's, the Gram's, GPTQ's GEMMs), and
+        # their spinning workers took the cores from the working ones: a 1B layer's observation took
+        # 55 s with spinning, 40 s without (2 cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The arena stays on: it keeps a run's intermediates (attention scores, the MLP's 4x-wide
         # tensors: about 0.4 GB at 1024 tokens of a 1B layer) for the next run, where allocating them
         # afresh page-faults 0.4 GB per run: 15-20% of a 1B layer's calibration time on 2 cores.

@@ -9,9 +9,14 @@ CalibrationResult entries and relative error) and the hidden states the next lay
         fingerprint.json     what the checkpoints were computed from (see calibration_fingerprint)
         layer-0000.npz       layer 0's entries: quantized weights, int8 codes, float overrides, error
         ...
-        hidden.npz           (n, seq, hidden) float32 after the last saved layer, and that layer's index
+        hidden-a.npy         (n, seq, hidden) float32 after a saved layer, in two slots used in turn
+        hidden-b.npy
+        hidden.json          which slot holds the latest hidden states, and after which layer
 
-Every file is written to a temporary name, fsynced and renamed, so a kill leaves the previous state.
+Every file is written to a temporary name, fsynced and renamed, so a kill leaves the previous state,
+except the hidden-state slots: they are overwritten in place (a new 512 MB file per layer of a 1B model
+cost ~3 s on the development VM, whose freed page cache goes back to the host; rewriting a cached file
+~0.3 s), and only the slot hidden.json does not name is ever written, so the named one stays whole.
 Arrays are stored with ``np.savez`` and read back with ``allow_pickle=False``: a planted checkpoint
 folder can hold wrong numbers (the fingerprint guards against stale ones) but never run code.
 ``convert --resume`` restores the layers and continues from the next; because each layer's
@@ -22,6 +27,7 @@ writes, byte for byte. A fingerprint that differs from the current inputs refuse
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -39,9 +45,10 @@ from quantlab.quant.rtn import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FINGERPRINT_FILE = "fingerprint.json"
-HIDDEN_FILE = "hidden.npz"
+HIDDEN_FILE = "hidden.json"
+HIDDEN_SLOTS = ("hidden-a.npy", "hidden-b.npy")
 
 
 def resume_folder(out_dir: str | os.PathLike) -> Path:
@@ -97,6 +104,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _overwrite_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as .npy into ``path`` in place (reusing a cached file's pages), then fsync."""
+    with _naming(path), open(path, "r+b" if path.exists() else "wb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _changed_inputs(saved: dict, current: dict) -> list[str]:
@@ -156,8 +172,45 @@ class LayerCheckpoints:
             if name not in before["float_overrides"]:
                 arrays[f"f/{name}"] = value
         _atomic_savez(self.folder / f"layer-{i:04d}.npz", arrays)
-        # The hidden states last: a kill between the two files leaves a layer file nobody uses yet.
-        _atomic_savez(self.folder / HIDDEN_FILE, {"hidden": hidden, "layer": np.int64(i)})
+        # The hidden states last: a kill between the files leaves a layer file nobody uses yet. They go
+        # into the slot hidden.json does not name; only then does hidden.json name it.
+        current = self._hidden_state()
+        slot = HIDDEN_SLOTS[1] if current is not None and current[0] == HIDDEN_SLOTS[0] else HIDDEN_SLOTS[0]
+        _overwrite_npy(self.folder / slot, hidden)
+        _atomic_write_text(self.folder / HIDDEN_FILE, json.dumps({"slot": slot, "layer": i}) + "\n")
+
+    def _hidden_state(self) -> tuple[str, int] | None:
+        """(slot file, layer) of the latest saved hidden states, or None before the first."""
+        path = self.folder / HIDDEN_FILE
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            slot, layer = state["slot"], state["layer"]
+        except (UnicodeDecodeError, ValueError, RecursionError, TypeError, KeyError) as e:
+            raise InputError(path, None, f"unreadable checkpoint state ({e}); run without --resume") from e
+        if slot not in HIDDEN_SLOTS or not isinstance(layer, int) or isinstance(layer, bool):
+            raise InputError(path, "slot", f"not a checkpoint state: {state!r}; run without --resume")
+        return slot, layer
+
+    def offload_layer(self, i: int, result: CalibrationResult, before: dict[str, set]) -> None:
+        """Point layer i's quantized entries in ``result`` at its saved file instead of memory."""
+        for name in list(result.quantized):
+            if name not in before["quantized"]:
+                load = functools.partial(self.load_quantized, i, name)
+                result.quantized.offload(name, result.quantized.shape(name), load)
+
+    def load_quantized(self, i: int, name: str) -> QuantizedWeight:
+        """One quantized linear of saved layer i."""
+        path = self.folder / f"layer-{i:04d}.npz"
+        prefix = f"q/{name}/"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                bits, group_size = (int(v) for v in z[prefix + "meta"])
+                zero_points = z[prefix + "zero_points"] if prefix + "zero_points" in z.files else None
+                return QuantizedWeight(z[prefix + "q"], z[prefix + "scales"], zero_points, bits, group_size)
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(path, name, f"cannot read this layer checkpoint back ({e})") from e
 
     @staticmethod
     def keys_of(result: CalibrationResult) -> dict[str, set]:
@@ -174,12 +227,15 @@ class LayerCheckpoints:
     ) -> tuple[int, CalibrationResult, np.ndarray | None]:
         """(the first layer still to calibrate, the result so far, the hidden states to start from)."""
         result = CalibrationResult()
-        path = self.folder / HIDDEN_FILE
-        if not path.is_file():
+        state = self._hidden_state()
+        if state is None:
             return 0, result, None
-        with np.load(path, allow_pickle=False) as saved:
-            last = int(saved["layer"])
-            hidden = np.array(saved["hidden"], dtype=np.float32)
+        slot, last = state
+        path = self.folder / slot
+        try:
+            hidden = np.array(np.load(path, allow_pickle=False), dtype=np.float32)
+        except (OSError, ValueError) as e:
+            raise InputError(path, "hidden", f"unreadable checkpoint ({e}); run without --resume") from e
         if hidden.shape != tuple(hidden_shape) or not 0 <= last < num_layers:
             raise InputError(path, "hidden", f"checkpoint does not fit this calibration ({hidden.shape}, layer {last})")
         for i in range(last + 1):
@@ -203,11 +259,8 @@ class LayerCheckpoints:
                 continue
             name, _, part = rest.rpartition("/")
             (quantized if kind == "q" else int8).setdefault(name, {})[part] = value
-        for name, parts in quantized.items():
-            bits, group_size = (int(v) for v in parts["meta"])
-            result.quantized[name] = QuantizedWeight(
-                parts["q"], parts["scales"], parts.get("zero_points"), bits, group_size
-            )
+        for name, parts in quantized.items():  # read back when the emitter asks, as after save_layer
+            result.quantized.offload(name, parts["q"].shape, functools.partial(self.load_quantized, i, name))
         for name, parts in int8.items():
             result.int8[name] = (parts["codes"], parts["scales"])
 

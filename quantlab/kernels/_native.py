@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIB_NAME = "_libquantlab_kernels.so"
 CUDA_LIB_NAME = "_libquantlab_cuda.so"
 # Overrides the library location (a build directory's copy, for example).
@@ -45,6 +45,29 @@ class MatMulNBitsArgs(ctypes.Structure):
     ]
 
 
+class GPTQColumnsArgs(ctypes.Structure):
+    """Mirror of ``ql_gptq_columns_args``."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("hinv", ctypes.c_void_p),
+        ("err", ctypes.c_void_p),
+        ("q", ctypes.c_void_p),
+        ("codes", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("reciprocals", ctypes.c_void_p),
+        ("zero_points", ctypes.c_void_p),
+        ("group_of_column", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("block", ctypes.c_int64),
+        ("begin", ctypes.c_int64),
+        ("end", ctypes.c_int64),
+        ("ld_hinv", ctypes.c_int64),
+        ("max_code", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
 def _candidates(name: str) -> list[Path]:
     here = Path(__file__).resolve().parent
     found = [here / name]
@@ -74,6 +97,8 @@ def load_core() -> tuple[ctypes.CDLL | None, str]:
             continue
         lib.ql_matmul_nbits.argtypes = [ctypes.POINTER(MatMulNBitsArgs)]
         lib.ql_matmul_nbits.restype = ctypes.c_int
+        lib.ql_gptq_columns.argtypes = [ctypes.POINTER(GPTQColumnsArgs)]
+        lib.ql_gptq_columns.restype = ctypes.c_int
         lib.ql_path_available.argtypes = [ctypes.c_int32]
         lib.ql_path_available.restype = ctypes.c_int
         lib.ql_best_path.restype = ctypes.c_int

@@ -10,7 +10,7 @@ linears one at a time holds one unpacked weight at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,8 +61,18 @@ class _Packed:
         return self.codes.nbytes + self.scales.nbytes + zp
 
 
+@dataclass(frozen=True)
+class _Elsewhere:
+    """An entry whose codes live outside memory (a checkpoint file); ``load`` reads them back."""
+
+    shape: tuple[int, int]
+    load: Callable[[], QuantizedWeight]
+    nbytes: int = 0
+
+
 class PackedWeights(MutableMapping[str, QuantizedWeight]):
-    """linear name -> QuantizedWeight, stored packed (see the module docstring)."""
+    """linear name -> QuantizedWeight, stored packed (see the module docstring), or only referenced
+    once :meth:`offload` says where they can be read back from."""
 
     def __init__(self, items: dict[str, QuantizedWeight] | None = None) -> None:
         self._store: dict[str, _Packed] = {}
@@ -78,6 +88,8 @@ class PackedWeights(MutableMapping[str, QuantizedWeight]):
 
     def __getitem__(self, name: str) -> QuantizedWeight:
         p = self._store[name]
+        if isinstance(p, _Elsewhere):
+            return p.load()
         return QuantizedWeight(unpack_codes(p.codes, p.bits, p.k), p.scales, p.zero_points, p.bits, p.group_size)
 
     def __delitem__(self, name: str) -> None:
@@ -91,7 +103,13 @@ class PackedWeights(MutableMapping[str, QuantizedWeight]):
 
     def shape(self, name: str) -> tuple[int, int]:
         p = self._store[name]
-        return (p.codes.shape[0], p.k)
+        return p.shape if isinstance(p, _Elsewhere) else (p.codes.shape[0], p.k)
+
+    def offload(self, name: str, shape: tuple[int, int], load: Callable[[], QuantizedWeight]) -> None:
+        """Hold no codes for ``name``: ``load()`` returns its weight on every later lookup. Calibration
+        points its entries at their layer checkpoints this way, so the codes of finished layers (486 MB
+        for a 1B model at 4 bits) do not stay in memory until the emitter asks for them."""
+        self._store[name] = _Elsewhere(tuple(shape), load)
 
     @property
     def nbytes(self) -> int:

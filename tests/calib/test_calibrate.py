@@ -189,3 +189,22 @@ def test_stacked_linears_get_their_own_gptq_result(ckpt):
         stacked = result.quantized[name]
         assert np.mean(alone.q == stacked.q) >= 0.999
         np.testing.assert_array_equal(alone.scales, stacked.scales)
+
+
+def test_checkpointed_layers_hold_their_codes_on_disk(ckpt, tmp_path):
+    # With layer checkpoints, a finished layer's integers are read back from its file when the
+    # emitter asks, instead of staying in memory for the rest of the calibration: same values.
+    from quantlab.calib.resume import LayerCheckpoints
+
+    recipe = load_recipe("w4a16-g32-asym-gptq")
+    in_memory = calibrate(ckpt, recipe, CALIB[:8], progress=False)
+    checkpoints = LayerCheckpoints(tmp_path / "resume", {"sha256": "test", "inputs": {}}, resume=False)
+    on_disk = calibrate(ckpt, recipe, CALIB[:8], progress=False, checkpoints=checkpoints)
+    assert in_memory.quantized.nbytes > 0 and on_disk.quantized.nbytes == 0
+    assert sorted(on_disk.quantized) == sorted(in_memory.quantized)
+    for name in in_memory.quantized:
+        a, b = in_memory.quantized[name], on_disk.quantized[name]
+        assert on_disk.quantized.shape(name) == a.shape
+        np.testing.assert_array_equal(a.q, b.q)
+        np.testing.assert_array_equal(a.scales, b.scales)
+        np.testing.assert_array_equal(a.zero_point_array(), b.zero_point_array())

@@ -257,7 +257,15 @@ def test_resume_after_a_crash_between_layers_is_byte_identical(tmp_path, monkeyp
         api.convert(folder, out, **kwargs)
     assert not out.exists()
     saved = sorted(p.name for p in (tmp_path / ".out.resume").iterdir())
-    assert saved == ["fingerprint.json", "hidden.npz", "layer-0000.npz", "layer-0001.npz"]
+    assert saved == [
+        "fingerprint.json",
+        "hidden-a.npy",
+        "hidden-b.npy",
+        "hidden.json",
+        "layer-0000.npz",
+        "layer-0001.npz",
+    ]
+    assert json.loads((tmp_path / ".out.resume" / "hidden.json").read_text()) == {"slot": "hidden-b.npy", "layer": 1}
     monkeypatch.setattr(resume.LayerCheckpoints, "save_layer", real_save)
 
     restored = []

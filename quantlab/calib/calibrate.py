@@ -175,6 +175,11 @@ def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: Calibrat
             # (run_gptq holds the only reference, so its permuted copy can replace the original)
             qw = gptq_quantize(weights, stats.hessians.pop(x_name), config, consume=True)
         del weights
+        forget = getattr(fp.tensors, "forget", None)
+        for name in names if forget is not None else ():
+            # Solved: down_proj's solve (the calibration's peak) then runs without the float weights of
+            # q/k/v/o/gate/up (176 MB at 1B); the error report reads them again.
+            forget(name + ".weight")
         start = 0
         for name in names:
             rows = slice(start, start + fp.tensors.shape(name + ".weight")[0])

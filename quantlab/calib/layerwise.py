@@ -76,6 +76,10 @@ class LayerCache:
             self.kept[name] = value
         return self.kept[name]
 
+    def forget(self, name: str) -> None:
+        """Drop a kept tensor (a later load reads it again); for a method's peak, not its speed."""
+        self.kept.pop(name, None)
+
 
 def with_layer_cache(ckpt: Checkpoint, index: int) -> Checkpoint:
     return dataclasses.replace(ckpt, tensors=LayerCache(ckpt.tensors, f"model.layers.{index}."))

@@ -12,8 +12,6 @@
 // activation block sums as on the other paths.
 #include <immintrin.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "matmul_internal.h"
 
@@ -40,8 +38,8 @@ void prepare(const Weights& w, Acts& a, std::vector<uint8_t>& storage) {
   const int64_t m_tiles = (a.m + kT - 1) / kT, sub = a.kq / 64, kb = w.k_blocks;
   const size_t header = 64, tile_bytes = static_cast<size_t>(m_tiles * sub) * 1024;
   const size_t vec_bytes = static_cast<size_t>(m_tiles * kb * kT) * sizeof(float);
-  storage.assign(header + tile_bytes + 2 * vec_bytes + 64, 0);
-  uint8_t* base = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
+  uint8_t* raw = zeroed_storage(storage, header + tile_bytes + 2 * vec_bytes + 64);
+  uint8_t* base = raw + (64 - reinterpret_cast<uintptr_t>(raw) % 64) % 64;
   auto* x = reinterpret_cast<AmxActs*>(base);
   uint8_t* tiles = base + header;
   float* d = reinterpret_cast<float*>(tiles + tile_bytes);
@@ -263,19 +261,6 @@ const PathKernels kKernels = {int8_tile,       fp32_tile,         f16_to_f32,
 
 const PathKernels* amx_kernels() {
   return &kKernels;
-}
-
-// Linux hands out the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM).
-bool amx_os_enabled() {
-  static const bool enabled = [] {
-#if defined(__linux__)
-    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-    return false;
-#endif
-  }();
-  return enabled;
 }
 
 }  // namespace ql

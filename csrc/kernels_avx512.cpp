@@ -13,9 +13,8 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include <vector>
-
 #include "matmul_internal.h"
+#include "quantlab_kernels.h"
 
 namespace ql {
 namespace {
@@ -48,15 +47,14 @@ void zero_weights(const float* s, const uint8_t* zrow, int bits, int offset, int
   }
 }
 
-// sd[(i * NR + j) * kb_pad + b] = s[j][b] * d[i][b], zero for kb <= b < kb_pad.
-thread_local std::vector<float> t_sd;
+// sd[(i * NR + j) * kb_pad + b] = s[j][b] * d[i][b], zero for kb <= b < kb_pad, in this thread's
+// scratch buffer (baseline code owns it: no std::vector instantiated under AVX-512 flags here).
 
 template <int MR, int NR, bool SPLIT>
 void int4_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   // +4: the 4-float load of the last chunk's block scales may read past kb (zeros).
   const int64_t kb = w.k_blocks, kb_pad = (kb + 4 + 15) / 16 * 16;
-  t_sd.resize(static_cast<size_t>((MR + 1) * NR * kb_pad));
-  float* sd = t_sd.data();
+  float* sd = thread_scratch(static_cast<size_t>((MR + 1) * NR * kb_pad));
   float* wz = sd + MR * NR * kb_pad;
   for (int j = 0; j < NR; ++j)
     zero_weights(t.scales[j], t.zeros[j], w.bits, w.offset, kb, kb_pad, wz + j * kb_pad);
@@ -193,7 +191,10 @@ void delegate(TileFn fn, const Weights& w, const Acts& a, const Tile& t, float* 
 void int8_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   if (w.bits != 4 || w.block_size < 32) {
     // 8-bit codes keep the natural order, so the 256-bit kernels read the same Acts.
-    const PathKernels* k = avx_vnni_kernels() ? avx_vnni_kernels() : avx2_kernels();
+    // AVX-VNNI only where this CPU has it (Zen 4 and Ice Lake have AVX512-VNNI but not AVX-VNNI);
+    // the AVX2 path's features are a subset of this path's.
+    const PathKernels* vnni = supported_kernels(QL_PATH_AVX_VNNI);
+    const PathKernels* k = vnni != nullptr ? vnni : avx2_kernels();
     return delegate(w.bits == 8 ? k->int8_tile : scalar_kernels()->int8_tile, w, a, t, out);
   }
   if (w.block_size < 128)

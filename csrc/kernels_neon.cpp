@@ -8,10 +8,6 @@
 
 #include "matmul_internal.h"
 
-#if defined(__linux__)
-#include <sys/auxv.h>
-#endif
-
 #ifndef QL_NEON_DOT
 #define QL_NEON_DOT 0
 #endif
@@ -202,14 +198,6 @@ const PathKernels* neon_dot_kernels() {
 #else
 const PathKernels* neon_kernels() {
   return &kKernels;
-}
-
-bool neon_dot_cpu_supported() {
-#if defined(__linux__) && defined(AT_HWCAP)
-  return (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  // HWCAP_ASIMDDP
-#else
-  return false;
-#endif
 }
 #endif
 

@@ -86,15 +86,26 @@ inline int code_offset(int bits, int accuracy_int8) {
   return (bits == 8 && accuracy_int8) ? 128 : 0;
 }
 
+// A path's kernels only where the CPU has every feature the path is compiled with (cpu_features.h),
+// else nullptr. A path that hands work to another path must look it up here: calling another path's
+// *_kernels() directly would run its instructions unchecked (AVX-VNNI code on an AVX-512 VNNI CPU
+// without AVX-VNNI is a SIGILL).
+const PathKernels* supported_kernels(int path);
+
+// Baseline-compiled helpers for the ISA files. Those files must not instantiate library templates
+// (std::vector and friends): such instantiations are weak symbols that the linker may pick for the
+// baseline code too, and then AVX-512 code runs on every CPU. tests/kernels/test_isa_audit.py
+// checks that ISA objects define no weak symbols.
+float* thread_scratch(size_t n);  // this thread's buffer of at least n floats, reused across calls
+uint8_t* zeroed_storage(std::vector<uint8_t>& storage, size_t n);  // storage.assign(n, 0)
+
 const PathKernels* scalar_kernels();
 const PathKernels* avx2_kernels();         // nullptr when not compiled
 const PathKernels* avx_vnni_kernels();     // nullptr when not compiled
 const PathKernels* avx512_vnni_kernels();  // nullptr when not compiled
 const PathKernels* amx_kernels();          // nullptr when not compiled
-bool amx_os_enabled();
 const PathKernels* neon_kernels();      // nullptr when not compiled
 const PathKernels* neon_dot_kernels();  // nullptr when not compiled
-bool neon_dot_cpu_supported();
 
 // Zero point of block b in a packed zero-point row (nullptr: the default 2^(bits-1)).
 inline int zero_point(const uint8_t* row, int64_t b, int bits) {

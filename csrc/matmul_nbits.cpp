@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_features.h"
 #include "dtype.h"
 #include "matmul_internal.h"
 #include "quantlab_kernels.h"
@@ -16,65 +17,64 @@
 namespace ql {
 namespace {
 
+// A path runs only where the CPU has every feature it was compiled with (cpu_features.h).
 bool cpu_has(int path) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (path == QL_PATH_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (path == QL_PATH_AMX) {
-    // CPUID leaf 7 subleaf 0, EDX bits 24 (AMX-TILE) and 25 (AMX-INT8); then the OS permission.
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-    const bool cpu = (edx & (1u << 24)) && (edx & (1u << 25));
-    return cpu && cpu_has(QL_PATH_AVX512_VNNI) && amx_os_enabled();
-  }
-  if (path == QL_PATH_AVX512_VNNI)
-    return cpu_has(QL_PATH_AVX2) && __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
-  if (path == QL_PATH_AVX_VNNI) {
-    // gcc 12 has no __builtin_cpu_supports("avxvnni"): CPUID leaf 7 subleaf 1, EAX bit 4.
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
-    return cpu_has(QL_PATH_AVX2) && (eax & (1u << 4)) != 0;
-  }
-  return false;
-#elif defined(__aarch64__)
-  if (path == QL_PATH_NEON) return true;
-  if (path == QL_PATH_NEON_DOT) return neon_dot_cpu_supported();
-  return false;
-#else
-  (void)path;
-  return false;
-#endif
+  const uint32_t need = path_features(path);
+  return need != 0 && (cpu_features() & need) == need;
 }
 
-const PathKernels* kernels_for(int path) {
-  const PathKernels* k = nullptr;
+// Which paths this build contains (from the build's QL_HAVE_* definitions, without calling into them).
+bool compiled(int path) {
   switch (path) {
     case QL_PATH_SCALAR:
-      return scalar_kernels();
+      return true;
+#if defined(QL_HAVE_AVX2)
     case QL_PATH_AVX2:
-      k = avx2_kernels();
-      break;
+      return true;
+#endif
+#if defined(QL_HAVE_AVX_VNNI)
     case QL_PATH_AVX_VNNI:
-      k = avx_vnni_kernels();
-      break;
+      return true;
+#endif
+#if defined(QL_HAVE_AVX512_VNNI)
     case QL_PATH_AVX512_VNNI:
-      k = avx512_vnni_kernels();
-      break;
+      return true;
+#endif
+#if defined(QL_HAVE_AMX)
     case QL_PATH_AMX:
-      k = amx_kernels();
-      break;
+      return true;
+#endif
+#if defined(QL_HAVE_NEON)
     case QL_PATH_NEON:
-      k = neon_kernels();
-      break;
     case QL_PATH_NEON_DOT:
-      k = neon_dot_kernels();
-      break;
+      return true;
+#endif
+    default:
+      return false;
+  }
+}
+
+// The CPU check comes first: no code of a path (not even its table accessor, compiled with the
+// path's flags) runs on a CPU without the path's features.
+const PathKernels* kernels_for(int path) {
+  if (path == QL_PATH_SCALAR) return scalar_kernels();
+  if (!compiled(path) || !cpu_has(path)) return nullptr;
+  switch (path) {
+    case QL_PATH_AVX2:
+      return avx2_kernels();
+    case QL_PATH_AVX_VNNI:
+      return avx_vnni_kernels();
+    case QL_PATH_AVX512_VNNI:
+      return avx512_vnni_kernels();
+    case QL_PATH_AMX:
+      return amx_kernels();
+    case QL_PATH_NEON:
+      return neon_kernels();
+    case QL_PATH_NEON_DOT:
+      return neon_dot_kernels();
     default:
       return nullptr;
   }
-  return (k != nullptr && cpu_has(path)) ? k : nullptr;
 }
 
 int best_path() {
@@ -194,6 +194,21 @@ int validate(const ql_matmul_nbits_args* a) {
 
 }  // namespace
 
+const PathKernels* supported_kernels(int path) {
+  return kernels_for(path);
+}
+
+float* thread_scratch(size_t n) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+uint8_t* zeroed_storage(std::vector<uint8_t>& storage, size_t n) {
+  storage.assign(n, 0);
+  return storage.data();
+}
+
 #if !defined(QL_HAVE_AVX2)
 const PathKernels* avx2_kernels() {
   return nullptr;
@@ -213,9 +228,6 @@ const PathKernels* avx512_vnni_kernels() {
 const PathKernels* amx_kernels() {
   return nullptr;
 }
-bool amx_os_enabled() {
-  return false;
-}
 #endif
 #if !defined(QL_HAVE_NEON)
 const PathKernels* neon_kernels() {
@@ -223,9 +235,6 @@ const PathKernels* neon_kernels() {
 }
 const PathKernels* neon_dot_kernels() {
   return nullptr;
-}
-bool neon_dot_cpu_supported() {
-  return false;
 }
 #endif
 
@@ -404,17 +413,13 @@ std::string build_info() {
                          "neon_dot", "avx_vnni", "avx512_vnni", "amx"};
   s += " compiled:";
   for (int p = QL_PATH_SCALAR; p <= QL_PATH_AMX; ++p) {
-    bool compiled = p == QL_PATH_SCALAR || (p == QL_PATH_AVX2 && avx2_kernels()) ||
-                    (p == QL_PATH_AVX_VNNI && avx_vnni_kernels()) ||
-                    (p == QL_PATH_AVX512_VNNI && avx512_vnni_kernels()) ||
-                    (p == QL_PATH_AMX && amx_kernels()) || (p == QL_PATH_NEON && neon_kernels()) ||
-                    (p == QL_PATH_NEON_DOT && neon_dot_kernels());
-    if (compiled) s += std::string(" ") + names[p];
+    if (compiled(p)) s += std::string(" ") + names[p];
   }
   s += " available:";
   for (int p = QL_PATH_SCALAR; p <= QL_PATH_AMX; ++p)
     if (kernels_for(p) != nullptr) s += std::string(" ") + names[p];
   s += " best:" + std::string(names[best_path()]);
+  s += " cpu:" + feature_names(cpu_features());
   return s;
 }
 
@@ -442,6 +447,20 @@ QL_API int ql_best_path(void) {
 QL_API const char* ql_build_info(void) {
   static const std::string info = ql::build_info();
   return info.c_str();
+}
+
+QL_API const char* ql_path_features(int32_t path) {
+  static const std::string names[] = {
+      ql::feature_names(ql::path_features(0)), ql::feature_names(ql::path_features(1)),
+      ql::feature_names(ql::path_features(2)), ql::feature_names(ql::path_features(3)),
+      ql::feature_names(ql::path_features(4)), ql::feature_names(ql::path_features(5)),
+      ql::feature_names(ql::path_features(6)), ql::feature_names(ql::path_features(7))};
+  return path >= 0 && path <= QL_PATH_AMX ? names[path].c_str() : nullptr;
+}
+
+QL_API const char* ql_cpu_features(void) {
+  static const std::string names = ql::feature_names(ql::cpu_features());
+  return names.c_str();
 }
 
 QL_API int ql_abi_version(void) {

@@ -79,6 +79,11 @@ QL_API int ql_path_available(int32_t path);
 QL_API int ql_best_path(void);
 // Human-readable build and CPU description: compiled paths, paths this CPU runs, the best one.
 QL_API const char* ql_build_info(void);
+// The CPU features a path is compiled with and its runtime check requires, space-separated CPUID
+// feature names ("SSE3 ... AVX2 FMA F16C"; "" for the scalar path); nullptr for an unknown path.
+QL_API const char* ql_path_features(int32_t path);
+// The features this CPU has and its OS enables, in the same spelling.
+QL_API const char* ql_cpu_features(void);
 // ABI version; bumped whenever an argument struct or the set of entry points changes.
 QL_API int ql_abi_version(void);
 
@@ -105,7 +110,7 @@ typedef struct ql_gptq_columns_args {
 
 QL_API int ql_gptq_columns(const ql_gptq_columns_args* args);
 
-#define QL_ABI_VERSION 2
+#define QL_ABI_VERSION 3
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,6 @@
 // Every compiled path against the scalar reference (and the scalar reference against a float64
 // dequantize-then-multiply oracle) on awkward shapes. Prints "N passed, M failed"; exit 1 on any
-// failure. Usage: quantlab_kernels_test [--quick]
+// failure. Usage: quantlab_kernels_test [--quick | --path-features]
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -200,6 +200,11 @@ void run_case(const Case& c, std::mt19937& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--path-features") == 0) {
+    // One line per path, "<path id>: <features>", for tests/kernels/test_isa_audit.py.
+    for (int p = QL_PATH_SCALAR; p <= QL_PATH_AMX; ++p) std::printf("%d: %s\n", p, ql_path_features(p));
+    return 0;
+  }
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   std::printf("%s\n", ql_build_info());
   std::mt19937 rng(1234);

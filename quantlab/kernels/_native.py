@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIB_NAME = "_libquantlab_kernels.so"
 CUDA_LIB_NAME = "_libquantlab_cuda.so"
 # Overrides the library location (a build directory's copy, for example).
@@ -103,6 +103,9 @@ def load_core() -> tuple[ctypes.CDLL | None, str]:
         lib.ql_path_available.restype = ctypes.c_int
         lib.ql_best_path.restype = ctypes.c_int
         lib.ql_build_info.restype = ctypes.c_char_p
+        lib.ql_path_features.argtypes = [ctypes.c_int32]
+        lib.ql_path_features.restype = ctypes.c_char_p
+        lib.ql_cpu_features.restype = ctypes.c_char_p
         return lib, ""
     return None, "; ".join(reasons)
 

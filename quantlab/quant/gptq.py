@@ -265,6 +265,9 @@ class _ColumnSolver:
         Hinv1 = self.Hinv[i1:i2, i1:i2]
         Q1 = self._q_rows(i1, i2)
         diagonal = Hinv1.diagonal().tolist()
+        # The rank-1 update as csrc/gptq.cpp does it: each product rounded, then subtracted (addr_ may
+        # fuse them into one FMA on some CPUs, which flips codes sitting on a rounding tie).
+        products = torch.empty_like(W1)
         with torch_threads(1):  # thousands of small vector ops: thread hand-offs would cost more than they save
             for i in range(a, b):
                 group = self.columns[i1 + i] // self.size
@@ -276,7 +279,8 @@ class _ColumnSolver:
                 err = Err1[i]
                 torch.sub(w, q, out=err)
                 err /= diagonal[i]
-                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1.0)
+                rows = W1.shape[0] - i - 1
+                W1[i + 1 :].sub_(torch.outer(Hinv1[i, i + 1 :], err, out=products[:rows]))
 
 
 def _transposed(weight) -> torch.Tensor:

@@ -3,6 +3,7 @@
     python benchmarks/bench_latency.py             # everything, then README.md's table (2-3 hours on 2 cores)
     python benchmarks/bench_latency.py --quick     # stories260K only, tiny runs, into results/quick/ (a minute)
     python benchmarks/make_readme_table.py         # render results/latency_*.json into README.md again
+    python benchmarks/bench_latency.py --peers     # quantlab against its peers, SmolLM2, 2 threads (~15 min)
 
 Run the full one on a quiet machine (`uptime` load well under 1): every JSON records the load average
 and warns when it was high or when the spread of the steps says the machine was noisy.
@@ -19,6 +20,15 @@ Full run (artifacts are kept in --work and reused on the next run unless --fresh
    at 2 threads, and any --kv-artifact (KV-cache variants) -> results/latency_1b_context.json
 
 Each file comes with a .png. Every figure is measured by `quantlab bench` (see quantlab/bench/).
+
+--peers (issue 18): SmolLM2 as quantlab converts it (w4a16-g32-asym, plain and --attention fused), as
+onnxruntime-genai's model builder converts it (int4, from the HF folder transformers reads out of the
+GGUF) and as llama.cpp quantizes it (q4_0, q4_K_M from an f32 GGUF of the same weights), with the peers'
+own tools (quantlab/bench/peers.py), then two `quantlab bench` runs at 2 threads:
+
+    results/peers_smollm2.json   TPOT after prompts of --peer-contexts tokens (256,2048): every artifact in
+                                 onnxruntime and in onnxruntime-genai, every GGUF in llama.cpp
+    results/batch_smollm2.json   tokens/s decoding 1, 4, 16 sequences together (prompt 128 each)
 """
 
 from __future__ import annotations
@@ -50,8 +60,8 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def convert(source: Path, folder: Path, recipe: str, fresh: bool) -> Path:
-    """An artifact of ``source`` with ``recipe`` in ``folder``, reused when it is already there."""
+def convert(source: Path, folder: Path, recipe: str, fresh: bool, extra: list[str] = ()) -> Path:
+    """An artifact of ``source`` with ``recipe`` (and ``extra`` flags) in ``folder``, reused when it is there."""
     manifest = folder / "manifest.json"
     if not fresh and manifest.is_file() and json.loads(manifest.read_text())["recipe"]["name"] == recipe:
         log(f"reusing {folder}")
@@ -70,15 +80,16 @@ def convert(source: Path, folder: Path, recipe: str, fresh: bool) -> Path:
         "--no-eval",
         "--no-progress",
         "--force",
+        *extra,
     ]
     subprocess.run(cmd, check=True)
     return folder
 
 
-def bench(name: str, targets: list[Path], out_dir: Path, args: list[str]) -> None:
-    """``quantlab bench`` into out_dir/latency_<name>.{json,png}; a failed row is reported, not fatal."""
+def bench(name: str, targets: list[Path], out_dir: Path, args: list[str], prefix: str = "latency_") -> Path:
+    """``quantlab bench`` into out_dir/<prefix><name>.{json,png}; a failed row is reported, not fatal."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_file, png = out_dir / f"latency_{name}.json", out_dir / f"latency_{name}.png"
+    json_file, png = out_dir / f"{prefix}{name}.json", out_dir / f"{prefix}{name}.png"
     cmd = [
         sys.executable,
         "-m",
@@ -96,6 +107,55 @@ def bench(name: str, targets: list[Path], out_dir: Path, args: list[str]) -> Non
     if code not in (0, 1) or not json_file.is_file():
         raise SystemExit(f"quantlab bench {name} failed with exit code {code}")
     log(f"wrote {json_file} and {png}" + (" (some rows failed: see the table)" if code else ""))
+    return json_file
+
+
+def prepare_peers(work: Path, fresh: bool) -> dict[str, tuple[Path, str]]:
+    """name -> (artifact or GGUF, the command that made it), each made once in ``work`` and reused."""
+    from quantlab.bench import peers
+
+    work.mkdir(parents=True, exist_ok=True)
+    made: dict[str, tuple[Path, str]] = {}
+    for name, extra in (("w4a16-g32-asym", []), ("w4a16-g32-asym-fused", ["--attention", "fused"])):
+        folder = convert(SMOLLM2, work / name, "w4a16-g32-asym", fresh, extra)
+        made[name] = folder, " ".join(["quantlab convert", SMOLLM2.name, "--recipe w4a16-g32-asym", *extra])
+
+    def once(path: Path, make) -> str:
+        if path.exists() and not fresh:
+            log(f"reusing {path}")
+            return "(reused: made by an earlier run of this script)"
+        log(f"making {path}")
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return make()
+
+    hf = work / "hf"
+    hf_cmd = once(hf, lambda: peers.hf_folder_from_gguf(SMOLLM2, hf))
+    builder = work / "genai-builder-int4"
+    made["genai-builder-int4"] = builder, once(builder, lambda: peers.genai_builder(hf, builder)) + f" (from {hf_cmd})"
+    f32 = work / f"{SMOLLM2.stem}.f32.gguf"
+    f32_cmd = once(f32, lambda: peers.write_f32_gguf(SMOLLM2, f32))
+    for kind in ("q4_0", "q4_K_M"):
+        out = work / f"{SMOLLM2.stem}.{kind}.gguf"
+        command = once(out, lambda out=out, kind=kind: peers.llama_quantize(f32, out, kind))
+        made[f"llama.cpp-{kind}"] = out, f"{command} (from {f32_cmd})"
+    return made
+
+
+def run_peers(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) -> None:
+    made = prepare_peers(work / "peers", fresh)
+    label = ["--model-label", "SmolLM2-135M-Instruct"]
+    common = ["--threads", "2", "--runs", str(min(opts.runs, 3)), *label] + (["--pin", opts.pin] if opts.pin else [])
+    runtimes = ["--backend", "onnxruntime", "--backend", "onnxruntime-genai"]
+    every = [path for path, _ in made.values()]
+    onnx = [path for path, _ in made.values() if path.is_dir()]
+    sweep = [*common, "--contexts", opts.peer_contexts, "--gen", str(min(opts.gen, 64)), *runtimes]
+    files = [bench("smollm2", every, out_dir, [*sweep, "--backend", "llama.cpp"], prefix="peers_")]
+    batch = [*common, "--batch", "1,4,16", "--prompt-len", "128", "--gen", str(min(opts.gen, 32)), *runtimes]
+    files.append(bench("smollm2", onnx, out_dir, batch, prefix="batch_"))
+    for json_file in files:  # how each target was made, beside what was measured
+        doc = json.loads(json_file.read_text())
+        doc["made_by"] = {os.fspath(path): command for path, command in made.values()}
+        json_file.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def run_quick(work: Path, out_dir: Path, fresh: bool) -> None:
@@ -165,6 +225,8 @@ def run_full(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="stories260K only, tiny runs, into results/quick/")
+    ap.add_argument("--peers", action="store_true", help="quantlab against genai's builder and llama.cpp (SmolLM2)")
+    ap.add_argument("--peer-contexts", default="256,2048", help="prompt lengths of --peers (default 256,2048)")
     ap.add_argument(
         "--work",
         type=Path,
@@ -206,7 +268,11 @@ def main() -> int:
     if load > 1.0:
         log(f"warning: load average {load:.2f}: other work is running, timings will be noise")
     start = time.perf_counter()
-    if opts.quick:
+    if opts.peers:
+        if not SMOLLM2.is_file():
+            raise SystemExit(f"{SMOLLM2} is not there (the shared models folder beside the repository)")
+        run_peers(opts.work, opts.out or REPO / "benchmarks" / "results", opts.fresh, opts)
+    elif opts.quick:
         if not STORIES.is_file():
             raise SystemExit(f"{STORIES} is not there (the shared models folder beside the repository)")
         run_quick(opts.work, out_dir, opts.fresh)
@@ -215,7 +281,7 @@ def main() -> int:
             raise SystemExit(f"{SMOLLM2} is not there (the shared models folder beside the repository)")
         run_full(opts.work, out_dir, opts.fresh, opts)
     log(f"done in {(time.perf_counter() - start) / 60:.1f} min")
-    if opts.quick or opts.no_readme or opts.out is not None:
+    if opts.quick or opts.peers or opts.no_readme or opts.out is not None:
         log("README.md untouched (render with python benchmarks/make_readme_table.py)")
         return 0
     # the README's table is generated from what was just written; without its markers this says so and fails

@@ -10,6 +10,11 @@ The README must hold the two markers, in this order, where the tables belong:
     <!-- bench:end -->
 
 Everything between them is replaced; without them this script fails and changes nothing.
+
+It also renders benchmarks/results/pareto_smollm2.json (benchmarks/bench_pareto.py) into the block between
+``<!-- pareto:start -->`` and ``<!-- pareto:end -->`` when the README has those markers and the file exists,
+and benchmarks/results/kernels_cpu.json (benchmarks/bench_kernels.py) into the block between
+``<!-- kernels:start -->`` and ``<!-- kernels:end -->`` likewise.
 """
 
 from __future__ import annotations
@@ -51,6 +56,26 @@ def render(results: Path, readme: Path) -> str:
     return PREAMBLE + "\n\n" + markdown(docs, readme.parent)
 
 
+def with_pareto_block(text: str, results: Path) -> str:
+    """``text`` with its "Quality per byte" block rendered from pareto_smollm2.json, when both are there."""
+    import bench_pareto  # beside this script
+
+    path = results / f"{bench_pareto.RESULT_NAME}.json"
+    if not path.is_file() or bench_pareto.README_START not in text:
+        return text
+    return bench_pareto.replace_readme_block(text, bench_pareto.readme_block(json.loads(path.read_text("utf-8"))))
+
+
+def with_kernels_block(text: str, results: Path) -> str:
+    """``text`` with its int4 kernel table rendered from kernels_cpu.json, when both are there."""
+    import bench_kernels  # beside this script
+
+    path = results / "kernels_cpu.json"
+    if not path.is_file() or bench_kernels.README_START not in text:
+        return text
+    return bench_kernels.replace_readme_block(text, bench_kernels.readme_block(json.loads(path.read_text("utf-8"))))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -69,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"make_readme_table: {args.readme}: {e}", file=sys.stderr)
         return 1
+    new = with_pareto_block(new, args.results)
+    new = with_kernels_block(new, args.results)
     if args.check:
         if new != text:
             print(

@@ -1,15 +1,20 @@
-// x86-64 AMX-INT8 path (Sapphire Rapids and later), for int4 weights in blocks of 128 or 256 with
+// x86-64 AMX-INT8 path (Sapphire Rapids and later), for int4 weights in blocks of 16..256 with
 // int8 activations and M >= 8; everything else runs the AVX-512 VNNI kernels.
 //
 // The product is computed transposed, C (n, m) = W (n, k) . X^T (k, m), so that the weights are
 // the A tile and need no transposition: a 64-byte load of one weight row holds the 128 codes of
 // a block chunk; its low nibbles are the codes of the 64 activations q[0..63] of the chunk and its
-// high nibbles those of q[64..127] (Acts, perm = 128), giving two A tiles (16 rows x 64 bytes,
-// codes 0..15 as u8). The activations are laid out once per call as B tiles in the VNNI format
-// TDPBUSD wants (row r holds, for each of 16 activation rows, the 4 bytes k = 4r..4r+3), see
-// prepare(). Per block: 2 (or 4) TDPBUSD into one int32 C tile, exact; then one fp32 FMA per
-// weight row scales the 16 int32 sums by s[n, b] * d[m, b]. The zero point enters through the
-// activation block sums as on the other paths.
+// high nibbles those of q[64..127] (Acts, perm = 128). The activations are laid out once per call
+// as B tiles in the VNNI format TDPBUSD wants (row r holds, for each of 16 activation rows, the 4
+// bytes k = 4r..4r+3), see prepare(). Then per block:
+// - blocks of 128 / 256: the low and high nibbles of a chunk are two A tiles (16 rows x 64 bytes,
+//   codes 0..15 as u8), 2 (or 4) TDPBUSD into one int32 C tile, exact;
+// - blocks of 16 / 32 / 64 (bs / 2 weight bytes): a chunk holds 128 / bs blocks, whose low and
+//   high nibbles are regrouped per block ([low bs/2 | high bs/2], one qword permutation per 64
+//   bytes) so that each block is one A tile of 16 rows x bs bytes; its B tile has bs / 4 rows
+//   holding the block's even then odd activations. One TDPBUSD per block.
+// Then one fp32 FMA per weight row scales the 16 int32 sums by s[n, b] * d[m, b]. The zero point
+// enters through the activation block sums as on the other paths.
 #include <immintrin.h>
 #include <string.h>
 
@@ -27,16 +32,21 @@ constexpr int kMinRows = 8;
 struct AmxActs {
   int64_t subchunks;  // kq / 64: 64-byte K slices
   int64_t kb;
-  const uint8_t* tiles;  // (m_tiles, subchunks, 16 rows, 64 bytes) B tiles
+  // Blocks of 128 / 256: (m_tiles, subchunks, 16 rows, 64 bytes) B tiles.
+  // Smaller blocks: (m_tiles, kb, bs / 4 rows, 64 bytes), one B tile per block.
+  const uint8_t* tiles;
   const float* d;        // (m_tiles, kb, 16): d[m, b] transposed, zero past M
   const float* xsum;     // (m_tiles, kb, 16): xsum[m, b] transposed, zero past M
 };
 
 void prepare(const Weights& w, Acts& a, std::vector<uint8_t>& storage) {
   a.extra = nullptr;
-  if (w.bits != 4 || w.block_size < 128 || a.q == nullptr || a.m < kMinRows) return;
+  const int bs = w.block_size;
+  if (w.bits != 4 || bs < 16 || a.q == nullptr || a.m < kMinRows) return;
   const int64_t m_tiles = (a.m + kT - 1) / kT, sub = a.kq / 64, kb = w.k_blocks;
-  const size_t header = 64, tile_bytes = static_cast<size_t>(m_tiles * sub) * 1024;
+  const bool small = bs < 128;
+  const size_t header = 64;
+  const size_t tile_bytes = static_cast<size_t>(m_tiles) * (small ? kb * 16 * bs : sub * 1024);
   const size_t vec_bytes = static_cast<size_t>(m_tiles * kb * kT) * sizeof(float);
   uint8_t* raw = zeroed_storage(storage, header + tile_bytes + 2 * vec_bytes + 64);
   uint8_t* base = raw + (64 - reinterpret_cast<uintptr_t>(raw) % 64) % 64;
@@ -47,14 +57,26 @@ void prepare(const Weights& w, Acts& a, std::vector<uint8_t>& storage) {
   for (int64_t m = 0; m < a.m; ++m) {
     const int64_t mt = m / kT, mi = m % kT;
     const int8_t* q = a.q + m * a.kq;
-    // Dword r of the row's 64-byte slice s goes to row r, column mi of tile (mt, s): a scatter
-    // with a stride of one tile row.
-    const __m512i rows =
-        _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                           _mm512_set1_epi32(16));
-    for (int64_t s = 0; s < sub; ++s) {
-      int32_t* tile = reinterpret_cast<int32_t*>(tiles + (mt * sub + s) * 1024) + mi;
-      _mm512_i32scatter_epi32(tile, rows, _mm512_loadu_si512(q + s * 64), 4);
+    if (small) {
+      // Block b = chunk c, local block lb: its evens are q[128c + lb * bs/2 ..), its odds
+      // q[128c + 64 + lb * bs/2 ..); dword r of [evens | odds] goes to row r, column mi.
+      const int half = bs / 2, per_chunk = 128 / bs;
+      for (int64_t b = 0; b < kb; ++b) {
+        const int8_t* ev = q + (b / per_chunk) * 128 + (b % per_chunk) * half;
+        uint8_t* tile = tiles + (mt * kb + b) * 16 * bs + mi * 4;
+        for (int r = 0; r < bs / 4; ++r)
+          memcpy(tile + r * 64, (r < bs / 8 ? ev : ev + 64 - half) + 4 * r, 4);
+      }
+    } else {
+      // Dword r of the row's 64-byte slice s goes to row r, column mi of tile (mt, s): a scatter
+      // with a stride of one tile row.
+      const __m512i rows = _mm512_mullo_epi32(
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+          _mm512_set1_epi32(16));
+      for (int64_t s = 0; s < sub; ++s) {
+        int32_t* tile = reinterpret_cast<int32_t*>(tiles + (mt * sub + s) * 1024) + mi;
+        _mm512_i32scatter_epi32(tile, rows, _mm512_loadu_si512(q + s * 64), 4);
+      }
     }
     for (int64_t b = 0; b < kb; ++b) {
       d[(mt * kb + b) * kT + mi] = a.d[m * kb + b];
@@ -77,18 +99,29 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// All 8 tiles are 16 rows x 64 bytes: 1, 2 = A (weight codes, low / high nibbles), 3, 4 = B
-// (activations for those halves), 0, 5, 6, 7 = int32 C accumulators (see c_tile()).
-const TileConfig& config() {
-  static const TileConfig cfg = [] {
-    TileConfig c;
-    for (int t = 0; t < 8; ++t) {
-      c.colsb[t] = 64;
-      c.rows[t] = 16;
-    }
-    return c;
-  }();
-  return cfg;
+// Blocks of 128 / 256: all 8 tiles are 16 rows x 64 bytes: 1, 2 = A (weight codes, low / high
+// nibbles), 3, 4 = B (activations for those halves), 0, 5, 6, 7 = int32 C accumulators (see
+// c_tile()). Smaller blocks: 1 = A, 16 rows x bs bytes; 3 = B, bs / 4 rows x 64 bytes; 2 and 4
+// unused; the same C tiles.
+TileConfig make_config(int bs) {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  if (bs < 128) {
+    c.colsb[1] = static_cast<uint16_t>(bs);
+    c.rows[3] = static_cast<uint8_t>(bs / 4);
+    c.colsb[2] = c.colsb[4] = 0;
+    c.rows[2] = c.rows[4] = 0;
+  }
+  return c;
+}
+
+const TileConfig& config(int bs) {
+  static const TileConfig cfg[4] = {make_config(16), make_config(32), make_config(64),
+                                    make_config(128)};
+  return cfg[bs >= 128 ? 3 : __builtin_ctz(static_cast<unsigned>(bs)) - 4];
 }
 
 // Tile numbers are immediates in the AMX instructions: these switches pick them at run time.
@@ -124,6 +157,16 @@ inline void c_dot(int c) {  // C += A_lo . B_lo + A_hi . B_hi
 #undef QL_D
   }
 }
+inline void c_dot1(int c) {  // C += A . B (small blocks)
+  switch (c) {
+#define QL_D1(C)           \
+  case C:                  \
+    _tile_dpbusd(C, 1, 3); \
+    break;
+    QL_C_TILES(QL_D1)
+#undef QL_D1
+  }
+}
 #undef QL_C_TILES
 
 // C tile of activation tile mt (of mts) for block parity p: with one or two activation tiles the
@@ -138,27 +181,49 @@ inline int c_tile(int mt, int mts, int64_t block) {
 // weight chunk feeds up to four 16-row activation tiles.
 void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   const AmxActs& x = *static_cast<const AmxActs*>(a.extra);
+  const int bs = w.block_size;
   const int64_t mt0 = t.m0 / kT, kb = w.k_blocks, sub = x.subchunks;
   const int mts = (t.mr + kT - 1) / kT;
-  const int chunks = w.block_size / 128;
-  // Unpacked weight codes, double-buffered: a chunk is unpacked one iteration before its tile
-  // load reads it, so the vector stores have long reached L1 (no store-to-tile-load stall).
-  alignas(64) uint8_t abuf[2][2][kT][64] = {};  // [buffer][low / high nibbles][row][byte]
+  // Unpacked weight codes of one 64-byte chunk per row, double-buffered: a chunk is unpacked one
+  // iteration before its tile loads read it, so the vector stores have long reached L1 (no
+  // store-to-tile-load stall). Blocks of 128 / 256: [low nibbles: 16 rows x 64 | high: 16 x 64];
+  // smaller blocks: 16 rows x 128, per block [low bs/2 | high bs/2]. Rows past nr stay zero.
+  alignas(64) uint8_t wbuf[2][2 * kT * 64] = {};
   alignas(64) int32_t cbuf[kT][kT];
   alignas(64) float acc[4][kT][kT] = {};  // [m tile][weight row][activation row]
   // Other code on this thread (oneDNN in torch, for one) may use AMX too: configure every call.
-  _tile_loadconfig(&config());
+  _tile_loadconfig(&config(bs));
   const __m512i m4 = _mm512_set1_epi8(0x0f);
   const uint8_t* brow[kT];
   for (int j = 0; j < t.nr; ++j) brow[j] = w.b + (t.n0 + j) * w.row_bytes;
-  const int64_t pf = kT * w.row_bytes;  // the next tile of rows
+  const int64_t pf = kT * w.row_bytes;  // the next tile of rows, into L2 (see kernels_avx512.cpp)
+  const int64_t chunks = (w.row_bytes + 63) / 64;
+  // Small blocks: qword q of the regrouped 128 bytes is low (< 8) or high (>= 8) qword perm[q].
+  alignas(64) int64_t perm[16] = {};
+  if (bs < 128) {
+    const int qw = bs / 16;  // qwords per half block
+    for (int q = 0; q < 16; ++q) {
+      const int lb = q / (2 * qw), within = q % (2 * qw);
+      perm[q] = within < qw ? lb * qw + within : 8 + lb * qw + within - qw;
+    }
+  }
+  const __m512i perm0 = _mm512_load_si512(perm), perm1 = _mm512_load_si512(perm + 8);
 
-  auto unpack = [&](int64_t c, uint8_t(*dst)[kT][64]) {
+  auto unpack = [&](int64_t c, uint8_t* dst) {
+    const int64_t rest = w.row_bytes - c * 64;
+    const __mmask64 mask = rest >= 64 ? ~__mmask64(0) : (__mmask64(1) << rest) - 1;
     for (int j = 0; j < t.nr; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * 64 + pf), _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512(brow[j] + c * 64);
-      _mm512_store_si512(dst[0][j], _mm512_and_si512(v, m4));
-      _mm512_store_si512(dst[1][j], _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+      _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * 64 + pf), _MM_HINT_T1);
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, brow[j] + c * 64);
+      const __m512i lo = _mm512_and_si512(v, m4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      if (bs >= 128) {
+        _mm512_store_si512(dst + j * 64, lo);
+        _mm512_store_si512(dst + (kT + j) * 64, hi);
+      } else {
+        _mm512_store_si512(dst + j * 128, _mm512_permutex2var_epi64(lo, perm0, hi));
+        _mm512_store_si512(dst + j * 128 + 64, _mm512_permutex2var_epi64(lo, perm1, hi));
+      }
     }
   };
   // acc[mt][j] += C[j] * s[j, b] * d[:, b]
@@ -173,29 +238,70 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
       }
     }
   };
-  const int64_t total = kb * chunks;
-  unpack(0, abuf[0]);
-  for (int64_t c = 0; c < total; ++c) {
-    const int64_t b = c / chunks;
-    if (c % chunks == 0)
-      for (int mt = 0; mt < mts; ++mt) c_zero(c_tile(mt, mts, b));
-    _tile_loadd(1, abuf[c & 1][0], 64);
-    _tile_loadd(2, abuf[c & 1][1], 64);
-    for (int mt = 0; mt < mts; ++mt) {
-      const uint8_t* bt = x.tiles + ((mt0 + mt) * sub + 2 * c) * 1024;
-      _tile_loadd(3, bt, 64);
-      _tile_loadd(4, bt + 1024, 64);
-      c_dot(c_tile(mt, mts, b));
+  // The common full tile (16 weight rows, one activation tile) keeps its accumulators in
+  // registers: with blocks of 32 the scaling runs once per 32 codes and its loads and stores of
+  // acc were most of the kernel's time.
+  const bool full = mts == 1 && t.nr == kT;
+  __m512 racc[kT];
+  for (int j = 0; j < kT; ++j) racc[j] = _mm512_setzero_ps();
+  auto scale_full = [&](int64_t b) {
+    c_store(c_tile(0, 1, b), cbuf);
+    const __m512 dv = _mm512_load_ps(x.d + (mt0 * kb + b) * kT);
+#pragma GCC unroll 16
+    for (int j = 0; j < kT; ++j) {
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(t.scales[j][b]), dv);
+      racc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cbuf[j])), scale, racc[j]);
     }
-    if (c + 1 < total) unpack(c + 1, abuf[(c + 1) & 1]);  // while the tile products run
-    if (c % chunks == chunks - 1) {
-      if (mts > 2)
-        scale_block(b);
-      else if (b > 0)
-        scale_block(b - 1);  // C tiles alternate: this block's products are still running
+  };
+  auto scale = [&](int64_t b) { full ? scale_full(b) : scale_block(b); };
+  // After block b's products are issued: scale it, or with alternating C tiles the block before
+  // it, whose products have had time to finish.
+  auto block_done = [&](int64_t b) {
+    if (mts > 2)
+      scale(b);
+    else if (b > 0)
+      scale(b - 1);
+  };
+  unpack(0, wbuf[0]);
+  if (bs < 128) {
+    const int per_chunk = 128 / bs;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint8_t* cur = wbuf[c & 1];
+      for (int lb = 0; lb < per_chunk; ++lb) {
+        const int64_t b = c * per_chunk + lb;
+        if (b >= kb) break;
+        _tile_loadd(1, cur + lb * bs, 128);
+        for (int mt = 0; mt < mts; ++mt) {
+          const int ct = c_tile(mt, mts, b);
+          c_zero(ct);
+          _tile_loadd(3, x.tiles + ((mt0 + mt) * kb + b) * 16 * bs, 64);
+          c_dot1(ct);
+        }
+        if (lb == 0 && c + 1 < chunks) unpack(c + 1, wbuf[(c + 1) & 1]);
+        block_done(b);
+      }
+    }
+  } else {
+    const int per_block = bs / 128;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t b = c / per_block;
+      if (c % per_block == 0)
+        for (int mt = 0; mt < mts; ++mt) c_zero(c_tile(mt, mts, b));
+      _tile_loadd(1, wbuf[c & 1], 64);
+      _tile_loadd(2, wbuf[c & 1] + kT * 64, 64);
+      for (int mt = 0; mt < mts; ++mt) {
+        const uint8_t* bt = x.tiles + ((mt0 + mt) * sub + 2 * c) * 1024;
+        _tile_loadd(3, bt, 64);
+        _tile_loadd(4, bt + 1024, 64);
+        c_dot(c_tile(mt, mts, b));
+      }
+      if (c + 1 < chunks) unpack(c + 1, wbuf[(c + 1) & 1]);  // while the tile products run
+      if (c % per_block == per_block - 1) block_done(b);
     }
   }
-  if (mts <= 2) scale_block(kb - 1);
+  if (mts <= 2) scale(kb - 1);
+  if (full)
+    for (int j = 0; j < kT; ++j) _mm512_store_ps(acc[0][j], racc[j]);
   _tile_release();
   // Zero-point term: acc[.][j][m] -= sum_b s[j, b] * (zp[j, b] - offset) * xsum[m, b].
   for (int j = 0; j < t.nr; ++j) {

@@ -77,9 +77,11 @@ void int4_tile_wide(const Weights& w, const Acts& a, const Tile& t, float* out) 
   const int chunks = w.block_size / 64;
   const uint8_t* brow[NR];
   for (int j = 0; j < NR; ++j) brow[j] = w.b + (t.n0 + j) * w.row_bytes;
-  // Software prefetch one tile ahead: the rows of a tile are only K/2 bytes long, too short for
-  // the hardware prefetcher to ramp up on each of the NR streams by itself.
-  const int64_t pf = NR * w.row_bytes;
+  // Software prefetch two tiles ahead: the rows of a tile are only K/2 bytes long, too short for
+  // the hardware prefetcher to ramp up on each of the NR streams by itself. Into L2 (T1): an L1
+  // prefetch holds an L1 fill buffer until DRAM answers, and those few buffers then cap the
+  // streaming rate (see kernels_avx512.cpp).
+  const int64_t pf = 2 * NR * w.row_bytes;
   const int8_t* xrow[MR];
   const float* drow[MR];
   for (int i = 0; i < MR; ++i) {
@@ -108,7 +110,7 @@ void int4_tile_wide(const Weights& w, const Acts& a, const Tile& t, float* out) 
       __m256i lo[NR], hi[NR];
       for (int j = 0; j < NR; ++j) {
         if ((c & 1) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(brow[j] + boff + pf), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(brow[j] + boff + pf), _MM_HINT_T1);
         __m256i v = loadu256(brow[j] + boff);
         lo[j] = _mm256_and_si256(v, m4);
         hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -134,10 +136,6 @@ void int4_tile_wide(const Weights& w, const Acts& a, const Tile& t, float* out) 
       for (int j = 0; j < NR; ++j) {
 #if QL_VNNI
         const __m256i s32 = _mm256_add_epi32(isum[i][j], isum2[i][j]);
-#ifdef QL_EXP_NOSCALE
-        acc[i][j] = _mm256_add_ps(_mm256_castsi256_ps(s32), acc[i][j]);
-        continue;
-#endif
 #else
         const __m256i s32 = _mm256_madd_epi16(isum[i][j], ones);
 #endif
@@ -163,11 +161,14 @@ void int4_tile_b32(const Weights& w, const Acts& a, const Tile& t, float* out) {
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t kb = w.k_blocks;
+  const int64_t pf = 2 * NR * w.row_bytes;  // as in int4_tile_wide
   for (int64_t b = 0; b < kb; b += 2) {
     const bool pair = b + 1 < kb;
     __m256i lo[NR], hi[NR];
     __m256 sv[NR];
     for (int j = 0; j < NR; ++j) {
+      if ((b & 3) == 0)  // once per 64-byte line
+        _mm_prefetch(reinterpret_cast<const char*>(brow[j] + b * 16 + pf), _MM_HINT_T1);
       __m256i v = pair ? loadu256(brow[j] + b * 16)
                        : _mm256_zextsi128_si256(
                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(brow[j] + b * 16)));
@@ -348,9 +349,6 @@ void apply_zero_terms(const Weights& w, const Acts& a, const Tile& t, float* out
 void int8_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   if (w.bits == 4 && w.block_size >= 64) {
     Dispatch<Int4Wide>::run(w, a, t, out);
-#ifdef QL_EXP_NOZT
-    return;
-#endif
   } else if (w.bits == 4 && w.block_size == 32) {
     Dispatch<Int4B32>::run(w, a, t, out);
   } else if (w.bits == 8 && w.block_size >= 32) {

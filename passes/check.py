@@ -30,6 +30,12 @@ def _typed_values(model: ir.Model) -> dict[str, tuple]:
     return out
 
 
+# onnxruntime contrib ops that onnxruntime registers in the default ONNX domain, where the ONNX checker,
+# which knows only the standard ops there, would reject them. The checker sees them as com.microsoft
+# ops (whose schemas it does not check); onnxruntime itself validates them when it loads the model.
+ORT_DEFAULT_DOMAIN_CONTRIB_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
 class CheckModelPass(ir.passes.InPlacePass):
     """Graph -> unchanged; raises if the ONNX checker (with full shape checking) rejects it."""
 
@@ -37,6 +43,11 @@ class CheckModelPass(ir.passes.InPlacePass):
         from onnx_ir.passes.common import _c_api_utils
 
         def check(proto: onnx.ModelProto) -> None:
+            contrib = [n for n in proto.graph.node if n.domain == "" and n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS]
+            for node in contrib:
+                node.domain = "com.microsoft"
+            if contrib and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+                proto.opset_import.add(domain="com.microsoft", version=1)
             onnx.checker.check_model(proto, full_check=True)
 
         _c_api_utils.call_onnx_api(check, model)

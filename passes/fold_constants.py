@@ -13,6 +13,8 @@ from onnx.reference import ReferenceEvaluator
 logger = logging.getLogger(__name__)
 
 # Ops whose value depends on their inputs alone (no randomness, no sequence/optional types).
+# Inputs above this size that other nodes also read are not folded: the result would be a second copy.
+SHARED_BYTES = 1024
 _SKIP_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
@@ -44,6 +46,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
                 continue
             if sum(o.nbytes for o in outputs) > sum(v.const_value.nbytes for v in inputs):
                 continue  # folding must not grow the model (a Cast of fp16-stored weights to fp32, say)
+            if any(v.const_value.nbytes > SHARED_BYTES and any(u.node is not node for u in v.uses()) for v in inputs):
+                continue  # an input another node still reads would be stored twice (a tied head's table)
             for value, array in zip(node.outputs, outputs, strict=True):
                 folded = ir.Value(
                     name=f"{value.name}.folded",

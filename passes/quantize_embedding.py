@@ -14,6 +14,8 @@ packed the same way, absent for symmetric (implicit 2^(bits-1)).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 
@@ -21,6 +23,8 @@ from quantlab.passes.graph_utils import add_initializer, replace_node
 from quantlab.passes.quantize_weights import OnePerLinear
 from quantlab.quant.rtn import QuantizedWeight, rtn_quantize
 from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
+
+logger = logging.getLogger(__name__)
 
 EMBEDDING = "model.embed_tokens.weight"
 # Rows quantized at a time, to bound the float temporaries for a large vocabulary.
@@ -69,9 +73,12 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         for node in graph:
             if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
                 continue
-            table = _source_initializer(node.inputs[0])
+            table = source_initializer(node.inputs[0])
             if table is None or table.name != EMBEDDING:
                 continue
+            if len(node.inputs[0].uses()) > 1:  # a tied head reads it too: a quantized copy would be a second table
+                logger.info("%s is shared with the head: left in float, as the head is", EMBEDDING)
+                return ir.passes.PassResult(model, False)
             vocab, hidden = table.shape
             self._replace(graph, node, table, vocab, hidden)
             model.opset_imports.setdefault("com.microsoft", 1)
@@ -124,7 +131,7 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         replace_node(graph, node, new)
 
 
-def _source_initializer(value: ir.Value | None) -> ir.Value | None:
+def source_initializer(value: ir.Value | None) -> ir.Value | None:
     """The initializer behind a Gather's data: itself, or under the Cast of fp16 weight storage."""
     if value is None:
         return None

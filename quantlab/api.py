@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import shutil
@@ -23,17 +24,20 @@ import onnx_ir as ir
 
 from quantlab.build.decoder import ATTENTION_KINDS, BuildOptions, build_decoder
 from quantlab.build.kv_cache import KvCacheFormat, collect_key_scales, parse_kv_cache, static_cache_ranges
-from quantlab.emit.artifact import estimate_artifact_bytes, save_model, write_artifact
+from quantlab.emit.artifact import count_parameters, estimate_artifact_bytes, save_model, write_artifact
 from quantlab.emit.staging import check_free_space, remove_stale_temporaries, temporary_prefix
-from quantlab.errors import InputError, QualityBudgetError
+from quantlab.errors import InputError, QualityBudgetError, SizeOverrunError
 from quantlab.io import Checkpoint, load_checkpoint
 from quantlab.passes.check import CheckModelPass, InferShapesPass
 from quantlab.passes.dead_nodes import RemoveDeadNodesPass
 from quantlab.passes.fold_constants import FoldConstantsPass
+from quantlab.passes.keep_source_quantization import KeepSourceQuantizationPass
 from quantlab.passes.manager import run_passes
 from quantlab.passes.quantize_dynamic import QuantizeDynamicInt8Pass
 from quantlab.passes.quantize_embedding import QuantizeEmbeddingPass
 from quantlab.passes.quantize_weights import QuantizeWeightsPass, quantizable_linears
+from quantlab.passes.share_tied_embedding import ShareTiedEmbeddingPass
+from quantlab.quant.scheme import parse_scheme
 from quantlab.recipe import Recipe, load_recipe
 from quantlab.runtime.generate import GREEDY, BoundedCache, OrtDecoder, SamplingConfig, generate
 
@@ -45,6 +49,8 @@ EVAL_SEED_OFFSET = 1_000_003
 # A -smooth KV cache calibrates its key channel scales on this many sequences (of the recipe's
 # calibration seq_len) sampled from the fp32 model, when no calibration data is given.
 KV_CALIB_SAMPLES = 8
+# convert --max-size: choices made again when the written artifact overshoots the estimate
+FIT_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,26 +70,64 @@ class QualityBudget:
             raise QualityBudgetError("; ".join(misses) + f" (over {report['tokens']} tokens; nothing written)")
 
 
+def default_attention(recipe: Recipe) -> str:
+    """``auto``: the graph onnxruntime runs fastest (``fused``: GroupQueryAttention with RotaryEmbedding,
+    fused q/k/v and gate/up linears, fused norms), unless the recipe asks for something only the plain
+    graph has: a quantized cache with per-token scales (a static one needs ``--attention fused``
+    explicitly, since it changes the cache format) or standard-ONNX ``qdq`` weights for other runtimes."""
+    if parse_kv_cache(recipe.kv_cache).quantized or recipe.format == "qdq":
+        return "plain"
+    return "fused"
+
+
+def fusion_pipeline(attention: str, recipe: Recipe) -> list[ir.passes.PassBase]:
+    """onnxruntime's fused kernels, for the graph built for them (``attention="fused"``): one MatMulNBits
+    per group of linears reading one input (q/k/v, gate/up), and RMSNorm with its residual Add as one node.
+    The plain graph stays standard opset-21 ONNX.
+
+    The norms stay unfused in front of int8-accuracy MatMulNBits (accuracy_level 4): there onnxruntime
+    1.32 gives other results when the linear's input comes from SkipSimplifiedLayerNormalization (stories260K
+    logits 0.27 apart from the unfused graph, though every intermediate value agrees when read out as a graph
+    output, and bit-exact at accuracy level 0 and in fp32); until that is understood, no fusion that
+    changes a model's outputs."""
+    if attention != "fused":
+        return []
+    from quantlab.passes.fuse_matmul_nbits import FuseParallelMatMulNBitsPass
+    from quantlab.passes.fuse_norms import FuseRmsNormPass
+
+    int8_linears = recipe.scheme is not None and recipe.accuracy_level == 4
+    return [FuseParallelMatMulNBitsPass()] + ([] if int8_linears else [FuseRmsNormPass()])
+
+
 def cleanup_pipeline() -> list[ir.passes.PassBase]:
     """The passes every artifact goes through last, top to bottom."""
     return [RemoveDeadNodesPass(), FoldConstantsPass(), RemoveDeadNodesPass(), InferShapesPass(), CheckModelPass()]
 
 
 def quantization_pipeline(
-    model: ir.Model, recipe: Recipe, calibration=None, prequantized=None, *, embedding: bool = True
+    model: ir.Model,
+    recipe: Recipe,
+    calibration=None,
+    prequantized=None,
+    *,
+    embedding: bool = True,
+    tied: bool = False,
+    source=None,
 ) -> list[ir.passes.PassBase]:
     """The weight passes a recipe asks for (empty for a float recipe); ``prequantized`` (a checkpoint's
     trained codes by linear name) are emitted as they are. ``embedding=False`` leaves out the token
-    embedding's pass, for a graph without one (calibration's single decoder layer)."""
+    embedding's pass, for a graph without one (calibration's single decoder layer). ``tied``: the head is
+    the embedding table (``spec.tie_word_embeddings``), and both read one tensor with the head's scheme."""
+    # source: a GGUF's own codes (recipe keep_source, a SourceQuantization), emitted without rounding
+    kept = [KeepSourceQuantizationPass(source, accuracy_level=recipe.accuracy_level)] if source is not None else []
     if recipe.scheme is None:
-        return []
+        return kept + ([ShareTiedEmbeddingPass()] if tied and embedding else [])
+    share = [ShareTiedEmbeddingPass(recipe.scheme_for("lm_head"), recipe.embedding)] if tied and embedding else []
     schemes = {name: recipe.scheme_for(name) for name in quantizable_linears(model)}
     weight_only = {n: s for n, s in schemes.items() if s is not None and s.weight_only}
-    pipeline: list[ir.passes.PassBase] = []
+    pipeline: list[ir.passes.PassBase] = [*kept]  # kept codes first: the rest is rounded (convert --max-size)
     if calibration is not None and calibration.int8:
         pipeline.append(QuantizeDynamicInt8Pass(calibration.int8))
-    if recipe.embedding is not None and embedding:
-        pipeline.append(QuantizeEmbeddingPass(recipe.embedding))
     pipeline.append(
         QuantizeWeightsPass(
             weight_only,
@@ -95,6 +139,9 @@ def quantization_pipeline(
             accuracy_level=recipe.accuracy_level,
         )
     )
+    pipeline += share  # before the embedding's pass, which then finds no table of its own to quantize
+    if recipe.embedding is not None and embedding:
+        pipeline.append(QuantizeEmbeddingPass(recipe.embedding))
     return pipeline
 
 
@@ -183,11 +230,29 @@ def prequantized_recipe(prequantized, requested: Recipe) -> Recipe:
     return dataclasses.replace(stored, weight_dtype=requested.weight_dtype, kv_cache=requested.kv_cache)
 
 
+def source_quantization(ckpt: Checkpoint):
+    """What ``--recipe source`` keeps of the checkpoint's own quantization, tensor by tensor (logged)."""
+    plan = getattr(ckpt.tensors, "source_quantization", None)
+    if plan is None:
+        raise InputError(
+            ckpt.source_files[0] if ckpt.source_files else None,
+            "--recipe",
+            f"source keeps a GGUF's own quantization; this checkpoint is {ckpt.source_format}",
+        )
+    plan = plan(tied=ckpt.spec.tie_word_embeddings)
+    for name, layout in plan.kept.items():
+        logger.info("%s: %s kept as %s", name, layout.ggml_type, layout.describe())
+    for name, reason in plan.not_kept.items():
+        logger.info("%s: %s not kept: %s", name, plan.source_types[name], reason)
+    return plan
+
+
 ATTENTION_DESCRIPTIONS = {
     "plain": {"kind": "plain", "ops": "MatMul / Softmax (plain ONNX, any runtime)"},
     "fused": {
         "kind": "fused",
-        "ops": "com.microsoft.GroupQueryAttention (onnxruntime only; RoPE and q/k norm as plain ops before it)",
+        "ops": "com.microsoft.GroupQueryAttention + RotaryEmbedding, fused q/k/v and gate/up MatMulNBits, "
+        "SkipSimplifiedLayerNormalization (onnxruntime and onnxruntime-genai only)",
     },
 }
 
@@ -216,7 +281,7 @@ def convert(
     weight_dtype: str | None = None,
     kv_cache: str | None = None,
     kv_residual: int | None = None,
-    attention: str = "plain",
+    attention: str = "auto",
     calib: str | None = None,
     calib_from_model: int | None = None,
     budget: QualityBudget | None = None,
@@ -227,6 +292,8 @@ def convert(
     dump_ir: str | os.PathLike | None = None,
     progress: bool = True,
     resume: bool = False,
+    max_size: int | None = None,
+    bpw: float | None = None,
 ) -> Path:
     """Checkpoint -> artifact folder. Raises InputError on bad input, QualityBudgetError on a missed budget.
 
@@ -234,7 +301,9 @@ def convert(
     ``-r<N>`` in it. ``attention="fused"`` builds onnxruntime's GroupQueryAttention (a quantized cache then
     is int8-static / int4-static: see :func:`fused_cache_format`). A calibration saves each finished layer
     beside the output (``.{out}.resume/``); ``resume=True`` continues from there after an interruption,
-    refusing when any input differs.
+    refusing when any input differs. ``max_size`` (bytes of model.onnx + model.onnx.data) chooses every
+    weight's scheme from measured sensitivity under that size (:mod:`quantlab.fit`); ``bpw`` is the same
+    size as bits per parameter of the source model (a tied head counted once).
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if weight_dtype is not None:
@@ -250,8 +319,10 @@ def convert(
             recipe = dataclasses.replace(recipe, kv_cache=str(residual))
         except ValueError as e:
             raise InputError(None, "--kv-residual", str(e)) from e
+    if attention == "auto":
+        attention = default_attention(recipe)
     if attention not in ATTENTION_KINDS:
-        raise InputError(None, "--attention", f"must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+        raise InputError(None, "--attention", f"must be auto or one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
     if attention == "fused":
         try:
             recipe = dataclasses.replace(recipe, kv_cache=str(fused_cache_format(parse_kv_cache(recipe.kv_cache))))
@@ -260,6 +331,16 @@ def convert(
     kv_format = parse_kv_cache(recipe.kv_cache)
     # a quantized weight or cache is measured against the fp32 model
     lossy = recipe.scheme is not None or kv_format.quantized
+    if max_size is not None and bpw is not None:
+        raise InputError(None, "--bpw", "give --max-size or --bpw, not both")
+    if bpw is not None and not bpw > 0:
+        raise InputError(None, "--bpw", f"must be positive, got {bpw}")
+    if max_size is not None or bpw is not None:  # the choose stage gives every weight its scheme
+        if recipe.scheme is not None:
+            raise InputError(None, "--max-size", f"chooses the weight schemes itself; drop --recipe {recipe.name}")
+        from quantlab.fit.choose import LINEAR_LADDER
+
+        recipe, lossy = dataclasses.replace(recipe, scheme=parse_scheme(LINEAR_LADDER[0])), True  # until chosen
     if calib is not None and calib_from_model is not None:
         raise InputError(None, "--calib", "give --calib FILE or --calib-from-model N, not both")
     if recipe.needs_calibration and calib is None and calib_from_model is None:
@@ -272,16 +353,22 @@ def convert(
     if calib_from_model is not None and calib_from_model < 1:
         raise InputError(None, "--calib-from-model", "must be >= 1")
     ckpt = load_checkpoint(source, allow_pickle=allow_pickle, tokenizer_path=tokenizer)
+    if bpw is not None:
+        max_size = int(bpw * count_parameters(ckpt) / 8)
     if ckpt.prequantized is not None:  # a distilled student: its trained integers, not a new rounding
         recipe = prequantized_recipe(ckpt.prequantized, recipe)
         lossy = True
+    source = source_quantization(ckpt) if recipe.keep_source else None
+    lossy = lossy or source is not None
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise InputError(out, None, "output already exists (pass --force to replace it)")
     budget = budget or QualityBudget()
     gated = budget.max_kld is not None or budget.min_top1 is not None
     cache_calibrated = kv_format.smooth_keys or kv_format.static
-    needs_baseline = calib_from_model is not None or cache_calibrated or (lossy and (evaluate_quality or gated))
+    measured = lossy and (evaluate_quality or gated)
+    # the choose stage (max_size) measures against the fp32 model too
+    needs_baseline = calib_from_model is not None or cache_calibrated or max_size is not None or measured
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(out):
         logger.warning("removed %s, left by an interrupted conversion", stale)
@@ -331,6 +418,8 @@ def convert(
                 key_scales = collect_key_scales(kv_decoder, kv_ids, interleaved)
             extra["kv_cache_calibration"] = kv_data.describe()
         extra["attention"] = ATTENTION_DESCRIPTIONS[attention]
+        if source is not None:
+            extra["source_quantization"] = source.describe()
         options = BuildOptions(
             weight_dtype=recipe.weight_dtype,
             kv_cache=kv_format,
@@ -338,28 +427,48 @@ def convert(
             value_channel_scales=value_scales,
             attention=attention,
         )
-        model = build_decoder(ckpt_for_build, options)
+        fit = None
+        if max_size is not None:  # choose: per-tensor schemes from measured sensitivity, under the size
+            from quantlab.fit.choose import choose_under_size
+
+            fit = choose_under_size(ckpt, baseline, max_size, recipe, seed=recipe.calibration.seed, options=options)
         prequantized = ckpt.prequantized.weights if ckpt.prequantized is not None else None
-        pipeline = quantization_pipeline(model, recipe, calibration, prequantized) + cleanup_pipeline()
-        model, records = run_passes(model, pipeline, dump_dir=dump_ir)
+        for attempt in itertools.count(1):
+            if fit is not None:
+                recipe, prequantized, source = fit.recipe, fit.quantized, fit.source
+            model = build_decoder(ckpt_for_build, options)
+            tied = ckpt.spec.tie_word_embeddings
+            pipeline = quantization_pipeline(model, recipe, calibration, prequantized, tied=tied, source=source)
+            pipeline += fusion_pipeline(attention, recipe) + cleanup_pipeline()
+            model, records = run_passes(model, pipeline, dump_dir=dump_ir)
 
-        def check(stage: Path) -> dict:
-            if baseline is None or not lossy or not (evaluate_quality or gated):
-                return {}
-            return {"quality": measure_quality(stage, baseline, ckpt, budget, recipe.calibration.seed, progress)}
+            def check(stage: Path, fit=fit, recipe=recipe) -> dict:
+                measured = {"fit": fit.check_size(stage)} if fit is not None else {}  # never over the size
+                if baseline is None or not lossy or not (evaluate_quality or gated):
+                    return measured
+                quality = measure_quality(stage, baseline, ckpt, budget, recipe.calibration.seed, progress)
+                return {**measured, "quality": quality}
 
-        written = write_artifact(
-            model,
-            ckpt_for_build,
-            out,
-            recipe=recipe.to_dict(),
-            passes=records,
-            overwrite=overwrite,
-            progress=progress,
-            extra_manifest=extra,
-            check=check,
-            kv_cache=kv_format,
-        )
+            try:
+                written = write_artifact(
+                    model,
+                    ckpt_for_build,
+                    out,
+                    recipe=recipe.to_dict(),
+                    passes=records,
+                    overwrite=overwrite,
+                    progress=progress,
+                    extra_manifest=extra,
+                    check=check,
+                    kv_cache=kv_format,
+                )
+                break
+            except SizeOverrunError as e:  # the estimate missed: choose again with the overshoot taken off
+                if attempt >= FIT_ATTEMPTS:
+                    raise InputError(None, "--max-size", f"{e}; nothing written") from e
+                from quantlab.fit.choose import shrink
+
+                fit = shrink(fit, e.written)
         if checkpoints is not None:
             checkpoints.discard()
         return written

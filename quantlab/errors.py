@@ -35,3 +35,11 @@ class QualityBudgetError(Exception):
 
     The CLI prints the measured figures against the budget and exits 3; nothing is written.
     """
+
+
+class SizeOverrunError(Exception):
+    """An artifact written under ``--max-size`` came out larger than the size; it is not kept."""
+
+    def __init__(self, written: int, budget: int):
+        self.written, self.budget = written, budget
+        super().__init__(f"the artifact came to {written / 1e6:.3f} MB, over {budget / 1e6:.3f} MB")

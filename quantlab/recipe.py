@@ -10,6 +10,7 @@ TOML/YAML file with a strict schema (unknown keys are errors):
     lm_head = "w8a16-g128-asym"      # or "none" to keep the head in full precision
     embedding = "w8a16-g64-asym"     # the token embedding table, or "none"
     kv_cache = "int8"                # the KV cache: fp32 | int8 | int4-g32 | kivi2 ... (quantlab.build.kv_cache)
+    keep_source = false              # true (no scheme): a GGUF's own quantized codes as they are (--recipe source)
 
     [[override]]                     # first match wins; patterns are fnmatch on linear names
     pattern = "model.layers.*.mlp.down_proj"
@@ -54,6 +55,8 @@ from quantlab.quant.scheme import QuantScheme, parse_scheme
 FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
 FLOAT_RECIPES = {"fp32": "fp32", "fp16": "fp16"}
+# --recipe source: keep a GGUF's own quantization (Recipe.keep_source)
+SOURCE_RECIPE = "source"
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class Recipe:
     gptq: GptqOptions = GptqOptions()
     awq: AwqOptions = AwqOptions()
     smoothquant: SmoothQuantOptions = SmoothQuantOptions()
+    # emit the checkpoint's own quantized codes (a GGUF's blocks) as they are; see passes/keep_source_quantization.py
+    keep_source: bool = False
 
     @property
     def method(self) -> str:
@@ -142,6 +147,8 @@ class Recipe:
         }
         if self.scheme is not None:
             d["scheme"] = str(self.scheme)
+        if self.keep_source:
+            d["keep_source"] = True
         for key in _SECTIONS:
             d[key] = dataclasses.asdict(getattr(self, key))
         return d
@@ -162,6 +169,7 @@ _TOP_KEYS = {
     "smoothquant",
     "weight_dtype",
     "kv_cache",
+    "keep_source",
 }
 _SECTIONS = {
     "calibration": CalibrationConfig,
@@ -248,7 +256,12 @@ def recipe_from_dict(raw: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
     except ValueError as e:
         raise InputError(path, "kv_cache", str(e)) from e
     sections = {k: _section(cls, raw[k], path, k) for k, cls in _SECTIONS.items() if k in raw}
-    name = raw.get("name") or (str(scheme) if scheme else weight_dtype)
+    keep_source = raw.get("keep_source", False)
+    if not isinstance(keep_source, bool):
+        raise InputError(path, "keep_source", f"expected true or false, got {keep_source!r}")
+    if keep_source and scheme is not None:
+        raise InputError(path, "scheme", "keep_source emits the checkpoint's own codes: give no scheme")
+    name = raw.get("name") or (str(scheme) if scheme else SOURCE_RECIPE if keep_source else weight_dtype)
     return Recipe(
         name=str(name),
         scheme=scheme,
@@ -259,6 +272,7 @@ def recipe_from_dict(raw: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
         embedding=embedding,
         overrides=tuple(overrides),
         kv_cache=kv_cache,
+        keep_source=keep_source,
         **sections,
     )
 
@@ -284,6 +298,8 @@ def load_recipe(spec: str) -> Recipe:
         except Exception as e:  # a parse error is the user's input, whatever the parser
             raise InputError(path, None, f"cannot parse recipe: {e}") from e
         return recipe_from_dict(raw, path)
+    if spec == SOURCE_RECIPE:
+        return recipe_from_dict({"name": SOURCE_RECIPE, "keep_source": True}, "--recipe")
     if spec in FLOAT_RECIPES:
         return Recipe(name=spec, scheme=None, weight_dtype=FLOAT_RECIPES[spec])
     return recipe_from_dict({"scheme": spec}, "--recipe")

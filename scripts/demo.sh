@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the default model: install, fetch SmolLM2-135M-Instruct (GGUF), convert it to ONNX,
-# chat with it, and describe the artifact.
+# The main job on the default model: install, fetch SmolLM2-135M-Instruct (GGUF), convert it to ONNX in
+# fp32 and as the best artifact under llama.cpp q4_K_M's size, chat with both, and print size, time per
+# token and quality loss (KL divergence against the fp32 model) side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -21,5 +22,10 @@ if [ ! -f "$GGUF" ]; then
 fi
 
 quantlab convert "$GGUF" -o out/smollm2-fp32 --force
-quantlab generate out/smollm2-fp32 --prompt "What is the capital of France?" --chat --greedy --max-new-tokens 32
-quantlab inspect out/smollm2-fp32
+quantlab convert "$GGUF" -o out/smollm2-best --max-size 105.5MB --force
+for art in out/smollm2-fp32 out/smollm2-best; do
+  quantlab generate "$art" --prompt "What is the capital of France?" --chat --greedy --max-new-tokens 32
+done
+quantlab inspect out/smollm2-best
+quantlab bench out/smollm2-fp32 out/smollm2-best --baseline out/smollm2-fp32 --backend onnxruntime \
+  --prompt-len 64 --gen 32 --runs 3 --threads 2

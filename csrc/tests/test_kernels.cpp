@@ -234,6 +234,10 @@ int main(int argc, char** argv) {
   run_case(Case{9, 4096, 37, 4, 128, true, true, QL_F32, 2}, rng);
   run_case(Case{40, 1000, 35, 4, 256, true, false, QL_F32, 3}, rng);  // AMX: 16 + 16 + 8 rows
   run_case(Case{33, 520, 19, 4, 128, false, true, QL_F16, 2}, rng);
+  // AMX with small blocks: four activation tiles (no alternating C tiles), a partial last chunk.
+  run_case(Case{64, 1000, 35, 4, 32, true, true, QL_F32, 2}, rng);
+  run_case(Case{9, 4096, 37, 4, 16, false, true, QL_F32, 1}, rng);
+  run_case(Case{40, 520, 19, 4, 64, true, false, QL_F32, 3}, rng);
   // Argument errors come back as status codes.
   {
     ql_matmul_nbits_args a{};

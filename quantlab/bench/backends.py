@@ -9,6 +9,11 @@ A session does greedy decoding only and keeps its own KV cache:
     mark() / rewind()    remember the cache length / go back to it (the context sweep decodes several
                          times from one long prefill)
     info()               facts for the JSON (providers, loader, weight bytes, cache type)
+
+A backend marked ``batched`` opens sessions that also run B sequences through one cache (``--batch``):
+
+    prefill_batch(prompts, chunk)  reset, run the prompts (left-padded), return each one's next id
+    decode_batch(tokens)           one step for every sequence, return their next ids
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Backend:
     open: Callable[..., Session]  # open(path, *, threads, max_tokens) -> Session, in the worker
     # optional: measured where present; where absent it is a note, not a row per target (unless asked for)
     optional: bool = False
+    batched: bool = False  # its sessions have prefill_batch / decode_batch (see the module docstring)
+    rewinds: bool = True  # its sessions mark/rewind; else a context sweep prefills again for every run
 
 
 # --- onnxruntime and anything with OrtDecoder's interface --------------------------------------------------
@@ -69,7 +76,9 @@ class DecoderSession:
         self.vocab_size = vocab_size
         self._info = info
         self.cache = decoder.empty_cache()
-        self.marked = self.cache
+        # batched: the attention mask (batch, total) and each sequence's last position (batch, 1)
+        self.mask = self.positions = None
+        self.marked = (self.cache, None, None)
 
     def prefill(self, ids: Sequence[int], chunk: int) -> int:
         self.cache = self.decoder.empty_cache()
@@ -83,11 +92,34 @@ class DecoderSession:
         logits, self.cache = self.decoder.forward(np.asarray([[token]], dtype=np.int64), self.cache)
         return int(np.argmax(logits[0, -1]))
 
+    def prefill_batch(self, prompts: Sequence[Sequence[int]], chunk: int) -> list[int]:
+        from quantlab.runtime.generate import left_pad
+
+        ids, mask, positions = left_pad(prompts)  # (batch, longest) each
+        self.cache = self.decoder.empty_cache(len(prompts))
+        for start in range(0, ids.shape[1], chunk):
+            end = start + chunk
+            logits, self.cache = self.decoder.forward(
+                ids[:, start:end], self.cache, attention_mask=mask[:, :end], position_ids=positions[:, start:end]
+            )
+        self.mask, self.positions = mask, positions[:, -1:]
+        return np.argmax(logits[:, -1], axis=-1).tolist()
+
+    def decode_batch(self, tokens: Sequence[int]) -> list[int]:
+        self.positions = self.positions + 1
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
+        step = np.asarray(tokens, dtype=np.int64)[:, None]  # (batch, 1)
+        logits, self.cache = self.decoder.forward(
+            step, self.cache, attention_mask=self.mask, position_ids=self.positions
+        )
+        return np.argmax(logits[:, -1], axis=-1).tolist()
+
     def mark(self) -> None:
-        self.marked = self.cache  # the forward returns new arrays: holding the old dict is enough
+        # the forward returns new arrays: holding the old dict (and mask, positions) is enough
+        self.marked = (self.cache, self.mask, self.positions)
 
     def rewind(self) -> None:
-        self.cache = self.marked
+        self.cache, self.mask, self.positions = self.marked
 
     def info(self) -> dict:
         return self._info
@@ -256,52 +288,176 @@ def _open_transformers(dtype: str):
     return open_
 
 
-# --- llama.cpp ------------------------------------------------------------------------------------------------
+# --- onnxruntime-genai ---------------------------------------------------------------------------------------
 
 
-class LlamaCppSession:
+class GenaiSession:
+    """onnxruntime-genai's own generation loop (greedy search) on any folder with a genai_config.json:
+    the model builder's output, or a quantlab artifact. genai keeps the KV cache and the positions.
+
+    ``generate_next_token`` runs the model on the token it picked last time (none after
+    ``append_tokens``, which runs the prompt) and then picks the next one: so the prefill is
+    append_tokens + a pick, and each decode step is one forward + a pick, as in the other sessions.
+    """
+
     def __init__(self, path: Path, threads: int, max_tokens: int):
-        from llama_cpp import Llama
+        import json
 
-        self.llm = Llama(
-            model_path=os.fspath(path),
-            n_ctx=max_tokens,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=512,
-            logits_all=False,
-            verbose=False,
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(os.fspath(path))
+        config.clear_providers()  # the CPU; the builder's config may name another provider
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+        self.max_length = max_tokens
+        self.vocab_size = _vocab(path)
+        self.pad_id = json.loads((path / "genai_config.json").read_text(encoding="utf-8"))["model"].get("pad_token_id")
+        self.generator = None
+        self._info = {"onnxruntime_genai": og.__version__, "intra_op_threads": threads, "search": "greedy"}
+
+    def _start(self, prompts: Sequence[Sequence[int]]):
+        if any(self.pad_id in p for p in prompts):  # genai would mask it out as padding: another prompt
+            raise ValueError(f"the prompt holds the pad id {self.pad_id}, which onnxruntime-genai masks out")
+        batch = len(prompts)
+        params = self.og.GeneratorParams(self.model)
+        # genai stops for good at end-of-sequence (later steps do nothing, fast); min_length = max_length
+        # masks it out instead, so every step runs: the one way this loop differs from the other sessions'
+        params.set_search_options(
+            max_length=self.max_length, min_length=self.max_length, do_sample=False, batch_size=batch
         )
-        self.vocab_size = int(self.llm.n_vocab())
-        self.marked = 0
-        import llama_cpp
-
-        self._info = {
-            "llama_cpp": llama_cpp.__version__,
-            "threads": threads,
-            "weight_bytes_per_step": gguf_weight_bytes(path),
-        }
-
-    def _next(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        self.generator = self.og.Generator(self.model, params)
 
     def prefill(self, ids: Sequence[int], chunk: int) -> int:
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return self._next()
+        self._start([ids])
+        self.generator.append_tokens(np.asarray(ids, dtype=np.int32))  # genai runs the prompt in one forward
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
 
-    def decode(self, token: int) -> int:
-        self.llm.eval([token])
-        return self._next()
+    def decode(self, token: int) -> int:  # noqa: ARG002 (genai feeds the token it picked: the same, greedy)
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
 
+    def prefill_batch(self, prompts: Sequence[Sequence[int]], chunk: int) -> list[int]:
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("the onnxruntime-genai session batches prompts of one length only (no padding)")
+        self._start(prompts)
+        self.generator.append_tokens(np.asarray(prompts, dtype=np.int32))  # (batch, prompt_len)
+        self.generator.generate_next_token()
+        return [int(t) for t in self.generator.get_next_tokens()]
+
+    def decode_batch(self, tokens: Sequence[int]) -> list[int]:  # noqa: ARG002 (genai feeds its own picks)
+        self.generator.generate_next_token()
+        return [int(t) for t in self.generator.get_next_tokens()]
+
+    # No mark/rewind (Backend.rewinds=False): after genai's rewind_to(n) the next generate_next_token
+    # runs two forwards (token n-1 again, then the one it picks), so a timed step would be two steps.
     def mark(self) -> None:
-        self.marked = self.llm.n_tokens
+        raise NotImplementedError("onnxruntime-genai sessions prefill again for every run")
 
-    def rewind(self) -> None:
-        self.llm.n_tokens = self.marked  # eval() drops the cache beyond n_tokens before it writes
+    rewind = mark
 
     def info(self) -> dict:
         return self._info
+
+
+def _genai_unavailable() -> str | None:
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+    return None
+
+
+def _has_genai_config(t: Target) -> bool:
+    return t.kind == ARTIFACT and (t.path / "genai_config.json").is_file()
+
+
+# --- llama.cpp ------------------------------------------------------------------------------------------------
+
+
+# The CPUs this runs on report AMX, and llama.cpp then puts quantized weights in its AMX buffer type,
+# whose matmul dies with SIGSEGV here (ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36, any GGUF).
+# use_extra_bufts=False turns off the extra weight buffer types (AMX and the x86 REPACK layouts) and
+# leaves ggml's ordinary CPU kernels, as llama.cpp's --no-repack does; it is recorded in every row.
+LLAMA_CPP_EXTRA_BUFTS = False
+_LLAMA_LOG_NOTHING = None  # the C callback that drops llama.cpp's log lines, made on first use
+
+
+def _llama_log_nothing():
+    global _LLAMA_LOG_NOTHING
+    if _LLAMA_LOG_NOTHING is None:
+        import llama_cpp
+
+        _LLAMA_LOG_NOTHING = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    return _LLAMA_LOG_NOTHING
+
+
+class LlamaCppSession:
+    """llama.cpp through llama-cpp-python's C API (the ``Llama`` class cannot turn the extra buffer types
+    off, and with ``logits_all=False`` it no longer keeps the logits): one sequence, greedy."""
+
+    def __init__(self, path: Path, threads: int, max_tokens: int):
+        import llama_cpp
+
+        self.lib = llama_cpp
+        llama_cpp.llama_log_set(_llama_log_nothing(), None)  # its load log would fill the worker's stderr
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = LLAMA_CPP_EXTRA_BUFTS
+        self.model = llama_cpp.llama_model_load_from_file(os.fspath(path).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = max_tokens
+        ctx_params.n_batch = ctx_params.n_ubatch = 512
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
+        self.n_tokens = self.marked = 0
+        self._info = {
+            "llama_cpp": llama_cpp.__version__,
+            "threads": threads,
+            "use_extra_bufts": LLAMA_CPP_EXTRA_BUFTS,
+            "weight_bytes_per_step": gguf_weight_bytes(path),
+        }
+
+    def _eval(self, ids: Sequence[int], chunk: int = 512) -> int:
+        """Run ``ids`` after the cache (``chunk`` per llama_decode) and return the argmax of the last logits."""
+        for start in range(0, len(ids), chunk):
+            part = list(ids[start : start + chunk])
+            tokens = (self.lib.llama_token * len(part))(*part)
+            rc = self.lib.llama_decode(self.ctx, self.lib.llama_batch_get_one(tokens, len(part)))
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            self.n_tokens += len(part)
+        logits = self.lib.llama_get_logits_ith(self.ctx, -1)  # (vocab,) f32 of the batch's last token
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.vocab_size,))))
+
+    def _drop_after(self, length: int) -> None:
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), 0, length, -1)
+        self.n_tokens = length
+
+    def prefill(self, ids: Sequence[int], chunk: int) -> int:
+        self._drop_after(0)
+        return self._eval(ids, min(chunk, 512))
+
+    def decode(self, token: int) -> int:
+        return self._eval([token])
+
+    def mark(self) -> None:
+        self.marked = self.n_tokens
+
+    def rewind(self) -> None:
+        self._drop_after(self.marked)
+
+    def info(self) -> dict:
+        return self._info
+
+    def __del__(self):
+        lib = getattr(self, "lib", None)
+        if lib is not None:
+            lib.llama_free(self.ctx)
+            lib.llama_model_free(self.model)
 
 
 def gguf_weight_bytes(path: Path) -> int:
@@ -333,7 +489,12 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in [
         Backend(
-            "onnxruntime", "onnxruntime CPUExecutionProvider on the artifact", _is_artifact, lambda: None, _open_ort
+            "onnxruntime",
+            "onnxruntime CPUExecutionProvider on the artifact",
+            _is_artifact,
+            lambda: None,
+            _open_ort,
+            batched=True,
         ),
         Backend(
             "onnxruntime-cuda",
@@ -346,9 +507,18 @@ BACKENDS: dict[str, Backend] = {
         Backend(
             "torch-kernels",
             "torch with quantlab's matmul_nbits kernels, on quantized artifacts",
-            lambda t: t.kind == ARTIFACT and t.quantized,
+            lambda t: t.kind == ARTIFACT and t.quantized and t.producer == "quantlab",
             _torch_kernels_unavailable,
             _open_torch_kernels,
+        ),
+        Backend(
+            "onnxruntime-genai",
+            "onnxruntime-genai's generation loop (greedy search, its own KV cache) on the artifact",
+            _has_genai_config,
+            _genai_unavailable,
+            lambda path, *, threads, max_tokens: GenaiSession(path, threads, max_tokens),
+            batched=True,
+            rewinds=False,
         ),
         Backend(
             "transformers-fp32",

@@ -37,10 +37,30 @@ def _mb(value) -> str:
     return "-" if value is None else f"{value / 1e6:.0f}" if value >= 1e8 else f"{value / 1e6:.1f}"
 
 
-def row_cells(row: dict, notes: dict[str, int]) -> list[str]:
-    """One result as table cells (see COLUMNS). A row that did not run says so in its TTFT cell with a
-    footnote number; ``notes`` maps each distinct reason to its number (filled in here)."""
-    cells = [row["variant"], row["backend"], _num(row.get("threads"), "d")]
+def columns(doc: dict) -> tuple[str, ...]:
+    """COLUMNS, with a "batch" column after "threads" when the run measured batches (``--batch``): then
+    "tok/s" is the whole batch's, batch / TPOT."""
+    if any(r.get("batch", 1) != 1 for r in doc["results"]):
+        return COLUMNS[:3] + ("batch",) + COLUMNS[3:]
+    return COLUMNS
+
+
+def mixes_attention(doc: dict) -> bool:
+    """Whether the run holds plain and fused-attention graphs (--attention): then each variant says which."""
+    return len({r.get("attention") for r in doc["results"] if r.get("attention")}) > 1
+
+
+def _variant(row: dict, attention: bool) -> str:
+    return row["variant"] + (f" {row['attention']}" if attention and row.get("attention") else "")
+
+
+def row_cells(row: dict, notes: dict[str, int], batch: bool = False, attention: bool = False) -> list[str]:
+    """One result as table cells (see COLUMNS; with ``batch``, see :func:`columns`). A row that did not
+    run says so in its TTFT cell with a footnote number; ``notes`` maps each distinct reason to its
+    number (filled in here)."""
+    cells = [_variant(row, attention), row["backend"], _num(row.get("threads"), "d")]
+    if batch:
+        cells.append(str(row.get("batch", 1)))
     if row["status"] != "ok":
         number = notes.setdefault(f"{row['backend']}: {row['reason']}", len(notes) + 1)
         return cells + [f"{row['status']} [{number}]"] + ["-"] * (len(COLUMNS) - 4)
@@ -90,8 +110,9 @@ def text_table(doc: dict) -> str:
     blocks = []
     for (model, context), rows in _groups(doc).items():
         notes: dict[str, int] = {}
-        table = [list(COLUMNS)] + [row_cells(r, notes) for r in rows]
-        widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+        head = columns(doc)
+        table = [list(head)] + [row_cells(r, notes, len(head) > len(COLUMNS), mixes_attention(doc)) for r in rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
         blocks.append("\n".join([_header(doc, model, context), *lines, *_footnotes(notes)]))
     blocks += doc.get("notes", [])
@@ -146,8 +167,9 @@ def markdown(docs: list[tuple[Path, dict]], readme_dir: Path) -> str:
         else:
             for (model, context), rows in _groups(doc).items():
                 notes: dict[str, int] = {}
-                table = [_md_row(list(COLUMNS)), _md_row(["---"] * len(COLUMNS))]
-                table += [_md_row(row_cells(r, notes)) for r in rows]
+                head = columns(doc)
+                table = [_md_row(list(head)), _md_row(["---"] * len(head))]
+                table += [_md_row(row_cells(r, notes, len(head) > len(COLUMNS), mixes_attention(doc))) for r in rows]
                 parts.append(f"{_header(doc, model, context)}\n\n" + "\n".join(table))
                 if notes:
                     parts.append("\n".join(f"- {n}" for n in _footnotes(notes)))
@@ -165,16 +187,19 @@ def _sweep_markdown(doc: dict) -> str:
     series: dict[tuple, dict] = {}
     notes: dict[str, int] = {}
     for r in doc["results"]:
-        key = (r["model"], r["variant"], r["backend"], r.get("threads"))
+        key = (r["model"], _variant(r, mixes_attention(doc)), r["backend"], r.get("threads"), r.get("batch", 1))
         cell = row_cells(r, notes)[3] if r["status"] != "ok" else f"{r['tpot_ms']['median']:.2f}"
         series.setdefault(key, {})[r.get("context")] = cell
-    head = ["model", "variant", "backend", "threads"] + [f"{c} tokens" for c in contexts]
+    batched = len(columns(doc)) > len(COLUMNS)
+    head = ["model", "variant", "backend", "threads", *(["batch"] if batched else [])]
+    head += [f"{c} tokens" for c in contexts]
     lines = [_md_row(head), _md_row(["---"] * len(head))]
-    for (model, variant, backend, threads), cells in series.items():
+    for (model, variant, backend, threads, batch), cells in series.items():
+        lead = [model, variant, backend, "-" if None in cells else str(threads), *([str(batch)] if batched else [])]
         if None in cells:  # an unavailable backend: one row, no context
-            lines.append(_md_row([model, variant, backend, "-", cells[None]] + ["-"] * (len(contexts) - 1)))
+            lines.append(_md_row([*lead, cells[None]] + ["-"] * (len(contexts) - 1)))
         else:
-            lines.append(_md_row([model, variant, backend, str(threads)] + [cells.get(c, "-") for c in contexts]))
+            lines.append(_md_row(lead + [cells.get(c, "-") for c in contexts]))
     title = f"TPOT in ms against context length ({doc['config']['gen']} decode steps after a prompt of that length)"
     return "\n\n".join([title, "\n".join(lines), *(["\n".join(f"- {n}" for n in _footnotes(notes))] if notes else [])])
 
@@ -203,10 +228,13 @@ def plot(doc: dict, path: str | os.PathLike) -> None:
     if any(r.get("context") is not None for r in ok):
         lines: dict[tuple, list] = {}
         for r in ok:
-            lines.setdefault((r["model"], r["variant"], r["backend"], r["threads"]), []).append(r)
-        for (model, variant, backend, threads), rows in lines.items():
+            lines.setdefault(
+                (r["model"], _variant(r, mixes_attention(doc)), r["backend"], r["threads"], r.get("batch", 1)), []
+            ).append(r)
+        for (model, variant, backend, threads, batch), rows in lines.items():
             rows.sort(key=lambda r: r["context"])
-            label = f"{variant}, {backend}, {threads} thr" + (f" [{model}]" if len(models) > 1 else "")
+            label = f"{variant}, {backend}, {threads} thr" + (f", batch {batch}" if batch > 1 else "")
+            label += f" [{model}]" if len(models) > 1 else ""
             ax.plot([r["context"] for r in rows], [r["tpot_ms"]["median"] for r in rows], marker="o", label=label)
         ax.set_xscale("log", base=2)
         contexts = sorted({r["context"] for r in ok})
@@ -215,7 +243,11 @@ def plot(doc: dict, path: str | os.PathLike) -> None:
         ax.set_xlabel("context length (tokens in the KV cache)")
         ax.set_title(f"TPOT against context: {', '.join(models)}")
     else:
-        labels = [f"{r['variant']}\n{r['backend']}, {r['threads']} thr" for r in ok]
+        labels = [
+            f"{_variant(r, mixes_attention(doc))}\n{r['backend']}, {r['threads']} thr"
+            + (f", batch {r['batch']}" if r.get("batch", 1) > 1 else "")
+            for r in ok
+        ]
         medians = [r["tpot_ms"]["median"] for r in ok]
         whiskers = [[0] * len(ok), [r["tpot_ms"]["p90"] - r["tpot_ms"]["median"] for r in ok]]
         ax.bar(range(len(ok)), medians, yerr=whiskers, capsize=3)

@@ -39,7 +39,19 @@ NOISY_RUN_SPREAD = 0.1
 # above which the timings are noise. The load average cannot tell: it counts the benchmark's own
 # workers and the conversions a script ran just before.
 OTHERS_WARNING = 0.05
-VERSIONED = ("quantlab", "onnxruntime", "numpy", "torch", "transformers", "onnx", "llama-cpp-python", "matplotlib")
+# The vector ISA flags of /proc/cpuinfo that decide which kernels run (kept in the JSON as cpu_flags)
+ISA_FLAG_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "sve", "asimd", "neon")
+VERSIONED = (
+    "quantlab",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "numpy",
+    "torch",
+    "transformers",
+    "onnx",
+    "llama-cpp-python",
+    "matplotlib",
+)
 ROOFLINE_METHOD = (
     "the fastest of three streaming reads of a {mib} MiB fp32 matrix with that many threads: an "
     "onnxruntime MatMul of one row (sgemv), torch.mv, and a numpy sum split over the threads; "
@@ -56,6 +68,7 @@ class BenchConfig:
     threads: tuple[int, ...] = (2,)
     seed: int = 0
     contexts: tuple[int, ...] = ()  # a context sweep: prompt_len takes each of these instead
+    batches: tuple[int, ...] = (1,)  # sequences decoded together: tokens/s = batch / TPOT
     prefill_chunk: int = 512
     pin: tuple[int, ...] | None = None
     backends: tuple[str, ...] | None = None  # None: every backend that runs the target
@@ -82,6 +95,8 @@ class BenchConfig:
             raise InputError(None, "--threads", "must be one or more counts >= 1")
         if self.contexts and min(self.contexts) < 1:
             raise InputError(None, "--contexts", "must be positive token counts")
+        if not self.batches or min(self.batches) < 1:
+            raise InputError(None, "--batch", "must be one or more batch sizes >= 1")
         unknown = set(self.backends or ()) - set(BACKENDS)
         if unknown:
             raise InputError(None, "--backend", f"unknown {sorted(unknown)}; known: {', '.join(BACKENDS)}")
@@ -186,10 +201,13 @@ def _numpy_probe(w: np.ndarray, threads: int):
 
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")):  # x86, arm: the first core's ("model name" comes before)
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(ISA_FLAG_PREFIXES))
                 break
     except OSError:
         pass
@@ -212,6 +230,7 @@ def machine_info() -> dict:
         pass
     return {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": os.cpu_count(),
         "affinity": sorted(os.sched_getaffinity(0)),
         "memory_bytes": mem,
@@ -253,12 +272,16 @@ def spawn_worker(job: dict) -> tuple[dict | None, int, str]:
         return json.loads(result_file.read_text(encoding="utf-8")), peak, ""
 
 
-def _row_base(target: Target, backend: str, threads: int | None, context: int | None, config: BenchConfig) -> dict:
+def _row_base(
+    target: Target, backend: str, threads: int | None, context: int | None, config: BenchConfig, batch: int = 1
+) -> dict:
     return {
         "model": target.model,
         "variant": target.variant,
+        "attention": target.attention,
         "backend": backend,
         "threads": threads,
+        "batch": batch,
         "prompt_len": context if context is not None else config.prompt_len,
         "context": context,
         "gen": config.gen,
@@ -269,9 +292,11 @@ def _row_base(target: Target, backend: str, threads: int | None, context: int | 
 
 
 def measured_row(
-    target: Target, backend: str, threads: int, context: int | None, config: BenchConfig, roofline: dict
+    target: Target, backend: str, threads: int, context: int | None, config: BenchConfig, roofline: dict, batch: int = 1
 ) -> dict:
-    row = _row_base(target, backend, threads, context, config)
+    row = _row_base(target, backend, threads, context, config, batch)
+    if batch > 1 and not BACKENDS[backend].batched:
+        return {**row, "status": "unavailable", "reason": f"{backend} here decodes one sequence at a time (no --batch)"}
     needed = row["prompt_len"] + config.gen
     if target.max_positions and needed > target.max_positions:
         return {
@@ -289,11 +314,18 @@ def measured_row(
         "warmup": config.warmup,
         "seed": config.seed,
         "prefill_chunk": config.prefill_chunk,
-        "reuse_prefill": context is not None,
+        "reuse_prefill": context is not None and BACKENDS[backend].rewinds,
         "pin": list(config.pin) if config.pin else None,
+        "batch": batch,
     }
     logger.info(
-        "bench %s %s on %s, %d threads, prompt %d", target.variant, target.path, backend, threads, row["prompt_len"]
+        "bench %s %s on %s, %d threads, prompt %d, batch %d",
+        target.variant,
+        target.path,
+        backend,
+        threads,
+        row["prompt_len"],
+        batch,
     )
     result, ru_maxrss, error = spawn_worker(job)
     if result is None:
@@ -301,7 +333,7 @@ def measured_row(
     tpot = summarize([t for run in result["steps_s"] for t in run])
     tpot["run_medians"] = [statistics.median(run) * 1e3 for run in result["steps_s"]]
     ttft = summarize(result["ttft_s"])
-    ttft["cold_single_prefill"] = context is not None
+    ttft["cold_single_prefill"] = job["reuse_prefill"]
     weight_bytes = target.weight_bytes_per_step or result["info"].get("weight_bytes_per_step")
     bandwidth = weight_bytes / (tpot["median"] / 1e3) / 1e9 if weight_bytes else None
     roof = roofline.get(str(threads))
@@ -310,7 +342,7 @@ def measured_row(
         reason="",
         ttft_ms=ttft,
         tpot_ms=tpot,
-        tokens_per_s=1e3 / tpot["median"],
+        tokens_per_s=batch * 1e3 / tpot["median"],  # a step decodes one token of every sequence
         peak_rss_bytes=result["peak_rss_bytes"] or ru_maxrss,
         ru_maxrss_bytes=ru_maxrss,
         weight_bytes_per_step=weight_bytes,
@@ -382,10 +414,11 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
                 continue
             for threads in config.threads:
                 for context in config.contexts or (None,):
-                    row = measured_row(target, name, threads, context, config, roofline)
-                    rows.append(row)
-                    if progress:
-                        progress(row)
+                    for batch in config.batches:
+                        row = measured_row(target, name, threads, context, config, roofline, batch)
+                        rows.append(row)
+                        if progress:
+                            progress(row)
     if config.baseline is not None:
         data = quality_data(config.baseline, config)
         for target in targets:
@@ -404,10 +437,14 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
         "command": sys.argv,
         "config": {**dataclasses.asdict(config), "targets": [os.fspath(p) for p in paths]},
         "method": {
-            "prompt": "prompt_len random token ids (numpy default_rng(seed)), gen greedy tokens, no stop at EOS",
+            "prompt": "prompt_len random token ids in [3, vocab) (numpy default_rng(seed); 0-2 are special), gen "
+            "greedy tokens, no stop at EOS (onnxruntime-genai: EOS masked out with min_length, so every step runs)",
             "ttft": "prefill of the prompt in prefill_chunk-token forwards + argmax; in a context sweep one cold "
-            "prefill per process, every run then decodes from its cache",
+            "prefill per process, every run then decodes from its cache (a backend that cannot rewind its cache, "
+            "onnxruntime-genai, prefills again for every run)",
             "tpot": "one decode step + argmax; median and p90 over the steps of all measured runs, warm-up excluded",
+            "batch": "batch sequences, each with its own random prompt of prompt_len ids, decoded together: a step "
+            "is one token of every sequence, tokens_per_s = batch / TPOT median",
             "peak_rss": "VmHWM of the worker process at its end (interpreter, imports, model and run); "
             "ru_maxrss_bytes from os.wait4 is kept for reference but includes the parent's peak (vfork + exec)",
             "bandwidth": "weight bytes a decode step streams (initializers, embedding table excluded) / TPOT median",

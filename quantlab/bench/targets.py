@@ -1,5 +1,10 @@
-"""What a benchmark target is: an artifact folder (written by ``quantlab convert``) or a checkpoint
-(Hugging Face folder, .gguf file, llama2.c .bin) for the runtimes users run today.
+"""What a benchmark target is: an artifact folder or a checkpoint (Hugging Face folder, .gguf file,
+llama2.c .bin) for the runtimes users run today.
+
+An artifact is any folder with the decoder I/O contract: ``model.onnx`` taking input_ids,
+attention_mask, (position_ids,) past_key_values.{i}.key|value and giving logits, present.{i}.key|value,
+with a ``genai_config.json`` that names them. quantlab's own carry a ``manifest.json`` (recipe, sizes,
+source); a peer's, such as onnxruntime-genai's model builder output, is described from its graph.
 
 Nothing here loads weights: sizes come from the manifest or the file system, the bytes a decode step
 reads from the graph's initializer table (``model.onnx`` without its external data).
@@ -35,6 +40,8 @@ class Target:
     weight_bytes_per_step: int | None  # artifact: initializer bytes a decode step streams (None for checkpoints)
     embedding_bytes: int | None  # the gathered tables left out of weight_bytes_per_step
     cache_dtype: str | None  # artifact: element type of the KV cache inputs ("float32", "int8", ...)
+    producer: str = "quantlab"  # who wrote it: "quantlab", or the graph's producer_name for a peer's artifact
+    attention: str | None = None  # a quantlab artifact's graph attention ("plain", "fused"; --attention)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -48,8 +55,54 @@ def describe_target(path: str | os.PathLike, model_label: str | None = None) -> 
     if not p.exists():
         raise InputError(p, None, "not found")
     if p.is_dir() and (p / "model.onnx").is_file():
+        if not (p / "manifest.json").is_file():
+            return _describe_foreign_artifact(p, model_label)
         return _describe_artifact(p, model_label)
     return _describe_checkpoint(p, model_label)
+
+
+def _describe_foreign_artifact(folder: Path, model_label: str | None) -> Target:
+    """An artifact quantlab did not write: its scheme from the graph (MatMulNBits' bits and block size),
+    its size from its files, its vocabulary and context length from genai_config.json."""
+    import onnx
+
+    genai_file = folder / "genai_config.json"
+    try:
+        genai = json.loads(genai_file.read_text(encoding="utf-8"))["model"]
+    except FileNotFoundError:
+        raise InputError(genai_file, None, "not found: the benchmark needs it for the cache and vocabulary") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(genai_file, "model", f"not a genai_config ({e})") from None
+    proto = onnx.load(os.fspath(folder / "model.onnx"), load_external_data=False)
+    names = {v.name for v in proto.graph.input}
+    missing = [n for n in ("input_ids", "attention_mask", "past_key_values.0.key") if n not in names]
+    if missing or "logits" not in {v.name for v in proto.graph.output}:
+        raise InputError(folder / "model.onnx", None, f"not a decoder with a KV cache (no {missing or ['logits']})")
+    weight_bytes, embedding_bytes, cache_dtype = graph_weight_bytes(folder / "model.onnx")
+    schemes = sorted(
+        {
+            "int{bits}-g{block_size}".format(**{a.name: a.i for a in node.attribute})
+            for node in _all_nodes(proto.graph)
+            if node.op_type == "MatMulNBits"
+        }
+    )
+    producer = proto.producer_name or "unknown"
+    files = [f for f in folder.iterdir() if f.is_file() and (f.suffix == ".onnx" or f.name.endswith(".onnx.data"))]
+    return Target(
+        path=folder,
+        kind=ARTIFACT,
+        format="onnx",
+        model=model_label or folder.name,
+        variant=f"{'+'.join(schemes) or 'float'} ({producer})",
+        size_bytes=sum(f.stat().st_size for f in files),
+        max_positions=genai.get("context_length"),
+        vocab_size=int(genai["vocab_size"]),
+        quantized=bool(schemes),
+        weight_bytes_per_step=weight_bytes,
+        embedding_bytes=embedding_bytes,
+        cache_dtype=cache_dtype,
+        producer=producer,
+    )
 
 
 def _describe_artifact(folder: Path, model_label: str | None) -> Target:
@@ -82,6 +135,7 @@ def _describe_artifact(folder: Path, model_label: str | None) -> Target:
         weight_bytes_per_step=weight_bytes,
         embedding_bytes=embedding_bytes,
         cache_dtype=cache_dtype,
+        attention=manifest.get("attention", {}).get("kind"),
     )
 
 
@@ -98,7 +152,7 @@ def _describe_checkpoint(path: Path, model_label: str | None) -> Target:
         kind=CHECKPOINT,
         format=ckpt.source_format,
         model=model_label or _stem(path.name),
-        variant=ckpt.source_format,
+        variant=_gguf_file_type(path) if ckpt.source_format == "gguf" else ckpt.source_format,
         size_bytes=size,
         max_positions=ckpt.spec.max_position_embeddings,
         vocab_size=ckpt.spec.vocab_size,
@@ -107,6 +161,20 @@ def _describe_checkpoint(path: Path, model_label: str | None) -> Target:
         embedding_bytes=None,
         cache_dtype=None,
     )
+
+
+def _gguf_file_type(path: Path) -> str:
+    """``gguf Q4_K_M``: the file's general.file_type, the name llama.cpp's quantizer gives it."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get(gguf.Keys.General.FILE_TYPE)
+    if field is None:
+        return "gguf"
+    try:
+        name = gguf.LlamaFileType(int(field.contents())).name
+    except ValueError:
+        return f"gguf file_type {field.contents()}"
+    return "gguf " + name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def graph_weight_bytes(model_file: Path) -> tuple[int, int, str | None]:

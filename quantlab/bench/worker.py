@@ -5,8 +5,9 @@ this model in this runtime (interpreter and imports included), and no run shares
 a page of weights with another.
 
 Job keys: path, backend, threads, prompt_len, gen, runs, warmup, seed, prefill_chunk, reuse_prefill,
-pin (CPU ids or null). The result holds peak_rss_bytes (see :func:`peak_rss_bytes`), load_s, ttft_s
-(list), steps_s (one list of decode-step times per measured run), generated_ids (of the last run),
+pin (CPU ids or null), batch (sequences decoded together, each with its own random prompt; default 1).
+The result holds peak_rss_bytes (see :func:`peak_rss_bytes`), load_s, ttft_s (list), steps_s (one list
+of decode-step times per measured run), generated_ids (of the last run; a batch's first sequence),
 prompt_ids_head, affinity and the backend's info.
 """
 
@@ -18,13 +19,23 @@ import sys
 import time
 from pathlib import Path
 
+# Prompt ids are drawn from [FIRST_PROMPT_ID, vocab): 0-2 are unk/bos/eos (Llama 2) or endoftext/im_start/
+# im_end (SmolLM2), and onnxruntime-genai masks its pad id (2 there) out of a prompt as if it were padding.
+FIRST_PROMPT_ID = 3
 
-def measure(session, prompt: list[int], *, gen: int, runs: int, warmup: int, chunk: int, reuse_prefill: bool) -> dict:
+
+def measure(
+    session, prompt: list[int] | list[list[int]], *, gen: int, runs: int, warmup: int, chunk: int, reuse_prefill: bool
+) -> dict:
     """Time ``warmup + runs`` generations of ``gen`` tokens; the warm-up ones are dropped.
 
     With ``reuse_prefill`` the prompt is prefilled once (its time is one cold sample) and every run
     decodes from that cache: the context sweep's long prompts would otherwise dominate the run time.
+    A list of prompts is a batch (``prefill_batch``/``decode_batch``): a step decodes one token of
+    every sequence, and ``generated_ids`` are the first sequence's.
     """
+    if prompt and isinstance(prompt[0], list):
+        session = _FirstOfBatch(session)
     perf = time.perf_counter
     ttft: list[float] = []
     steps: list[list[float]] = []
@@ -52,6 +63,31 @@ def measure(session, prompt: list[int], *, gen: int, runs: int, warmup: int, chu
             if not reuse_prefill:
                 ttft.append(prefill_s)
     return {"ttft_s": ttft, "steps_s": steps, "generated_ids": ids}
+
+
+class _FirstOfBatch:
+    """A batched session seen through the single-sequence interface :func:`measure` times: it carries
+    every sequence's tokens and shows the first one's."""
+
+    def __init__(self, session):
+        self.session = session
+        self.tokens: list[int] = []
+
+    def prefill(self, prompts: list[list[int]], chunk: int) -> int:
+        self.tokens = self.session.prefill_batch(prompts, chunk)
+        return self.tokens[0]
+
+    def decode(self, token: int) -> int:  # noqa: ARG002 (the first of self.tokens)
+        self.tokens = self.session.decode_batch(self.tokens)
+        return self.tokens[0]
+
+    def mark(self) -> None:
+        self.session.mark()
+        self.marked = self.tokens
+
+    def rewind(self) -> None:
+        self.session.rewind()
+        self.tokens = self.marked
 
 
 def peak_rss_bytes() -> int | None:
@@ -82,8 +118,11 @@ def run_job(job: dict) -> dict:
         Path(job["path"]), threads=job["threads"], max_tokens=job["prompt_len"] + job["gen"]
     )
     load_s = time.perf_counter() - start
-    # (prompt_len,) random ids, the same for every backend of one vocabulary
-    prompt = np.random.default_rng(job["seed"]).integers(0, session.vocab_size, job["prompt_len"]).tolist()
+    # (prompt_len,) random ids, the same for every backend of one vocabulary; a batch's first prompt is that one
+    batch = job.get("batch", 1)
+    shape = (batch, job["prompt_len"])
+    prompts = np.random.default_rng(job["seed"]).integers(FIRST_PROMPT_ID, session.vocab_size, shape).tolist()
+    prompt = prompts[0] if batch == 1 else prompts
     result = measure(
         session,
         prompt,
@@ -98,7 +137,7 @@ def run_job(job: dict) -> dict:
         load_s=load_s,
         affinity=sorted(os.sched_getaffinity(0)),
         info=session.info(),
-        prompt_ids_head=prompt[:8],
+        prompt_ids_head=prompts[0][:8],
     )
     return result
 

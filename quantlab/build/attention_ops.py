@@ -20,6 +20,7 @@ from quantlab.build.kv_cache import (
     static_scales,
 )
 from quantlab.build.kv_channel_keys import append_key_blocks_in_graph
+from quantlab.build.rope import rope_inv_freq
 
 # Masked attention scores are replaced by this instead of -inf so that a fully masked row (a padded
 # query) gives a uniform softmax rather than NaN.
@@ -96,12 +97,13 @@ class CacheOps:
         k_row = self.op("Unsqueeze", [k_pos, self.i64([0], "axes_0")], name="recent.k_row")  # (1, total)
         return self.op("GreaterOrEqual", [k_row, first], name="recent.mask")  # (seq, total)
 
-    def mixed_attention(self, q, k_all, v_all, k_recent, v_recent, allowed, p):
+    def mixed_attention(self, q, k_all, v_all, k_recent, v_recent, bias, p):
         """Attention where the recent keys/values come from the f32 residual and older ones from the
         dequantized cache. q (b, h, s, d); k_all/v_all (b, h, total, d); k_recent/v_recent (b, h, r, d),
-        the last r of total. Scores of recent keys are computed on the f32 copies, padded on the left to
-        total and chosen by the recent mask; the probabilities split the same way over the two values."""
-        scale = self.f32(1.0 / float(np.sqrt(self.spec.head_dim)), "attn_scale")
+        the last r of total; ``bias`` the layer's score bias (b, 1, s, total). Scores of recent keys are
+        computed on the f32 copies, padded on the left to total and chosen by the recent mask; the
+        probabilities split the same way over the two values."""
+        scale = self.attention_scale()
         k_t = self.op("Transpose", [k_all], {"perm": [0, 1, 3, 2]}, name=f"{p}.k_t")
         scores = self.op("Mul", [self.op("MatMul", [q, k_t], name=f"{p}.qk"), scale], name=f"{p}.scaled")
         total = self.op("Shape", [scores], {"start": 3, "end": 4}, name=f"{p}.total")
@@ -114,7 +116,8 @@ class CacheOps:
             pads = self.op("Concat", [zeros3, lead, self.i64([0, 0, 0, 0], "zeros4")], {"axis": 0}, name=f"{p}.pads")
             padded = self.op("Pad", [recent_scores, pads], name=f"{p}.scores_r_pad")  # (b, h, s, total)
             scores = self.op("Where", [self.recent, padded, scores], name=f"{p}.mixed")
-        scores = self.op("Add", [scores, self.score_bias(allowed)], name=f"{p}.masked")
+        scores = self.softcap(scores, self.spec.attention_softcap, f"{p}.softcap")
+        scores = self.op("Add", [scores, bias], name=f"{p}.masked")
         probs = self.op("Softmax", [scores], {"axis": -1}, name=f"{p}.probs")
         zero = self.f32(0.0, "kv_zero")
         older = self.op("Where", [self.recent, zero, probs], name=f"{p}.probs_old")
@@ -147,38 +150,77 @@ class FusedAttention:
         )
         return seqlens, total_s, bias
 
-    def fused_attention(self, x, i, cos, sin, allowed, past_k, past_v):  # noqa: ARG002 (allowed: in gqa_inputs)
+    def rotary(self, x: ir.Value, heads: int, name: str, theta: float | None = None) -> ir.Value:
+        """RoPE as one com.microsoft.RotaryEmbedding over x (batch, seq, heads * head_dim), at the graph's
+        position_ids, from cos/sin tables of every position the model was trained for; a partial rotary
+        (rotary_dim < head_dim) is the op's rotary_embedding_dim."""
+        s = self.spec
+        theta = s.rope_theta if theta is None else theta
+        caches = self._rotary_caches = self._rotary_caches or {}
+        if theta not in caches:
+            inv_freq = rope_inv_freq(s.rotary_dim, theta, s.rope_scaling if theta == s.rope_theta else None)
+            r = "rotary" if theta == s.rope_theta else f"rotary_{theta:g}"
+            # The (max_positions, rotary_dim / 2) tables are computed in the graph from the inverse
+            # frequencies: onnxruntime folds them once at load, and the file does not carry 2 MiB of them.
+            positions = self.op(
+                "Range",
+                [
+                    self.f32(0.0, "zero_f"),
+                    self.f32(float(s.max_position_embeddings), "max_positions_f"),
+                    self.f32(1.0, "one_f"),
+                ],
+                name=f"{r}.positions",
+            )  # (max_positions,)
+            positions = self.op("Unsqueeze", [positions, self.i64([-1], "axes_last")], name=f"{r}.positions_col")
+            freqs = self.const(inv_freq.astype(np.float32), f"{r}.inv_freq")
+            angles = self.op("Mul", [positions, freqs], name=f"{r}.angles")
+            caches[theta] = (
+                self.op("Cos", [angles], name=f"{r}.cos_cache"),  # (max_positions, rotary_dim / 2)
+                self.op("Sin", [angles], name=f"{r}.sin_cache"),
+            )
+        attrs = {"interleaved": int(s.rope_interleaved), "num_heads": heads}
+        if s.rotary_dim < s.head_dim:
+            attrs["rotary_embedding_dim"] = s.rotary_dim
+        inputs = [x, self.position_ids, *caches[theta]]
+        return self.tape.op("RotaryEmbedding", inputs, attrs, domain=MS_DOMAIN, name=name, output=ir.Value(name=name))
+
+    def fused_attention(self, x, i, cos, sin, allowed, past_k, past_v):  # noqa: ARG002 (cos, sin: the plain path's)
         """Attention as one com.microsoft.GroupQueryAttention node, same cache I/O as :meth:`attention`.
 
-        Projections, q/k norm and RoPE stay plain ops in front of it (do_rotary=0): the rotation then uses
-        the position_ids input exactly as the plain path does (left padding, a bounded cache's original
-        positions), which the op's own rotary, deriving positions from seqlens_k, would not.
+        Projections and q/k norm stay in front of it, and RoPE is com.microsoft.RotaryEmbedding at the
+        position_ids input rather than the op's own rotary (do_rotary=0): the rotation then uses the
+        positions exactly as the plain path does (left padding, a bounded cache's original positions),
+        which the op's rotary, deriving positions from seqlens_k, would not.
         """
         s = self.spec
         p = f"model.layers.{i}.self_attn"
         q = self.linear(x, f"{p}.q_proj", s.attention_bias)  # (batch, seq, heads * head_dim)
         k = self.linear(x, f"{p}.k_proj", s.attention_bias)  # (batch, seq, kv_heads * head_dim)
         v = self.linear(x, f"{p}.v_proj", s.attention_bias)
-        q = self.op(
-            "Reshape", [q, self.i64([0, 0, s.num_heads, s.head_dim], f"shape_bs{s.num_heads}d")], name=f"{p}.q4"
-        )
-        k = self.op(
-            "Reshape", [k, self.i64([0, 0, s.num_kv_heads, s.head_dim], f"shape_bs{s.num_kv_heads}d")], name=f"{p}.k4"
-        )  # (batch, seq, kv_heads, head_dim)
-        if s.qk_norm:
+        if s.qk_norm:  # per head: (batch, seq, heads, head_dim), then back to (batch, seq, heads * head_dim)
+            q = self.op(
+                "Reshape", [q, self.i64([0, 0, s.num_heads, s.head_dim], f"shape_bs{s.num_heads}d")], name=f"{p}.q4"
+            )
+            k = self.op(
+                "Reshape",
+                [k, self.i64([0, 0, s.num_kv_heads, s.head_dim], f"shape_bs{s.num_kv_heads}d")],
+                name=f"{p}.k4",
+            )
             q = self.rms_norm(q, f"{p}.q_norm.weight", f"{p}.q_norm")
             k = self.rms_norm(k, f"{p}.k_norm.weight", f"{p}.k_norm")
-        if self._rope_bshd is None:  # (batch, seq, 1, head_dim / 2): broadcast over the heads axis 2
-            self._rope_bshd = tuple(
-                self.op("Transpose", [t], {"perm": [0, 2, 1, 3]}, name=f"{t.name}_bshd") for t in (cos, sin)
-            )
-        q = self.apply_rope(q, *self._rope_bshd, f"{p}.q_rope")
-        k = self.apply_rope(k, *self._rope_bshd, f"{p}.k_rope")
-        q = self.op("Reshape", [q, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.q_flat")
-        k = self.op("Reshape", [k, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.k_flat")
+            q = self.op("Reshape", [q, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.q_flat")
+            k = self.op("Reshape", [k, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.k_flat")
+        q = self.rotary(q, s.num_heads, f"{p}.q_rope", s.rope_theta_of(i))
+        k = self.rotary(k, s.num_kv_heads, f"{p}.k_rope", s.rope_theta_of(i))
         seqlens, total, bias = self.gqa_inputs
         fmt = self.options.kv_cache
         attrs = {"num_heads": s.num_heads, "kv_num_heads": s.num_kv_heads}
+        if s.attention_scale is not None:
+            attrs["scale"] = s.attention_scale
+        if s.attention_softcap:
+            attrs["softcap"] = s.attention_softcap
+        if s.window_of(i):  # the op's window counts the query's own key: keys i - window + 1 .. i
+            attrs["local_window_size"] = s.window_of(i)
         inputs = [q, k, v, past_k[0], past_v[0], seqlens, total, None, None, None, bias]
         if fmt.quantized:  # static per-channel scales (BuildOptions refuses any other quantized cache)
             attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8 // fmt.per_byte)

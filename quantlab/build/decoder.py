@@ -1,8 +1,11 @@
 """Build a decoder-only transformer with a KV cache as a plain-ONNX ``onnx_ir.Model``.
 
-One builder serves every family in scope (Llama, Mistral, Qwen2, Qwen3, SmolLM): what differs between
-them is data on the :class:`~quantlab.io.spec.ModelSpec` (qkv bias, q/k norm, RoPE layout and scaling,
-tied embeddings), never a branch on the family's name.
+One builder serves every family in scope (Llama, Mistral, Qwen2, Qwen3, SmolLM, Qwen3-MoE, Mixtral,
+Nemotron, Gemma 3): what differs between them is data on the :class:`~quantlab.io.spec.ModelSpec` (qkv
+bias, q/k norm, RoPE layout, scaling and rotary fraction, tied embeddings, norm kind and offset, sandwich
+norms, MLP activation and gating, sparse MoE layers (:mod:`quantlab.build.mlp_ops`), sliding-window
+layers with their own RoPE base, query scale, soft-capping, embedding scale), never a branch on the
+family's name.
 
 Graph contract (the names optimum and onnxruntime-genai use, so both load what we emit):
 
@@ -21,9 +24,10 @@ groups). New keys/values are quantized in the graph when appended; the whole cac
 before attention. A static format (int8-static) has no scale tensors: its scales are constants.
 
 ``BuildOptions.attention = "fused"`` emits each layer's attention core (cache append, GQA, softmax) as
-one com.microsoft.GroupQueryAttention node over the same inputs and outputs; projections, q/k norm and
-RoPE stay plain ops before it (see :meth:`_Builder.fused_attention`). It reads fp32 and static int8/int4
-caches.
+one com.microsoft.GroupQueryAttention node over the same inputs and outputs, with RoPE as
+com.microsoft.RotaryEmbedding at the position_ids input (see :meth:`_Builder.fused_attention`). It reads
+fp32 and static int8/int4 caches. The passes in passes/fuse_*.py then fuse that graph's linears and norms
+(quantlab.api.fusion_pipeline); ``plain`` stays standard opset-21 ONNX.
 
 Every linear is ``MatMul(x, W)`` with ``W`` an initializer of shape (in, out), named after the
 checkpoint tensor it came from (``model.layers.0.self_attn.q_proj.weight``), so weight passes find
@@ -48,7 +52,8 @@ from quantlab.build.kv_cache import (
     TAIL_SUFFIX,
     KvCacheFormat,
 )
-from quantlab.build.rope import rope_inv_freq
+from quantlab.build.mlp_ops import MOE_FORMS, MlpOps
+from quantlab.build.rope import RopeOps
 from quantlab.io.spec import Checkpoint, ModelSpec
 from quantlab.passes.graph_utils import OUT_IN_SOURCE
 
@@ -77,8 +82,12 @@ class BuildOptions:
     # (layers, kv_heads, head_dim) f32, for a ``-static`` cache format: the values' calibrated range
     value_channel_scales: np.ndarray | None = dataclasses.field(default=None, compare=False)
     attention: str = "plain"
+    # a sparse MLP as com.microsoft.MoE ("op") or plain ONNX ("decomposed"); "auto": op with fused attention
+    moe: str = "auto"
 
     def __post_init__(self):
+        if self.moe not in MOE_FORMS:
+            raise ValueError(f"moe must be one of {', '.join(MOE_FORMS)}, got {self.moe!r}")
         if self.weight_dtype not in _NP_DTYPES:
             raise ValueError(f"weight_dtype must be one of {sorted(_NP_DTYPES)}, got {self.weight_dtype!r}")
         if self.attention not in ATTENTION_KINDS:
@@ -94,7 +103,7 @@ class BuildOptions:
             raise ValueError(f"kv cache {self.kv_cache} needs calibrated key_ and value_channel_scales")
 
 
-class _Builder(CacheOps, FusedAttention):
+class _Builder(CacheOps, FusedAttention, MlpOps, RopeOps):
     def __init__(self, ckpt: Checkpoint, options: BuildOptions):
         self.spec: ModelSpec = ckpt.spec
         self.source = ckpt.tensors
@@ -103,8 +112,12 @@ class _Builder(CacheOps, FusedAttention):
         self._consts: dict[tuple, ir.Value] = {}
         self.recent: ir.Value | None = None  # (seq, total) bool, with a residual window: see recent_mask
         self.gqa_inputs: tuple | None = None  # (seqlens_k, total_sequence_length, attention_bias), fused only
-        self._rope_bshd: tuple | None = None  # cos, sin as (batch, seq, 1, head_dim / 2), fused only
+        self._rotary_caches: dict | None = None  # theta -> cos, sin (max_positions, rotary_dim / 2), fused only
+        self.position_ids: ir.Value | None = None
         self._score_bias: ir.Value | None = None  # see score_bias
+        self._window_bias: dict[int, ir.Value] = {}  # sliding window -> its score bias, see layer_score_bias
+        self._rope: dict[float, tuple[ir.Value, ir.Value]] = {}  # theta -> (cos, sin), see rope_tables
+        self._mask_positions: tuple | None = None  # (seq, 1) query and (1, total) key cache indices, see attention_mask
 
     # -- initializers ----------------------------------------------------------------------------
     def _lazy(
@@ -143,6 +156,14 @@ class _Builder(CacheOps, FusedAttention):
         """Norm weights and biases stay fp32: they are tiny and numerically sensitive."""
         return self._lazy(name, self.source.shape(name), lambda: self.source.load(name), "fp32")
 
+    def norm_weight(self, name: str) -> ir.Value:
+        """A norm's scale with ``spec.norm_weight_offset`` folded in (Gemma's 1 + w, in fp32 as Gemma does it),
+        so every norm in the graph is the plain ``normed * w`` the fusion passes know."""
+        offset = self.spec.norm_weight_offset
+        if not offset:
+            return self.vector(name)
+        return self._lazy(name, self.source.shape(name), lambda: self.source.load(name) + np.float32(offset), "fp32")
+
     def embedding(self) -> ir.Value:
         name = "model.embed_tokens.weight"
         w = self._lazy(name, self.source.shape(name), lambda: self.source.load(name), self.options.weight_dtype)
@@ -164,6 +185,14 @@ class _Builder(CacheOps, FusedAttention):
     def op(self, op_type: str, inputs, attributes=None, *, name: str) -> ir.Value:
         return self.tape.op(op_type, inputs, attributes, name=name, output=ir.Value(name=name))
 
+    def norm(self, x: ir.Value, weight_name: str, prefix: str) -> ir.Value:
+        """The spec's norm: RMSNorm, or LayerNorm with its bias beside the weight (Nemotron)."""
+        if self.spec.norm_kind == "rms":
+            return self.rms_norm(x, weight_name, prefix)
+        bias = self.vector(weight_name.removesuffix(".weight") + ".bias")
+        attrs = {"axis": -1, "epsilon": self.spec.rms_norm_eps}
+        return self.op("LayerNormalization", [x, self.norm_weight(weight_name), bias], attrs, name=f"{prefix}.out")
+
     def rms_norm(self, x: ir.Value, weight_name: str, prefix: str) -> ir.Value:
         """x * rsqrt(mean(x^2, -1) + eps) * w, the Llama RMSNorm."""
         sq = self.op("Mul", [x, x], name=f"{prefix}.sq")
@@ -171,66 +200,13 @@ class _Builder(CacheOps, FusedAttention):
         var = self.op("Add", [mean, self.f32(self.spec.rms_norm_eps, "rms_eps")], name=f"{prefix}.var_eps")
         inv = self.op("Reciprocal", [self.op("Sqrt", [var], name=f"{prefix}.std")], name=f"{prefix}.inv_std")
         normed = self.op("Mul", [x, inv], name=f"{prefix}.normed")
-        return self.op("Mul", [normed, self.vector(weight_name)], name=f"{prefix}.out")
+        return self.op("Mul", [normed, self.norm_weight(weight_name)], name=f"{prefix}.out")
 
     def linear(self, x: ir.Value, prefix: str, bias: bool = False) -> ir.Value:
         y = self.op("MatMul", [x, self.linear_weight(f"{prefix}.weight")], name=f"{prefix}.MatMul")
         if bias:
             y = self.op("Add", [y, self.vector(f"{prefix}.bias")], name=f"{prefix}.Add")
         return y
-
-    def rope_tables(self, position_ids: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """cos and sin of position * inv_freq, shape (batch, 1, seq, head_dim/2), shared by all layers."""
-        s = self.spec
-        inv_freq = rope_inv_freq(s.head_dim, s.rope_theta, s.rope_scaling)
-        pos = self.op("Cast", [position_ids], {"to": ir.DataType.FLOAT}, name="rope.pos_f32")
-        pos = self.op("Unsqueeze", [pos, self.i64([-1], "axes_last")], name="rope.pos")  # (batch, seq, 1)
-        freqs = self.op("Mul", [pos, self.const(inv_freq, "rope.inv_freq")], name="rope.freqs")  # (batch, seq, d/2)
-        freqs = self.op("Unsqueeze", [freqs, self.i64([1], "axes_1")], name="rope.freqs_h")  # (batch, 1, seq, d/2)
-        return self.op("Cos", [freqs], name="rope.cos"), self.op("Sin", [freqs], name="rope.sin")
-
-    def apply_rope(self, x: ir.Value, cos: ir.Value, sin: ir.Value, prefix: str) -> ir.Value:
-        """Rotate x (batch, heads, seq, head_dim) in the layout the checkpoint's q/k rows are in."""
-        d = self.spec.head_dim
-        if self.spec.rope_interleaved:  # llama2.c / GGUF storage: pairs (2i, 2i+1)
-            x1 = self.op(
-                "Slice",
-                [x, self.i64([0], "zero1"), self.i64([d], "d1"), self.i64([-1], "axes_last"), self.i64([2], "two1")],
-                name=f"{prefix}.even",
-            )
-            x2 = self.op(
-                "Slice",
-                [x, self.i64([1], "one1"), self.i64([d], "d1"), self.i64([-1], "axes_last"), self.i64([2], "two1")],
-                name=f"{prefix}.odd",
-            )
-        else:  # Hugging Face: halves (i, i + d/2)
-            x1 = self.op(
-                "Slice",
-                [x, self.i64([0], "zero1"), self.i64([d // 2], "half_d1"), self.i64([-1], "axes_last")],
-                name=f"{prefix}.lo",
-            )
-            x2 = self.op(
-                "Slice",
-                [x, self.i64([d // 2], "half_d1"), self.i64([d], "d1"), self.i64([-1], "axes_last")],
-                name=f"{prefix}.hi",
-            )
-        r1 = self.op(
-            "Sub",
-            [self.op("Mul", [x1, cos], name=f"{prefix}.x1c"), self.op("Mul", [x2, sin], name=f"{prefix}.x2s")],
-            name=f"{prefix}.r1",
-        )
-        r2 = self.op(
-            "Add",
-            [self.op("Mul", [x2, cos], name=f"{prefix}.x2c"), self.op("Mul", [x1, sin], name=f"{prefix}.x1s")],
-            name=f"{prefix}.r2",
-        )
-        if not self.spec.rope_interleaved:
-            return self.op("Concat", [r1, r2], {"axis": -1}, name=f"{prefix}.out")
-        # interleave back: (batch, heads, seq, d/2, 2) -> (batch, heads, seq, d)
-        r1 = self.op("Unsqueeze", [r1, self.i64([-1], "axes_last")], name=f"{prefix}.r1u")
-        r2 = self.op("Unsqueeze", [r2, self.i64([-1], "axes_last")], name=f"{prefix}.r2u")
-        pairs = self.op("Concat", [r1, r2], {"axis": -1}, name=f"{prefix}.pairs")
-        return self.op("Reshape", [pairs, self.i64([0, 0, 0, d], "shape_bhsd")], name=f"{prefix}.out")
 
     def attention_mask(self, queries: ir.Value, attention_mask: ir.Value) -> ir.Value:
         """Boolean (batch, 1, seq, total_seq): key j visible to query i iff j <= past + i and not padding.
@@ -250,7 +226,39 @@ class _Builder(CacheOps, FusedAttention):
         causal = self.op("LessOrEqual", [k_row, q_col], name="mask.causal")  # (seq, total)
         keep = self.op("Cast", [attention_mask], {"to": ir.DataType.BOOL}, name="mask.keep")
         keep = self.op("Unsqueeze", [keep, self.i64([1, 2], "axes_12")], name="mask.keep4")  # (batch,1,1,total)
+        self._mask_positions = q_col, k_row
         return self.op("And", [causal, keep], name="mask.allowed")  # (batch, 1, seq, total)
+
+    def layer_score_bias(self, i: int, allowed: ir.Value) -> ir.Value:
+        """Layer i's score bias: score_bias, or for a sliding layer one that also masks key j from query i
+        when j <= i - window (transformers' sliding_window_overlay), built once per window."""
+        window = self.spec.window_of(i)
+        if not window:
+            return self.score_bias(allowed)
+        if window not in self._window_bias:
+            q_col, k_row = self._mask_positions  # (seq, 1), (1, total) cache indices
+            first = self.op("Sub", [q_col, self.i64([window], f"window{window}")], name=f"window{window}.edge")
+            inside = self.op("Greater", [k_row, first], name=f"window{window}.inside")  # (seq, total)
+            allowed_w = self.op("And", [allowed, inside], name=f"window{window}.allowed")
+            zero, masked = self.f32(0.0, "kv_zero"), self.f32(MASKED_SCORE, "masked_score")
+            self._window_bias[window] = self.op("Where", [allowed_w, zero, masked], name=f"window{window}.bias")
+        return self._window_bias[window]
+
+    def attention_scale(self) -> ir.Value:
+        s = self.spec
+        scale = s.attention_scale if s.attention_scale is not None else 1.0 / float(np.sqrt(s.head_dim))
+        return self.f32(scale, "attn_scale")
+
+    def softcap(self, x: ir.Value, cap: float, prefix: str) -> ir.Value:
+        """cap * tanh(x / cap) (Gemma's soft-capping), or x when cap is 0."""
+        if not cap:
+            return x
+        c = self.f32(cap, f"softcap{cap:g}")
+        return self.op(
+            "Mul",
+            [self.op("Tanh", [self.op("Div", [x, c], name=f"{prefix}.div")], name=f"{prefix}.tanh"), c],
+            name=f"{prefix}.capped",
+        )
 
     def score_bias(self, allowed: ir.Value) -> ir.Value:
         """(batch, 1, seq, total) f32, 0 where ``allowed`` and MASKED_SCORE elsewhere, built once per graph.
@@ -292,6 +300,7 @@ class _Builder(CacheOps, FusedAttention):
         if s.qk_norm:  # Qwen3: RMSNorm over head_dim before RoPE
             q = self.rms_norm(q, f"{p}.q_norm.weight", f"{p}.q_norm")
             k = self.rms_norm(k, f"{p}.k_norm.weight", f"{p}.k_norm")
+        cos, sin = self.layer_rope(i, cos, sin)
         q = self.apply_rope(q, cos, sin, f"{p}.q_rope")
         k = self.apply_rope(k, cos, sin, f"{p}.k_rope")
         key_scale = value_scale = None
@@ -307,38 +316,42 @@ class _Builder(CacheOps, FusedAttention):
         if v_recent is not None:
             k_r = None if k_recent is None else self.repeat_kv(k_recent, f"{p}.kr")
             v_r = self.repeat_kv(v_recent, f"{p}.vr")
-            ctx = self.mixed_attention(q, k_all, v_all, k_r, v_r, allowed, p)
+            ctx = self.mixed_attention(q, k_all, v_all, k_r, v_r, self.layer_score_bias(i, allowed), p)
             ctx = self.op("Transpose", [ctx], {"perm": [0, 2, 1, 3]}, name=f"{p}.ctx_bshd")
             ctx = self.op("Reshape", [ctx, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.ctx_flat")
             return self.linear(ctx, f"{p}.o_proj"), present_k, present_v
         k_t = self.op("Transpose", [k_all], {"perm": [0, 1, 3, 2]}, name=f"{p}.k_t")
         scores = self.op("MatMul", [q, k_t], name=f"{p}.qk")  # (batch, heads, seq, total)
-        scale = self.f32(1.0 / float(np.sqrt(s.head_dim)), "attn_scale")
-        scores = self.op("Mul", [scores, scale], name=f"{p}.scaled")
-        scores = self.op("Add", [scores, self.score_bias(allowed)], name=f"{p}.masked")
+        scores = self.op("Mul", [scores, self.attention_scale()], name=f"{p}.scaled")
+        scores = self.softcap(scores, s.attention_softcap, f"{p}.softcap")
+        scores = self.op("Add", [scores, self.layer_score_bias(i, allowed)], name=f"{p}.masked")
         probs = self.op("Softmax", [scores], {"axis": -1}, name=f"{p}.probs")
         ctx = self.op("MatMul", [probs, v_all], name=f"{p}.ctx")  # (batch, heads, seq, d)
         ctx = self.op("Transpose", [ctx], {"perm": [0, 2, 1, 3]}, name=f"{p}.ctx_bshd")
         ctx = self.op("Reshape", [ctx, self.i64([0, 0, -1], "shape_bs_")], name=f"{p}.ctx_flat")
         return self.linear(ctx, f"{p}.o_proj"), present_k, present_v
 
-    def mlp(self, x: ir.Value, i: int) -> ir.Value:
-        p = f"model.layers.{i}.mlp"
-        gate = self.linear(x, f"{p}.gate_proj")
-        up = self.linear(x, f"{p}.up_proj")
-        silu = self.op("Mul", [gate, self.op("Sigmoid", [gate], name=f"{p}.sigmoid")], name=f"{p}.silu")
-        return self.linear(self.op("Mul", [silu, up], name=f"{p}.act"), f"{p}.down_proj")
-
     def layer(self, x, i, cos, sin, allowed, past_k, past_v):
-        """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
-        h = self.rms_norm(x, f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.input_layernorm")
+        """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)); with sandwich norms each
+        sublayer's output is normalized too before its residual Add (Gemma 2/3).
+
+        Node names follow the role, weight names the checkpoint: the MLP's input norm is named
+        ``post_attention_layernorm`` (the Llama name calibration taps) even where its weight is Gemma's
+        ``pre_feedforward_layernorm``."""
+        p = f"model.layers.{i}"
+        h = self.norm(x, f"{p}.input_layernorm.weight", f"{p}.input_layernorm")
         attention = self.fused_attention if self.options.attention == "fused" else self.attention
         attn, pk, pv = attention(h, i, cos, sin, allowed, past_k, past_v)
-        x = self.op("Add", [x, attn], name=f"model.layers.{i}.attn_residual")
-        h = self.rms_norm(
-            x, f"model.layers.{i}.post_attention_layernorm.weight", f"model.layers.{i}.post_attention_layernorm"
-        )
-        x = self.op("Add", [x, self.mlp(h, i)], name=f"model.layers.{i}.mlp_residual")
+        mlp_norm = "post_attention_layernorm"
+        if self.spec.sandwich_norms:
+            attn = self.norm(attn, f"{p}.post_attention_layernorm.weight", f"{p}.attn_output_norm")
+            mlp_norm = "pre_feedforward_layernorm"
+        x = self.op("Add", [x, attn], name=f"{p}.attn_residual")
+        h = self.norm(x, f"{p}.{mlp_norm}.weight", f"{p}.post_attention_layernorm")
+        y = self.mlp(h, i)
+        if self.spec.sandwich_norms:
+            y = self.norm(y, f"{p}.post_feedforward_layernorm.weight", f"{p}.mlp_output_norm")
+        x = self.op("Add", [x, y], name=f"{p}.mlp_residual")
         return x, pk, pv
 
 
@@ -353,6 +366,13 @@ LINEAR_INPUTS = {
     "mlp.up_proj": "post_attention_layernorm.out",
     "mlp.down_proj": "mlp.act",
 }
+
+
+def layer_linear_roles(spec: ModelSpec, i: int) -> tuple[str, ...]:
+    """The roles of LINEAR_INPUTS that layer i has as ordinary linears: a sparse MLP's experts (kept float,
+    see quantlab.build.mlp_ops) and an ungated MLP's absent gate_proj are not among them."""
+    shapes = spec.expected_shapes()
+    return tuple(role for role in LINEAR_INPUTS if f"model.layers.{i}.{role}.weight" in shapes)
 
 
 def _io(name: str, dtype: ir.DataType, dims: list) -> ir.Value:
@@ -396,17 +416,20 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
     ]
 
     x = b.op("Gather", [b.embedding(), input_ids], {"axis": 0}, name="model.embed_tokens")  # (batch, seq, hidden)
+    if s.embedding_scale != 1.0:
+        x = b.op("Mul", [x, b.f32(s.embedding_scale, "embedding_scale")], name="model.embed_tokens.scaled")
     cos, sin = b.rope_tables(position_ids)
     allowed = b.attention_mask(input_ids, attention_mask)
     if fmt.residual:
         b.recent = b.recent_mask(input_ids, attention_mask, fmt.residual)
     if options.attention == "fused":
         b.gqa_inputs = b.gqa_common_inputs(input_ids, attention_mask, allowed)
+        b.position_ids = position_ids
     presents = []
     for i in range(s.num_layers):
         x, pk, pv = b.layer(x, i, cos, sin, allowed, *pasts[i])
         presents += [*pk, *pv]
-    x = b.rms_norm(x, "model.norm.weight", "model.norm")
+    x = b.norm(x, "model.norm.weight", "model.norm")
     if s.tie_word_embeddings:
         # A transposed copy of the embedding, so the head is a MatMul like every other linear and weight
         # passes treat it uniformly (the fp32 artifact pays vocab * hidden * 4 bytes for it).
@@ -416,7 +439,9 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
         head = b._as_f32(b._lazy("lm_head.weight", (h, v), lambda: load().T, options.weight_dtype, out_in=load))
     else:
         head = b.linear_weight("lm_head.weight")
-    logits = b.op("MatMul", [x, head], name="logits")
+    logits = b.op("MatMul", [x, head], name="logits" if not s.final_softcap else "logits.raw")
+    if s.final_softcap:
+        logits = b.op("Identity", [b.softcap(logits, s.final_softcap, "logits")], name="logits")
     logits.shape = ir.Shape(["batch_size", "sequence_length", s.vocab_size])
     logits.type = ir.TensorType(f32)
     past_inputs = [v for kv in pasts for tensors in kv for v in tensors]
@@ -432,10 +457,14 @@ def build_decoder(ckpt: Checkpoint, options: BuildOptions | None = None) -> ir.M
         outputs=[logits, *presents],
         nodes=b.tape.nodes,
         initializers=b.tape.initializers,
-        opset_imports={"": OPSET, **({MS_DOMAIN: 1} if options.attention == "fused" else {})},
+        opset_imports={"": OPSET, **({MS_DOMAIN: 1} if _uses_ms_domain(b) else {})},
         name="quantlab_decoder",
     )
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="quantlab")
+
+
+def _uses_ms_domain(b: _Builder) -> bool:
+    return any(node.domain == MS_DOMAIN for node in b.tape.nodes)
 
 
 LAYER_OUTPUTS = ("all", "taps", "hidden")
@@ -470,8 +499,9 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None, o
     out = b.op("Identity", [out], name="hidden_out")
     taps = []
     produced = {v.name: v for node in b.tape.nodes for v in node.outputs}
-    for role_input in dict.fromkeys(LINEAR_INPUTS.values()):
-        taps.append(produced[f"model.layers.{i}.{role_input}"])
+    for role_input in dict.fromkeys(LINEAR_INPUTS.values()):  # a sparse MLP has no mlp.act
+        if f"model.layers.{i}.{role_input}" in produced:
+            taps.append(produced[f"model.layers.{i}.{role_input}"])
     graph_outputs = {"all": [out, *taps], "taps": taps, "hidden": [out]}[outputs]
     nodes = _needed_nodes(b.tape.nodes, graph_outputs)
     used = {v.name for node in nodes for v in node.inputs if v is not None}
@@ -480,7 +510,7 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None, o
         outputs=graph_outputs,
         nodes=nodes,
         initializers=[v for v in b.tape.initializers if v.name in used],
-        opset_imports={"": OPSET},
+        opset_imports={"": OPSET, **({MS_DOMAIN: 1} if _uses_ms_domain(b) else {})},
         name=f"quantlab_layer_{i}",
     )
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="quantlab")

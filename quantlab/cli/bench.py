@@ -10,8 +10,14 @@ Reported: time to first token (the prefill), time per output token (median and p
 steps), tokens/s, peak RSS of the process, size, the weight bandwidth a decode step achieves and its
 share of a streaming-read roofline measured at the start, and with --baseline the quality columns of
 `quantlab eval` (KL divergence, top-1 agreement) for the artifacts. A backend that cannot run here
-gets a row that says why. --contexts 256,1024,4096 measures TPOT after prompts of those lengths
-instead (a model too short for one says so). --json FILE writes everything, machine and library
+gets a row that says why. --contexts 256,2048,4096 measures TPOT after prompts of those lengths
+instead (a model too short for one says so). --batch 1,4,16 decodes that many sequences together (each
+its own random prompt) and reports the batch's tokens/s.
+
+A TARGET folder need not come from quantlab: any model.onnx with the decoder I/O contract (input_ids,
+attention_mask, position_ids, past_key_values.{i}.key|value -> logits, present.{i}.key|value) and a
+genai_config.json runs, e.g. onnxruntime-genai's model builder output, which the onnxruntime-genai
+backend also runs in genai's own generation loop. --json FILE writes everything, machine and library
 versions included; --plot FILE draws TPOT (against context with --contexts).
 """
 
@@ -44,6 +50,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def _progress(row: dict) -> None:
     """One line on stderr per finished measurement: full runs take hours."""
     where = f"context {row['context']}" if row["context"] is not None else f"prompt {row['prompt_len']}"
+    where += f", batch {row['batch']}" if row.get("batch", 1) != 1 else ""
     what = f"TPOT {row['tpot_ms']['median']:.2f} ms" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
     print(f"bench: {row['variant']} on {row['backend']}, {row['threads']} threads, {where}: {what}", file=sys.stderr)
 
@@ -69,7 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_ints,
         default=(),
         metavar="N,N",
-        help="context sweep: TPOT after prompts of these lengths (e.g. 256,1024,4096)",
+        help="context sweep: TPOT after prompts of these lengths (e.g. 256,2048,4096)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_ints,
+        default=(1,),
+        metavar="N,N",
+        help="sequences decoded together, e.g. 1,4,16: tok/s is the batch's (default 1)",
     )
     p.add_argument(
         "--backend",
@@ -113,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         contexts=args.contexts,
+        batches=args.batch,
         prefill_chunk=args.prefill_chunk,
         pin=args.pin,
         backends=tuple(args.backend) if args.backend else None,

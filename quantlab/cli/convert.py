@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe",
         default="fp32",
         help="what to do to the weights: a built-in (fp32, fp16, w8a16-g128, w4a16-g128-asym, w4a16-g32-sym, "
-        "w4a16-g128-gptq, w4a16-g128-awq, w8a8-smoothquant, ...) or a .toml/.yaml recipe file with per-layer "
-        "overrides (default fp32)",
+        "w4a16-g128-gptq, w4a16-g128-awq, w8a8-smoothquant, ...; source keeps a GGUF's own quantized codes) "
+        "or a .toml/.yaml recipe file with per-layer overrides (default fp32)",
     )
     p.add_argument(
         "--dtype",
@@ -53,11 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--attention",
-        choices=["plain", "fused"],
-        default="plain",
-        help="plain: MatMul/Softmax attention, runs in any ONNX runtime (default); fused: onnxruntime's "
-        "GroupQueryAttention (onnxruntime and onnxruntime-genai only), which stores --kv int8/int4 with static "
-        "calibrated per-channel scales (int8-static / int4-static)",
+        choices=["auto", "plain", "fused"],
+        default="auto",
+        help="fused: the graph onnxruntime runs fastest (GroupQueryAttention with the cache in one shared "
+        "buffer, RotaryEmbedding, fused q/k/v and gate/up linears, fused norms; onnxruntime and "
+        "onnxruntime-genai only), which stores --kv int8/int4 with static calibrated per-channel scales "
+        "(int8-static / int4-static); plain: standard opset-21 ONNX for any runtime; auto (default): fused "
+        "unless the cache is quantized or the recipe's format is qdq",
     )
     calib = p.add_mutually_exclusive_group()
     calib.add_argument(
@@ -74,6 +76,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--min-top1", type=float, help="fail (exit 3, nothing written) if top-1 agreement with fp32 is below this"
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="choose each weight's scheme from measured sensitivity for the least KL divergence whose "
+        "model.onnx + model.onnx.data fit SIZE (105MB, 1.2GB); exit 2 and nothing written when nothing fits",
+    )
+    size.add_argument(
+        "--bpw", type=float, metavar="BITS", help="as --max-size, the size given in bits per source parameter"
     )
     p.add_argument(
         "--eval-samples",
@@ -114,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from quantlab import api
     from quantlab.emit.artifact import read_manifest
     from quantlab.emit.staging import ENVIRONMENT_ERRNOS, terminate_as_exit
+    from quantlab.fit.choose import parse_size
 
     if args.eval_samples < 1:
         raise InputError(None, "--eval-samples", "must be >= 1")
@@ -138,10 +151,18 @@ def run(args: argparse.Namespace) -> int:
             dump_ir=args.dump_ir,
             progress=not args.no_progress,
             resume=args.resume,
+            max_size=parse_size(args.max_size) if args.max_size else None,
+            bpw=args.bpw,
         )
     manifest = read_manifest(out)
     size = sum(f["bytes"] for f in manifest["files"].values())
     print(f"wrote {out} ({size / 1e6:.1f} MB, {manifest['graph']['parameters'] / 1e6:.2f}M parameters)")
+    fit = manifest.get("fit")
+    if fit:
+        print(
+            f"chose {fit['linears_per_scheme']} under {fit['max_bytes'] / 1e6:.3f} MB "
+            f"(model files {fit['written_bytes'] / 1e6:.3f} MB), predicted kld_mean {fit['predicted_kld_mean']:.5f}"
+        )
     q = manifest.get("quality")
     if q:
         print(

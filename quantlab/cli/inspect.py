@@ -1,4 +1,4 @@
-"""Describe an artifact folder: ops, parameters, sizes, inputs and outputs, provenance.
+"""Describe an artifact folder: ops, parameters, sizes (by file and by part), inputs and outputs, provenance.
 
 Reads the graph without its weights, so it is instant for any model size.
 """
@@ -7,17 +7,78 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from quantlab.errors import InputError
 
 HELP = "describe an artifact folder"
 
+# The parts model.onnx + model.onnx.data break down into, in the order shown.
+EMBEDDING, HEAD, SHARED, LINEARS = "embedding", "head", "shared embedding/head", "linears"
+SCALES, ZERO_POINTS, OTHER, GRAPH = "scales", "zero points", "norms/other", "graph"
+PARTS = (EMBEDDING, HEAD, SHARED, LINEARS, SCALES, ZERO_POINTS, OTHER, GRAPH)
+WEIGHT = "weight"  # a matmul's weight operand: the head's when the node produces the logits, else a linear's
+# What an initializer is to the op reading it, by input index; ops that only reshape or convert a weight
+# (input 0) pass the question on to whatever reads their output.
+INPUT_ROLES = {
+    "MatMul": {1: WEIGHT},
+    "Gemm": {1: WEIGHT},
+    "FusedMatMul": {1: WEIGHT},
+    "MatMulNBits": {1: WEIGHT, 2: SCALES, 3: ZERO_POINTS},
+    "DynamicQuantizeMatMul": {1: WEIGHT, 2: SCALES, 3: ZERO_POINTS},
+    "MatMulInteger": {1: WEIGHT, 3: ZERO_POINTS},
+    "DequantizeLinear": {1: SCALES, 2: ZERO_POINTS},
+    "Gather": {0: EMBEDDING},
+    "GatherBlockQuantized": {0: EMBEDDING, 2: SCALES, 3: ZERO_POINTS},
+}
+PASS_THROUGH = {"Cast", "Reshape", "Transpose", "DequantizeLinear"}
+TOKEN_IDS = "input_ids"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="folder written by quantlab convert")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def size_by_part(proto, graph_bytes: int) -> dict[str, int]:
+    """Bytes of model.onnx (``graph_bytes``, small inline constants included) and of each part's tensors in
+    model.onnx.data. An initializer read both by the token lookup and by the head (a tied table) is
+    "shared embedding/head"; the embedding is the table gathered by ``input_ids``."""
+    readers = defaultdict(list)  # value name -> [(node, input index)]
+    for node in proto.graph.node:
+        for index, name in enumerate(node.input):
+            if name:
+                readers[name].append((node, index))
+    logits = {o.name for o in proto.graph.output[:1]}
+
+    def roles(name: str) -> set[str]:
+        found = set()
+        for node, index in readers[name]:
+            if node.op_type in PASS_THROUGH and index == 0:
+                found |= roles(node.output[0])
+                continue
+            role = INPUT_ROLES.get(node.op_type, {}).get(index, OTHER)
+            if role == EMBEDDING and (len(node.input) < 2 or node.input[1] != TOKEN_IDS):
+                role = OTHER  # a gather of something else (a table indexed by position, say)
+            if role == WEIGHT:
+                role = HEAD if node.output[0] in logits else LINEARS
+            found.add(role)
+        return found
+
+    parts = dict.fromkeys(PARTS, 0)
+    parts[GRAPH] = graph_bytes
+    for tensor in proto.graph.initializer:
+        external = {e.key: e.value for e in tensor.external_data}
+        if "length" not in external:
+            continue  # stored inside model.onnx, counted with the graph
+        found = roles(tensor.name)
+        if {EMBEDDING, HEAD} <= found:
+            part = SHARED
+        else:
+            part = next((p for p in PARTS if p in found), OTHER)
+        parts[part] += int(external["length"])
+    return {p: size for p, size in parts.items() if size}
 
 
 def describe(folder: Path) -> dict:
@@ -55,6 +116,7 @@ def describe(folder: Path) -> dict:
         "outputs": io(proto.graph.output),
         "files": manifest["files"],
         "total_bytes": sum(f["bytes"] for f in manifest["files"].values()),
+        "parts": size_by_part(proto, model_path.stat().st_size),
         "recipe": manifest["recipe"],
         "passes": [r["pass"] for r in manifest["passes"]],
         "source": manifest["source"],
@@ -83,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"size       {info['total_bytes'] / 1e6:.2f} MB")
     for name, f in info["files"].items():
         print(f"  {name:<24} {f['bytes'] / 1e6:>10.2f} MB")
+    print("parts      of model.onnx + model.onnx.data")
+    for part, size in info["parts"].items():
+        print(f"  {part:<24} {size / 1e6:>10.2f} MB")
     print(f"graph      {info['nodes']} nodes, opset {info['opset']}")
     for op, n in info["ops"].items():
         print(f"  {op:<32} {n}")

@@ -90,8 +90,18 @@ def kv_cache_description(ckpt: Checkpoint, kv_cache: KvCacheFormat) -> dict:
     return d
 
 
-def genai_config(ckpt: Checkpoint, *, context_length: int | None = None, kv_cache: KvCacheFormat | None = None) -> dict:
+def genai_config(
+    ckpt: Checkpoint,
+    *,
+    context_length: int | None = None,
+    kv_cache: KvCacheFormat | None = None,
+    share_buffer: bool = False,
+) -> dict:
     """onnxruntime-genai's genai_config.json for our decoder's I/O names.
+
+    ``share_buffer`` (a graph whose attention is GroupQueryAttention) lets onnxruntime-genai keep each
+    layer's cache in one buffer of the maximum length that is both past and present: GroupQueryAttention
+    appends the new keys in place instead of copying the whole cache into a new present every step.
 
     An fp32 or static (int8-static) cache gives exactly the file onnxruntime-genai loads; a quantized cache
     with per-token scales adds ``model.decoder.kv_cache`` (the format, and the scale tensors' names), which
@@ -140,7 +150,7 @@ def genai_config(ckpt: Checkpoint, *, context_length: int | None = None, kv_cach
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -210,7 +220,8 @@ def write_artifact(
     with staged_output(out_dir, overwrite=overwrite) as stage:
         save_model(model, stage, progress=progress)
         tokenizer_files = write_tokenizer_files(ckpt.tokenizer, stage) if ckpt.tokenizer else []
-        write_json(stage / "genai_config.json", genai_config(ckpt, kv_cache=kv_cache))
+        gqa = any(n.op_type == "GroupQueryAttention" for n in model.graph)
+        write_json(stage / "genai_config.json", genai_config(ckpt, kv_cache=kv_cache, share_buffer=gqa))
         if ckpt.hf_config:
             write_json(stage / "config.json", ckpt.hf_config)
         measured = check(stage) if check is not None else {}

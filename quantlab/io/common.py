@@ -28,13 +28,17 @@ _DIM_SYMBOLS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = tuple(
     for pattern, symbols in (
         (r"model\.embed_tokens\.weight", ("vocab", "hidden")),
         (r"lm_head\.weight", ("vocab", "hidden")),
-        (r".*(input_layernorm|post_attention_layernorm)\.weight|model\.norm\.weight", ("hidden",)),
+        (r".*(input|post_attention|pre_feedforward|post_feedforward)_layernorm\.(weight|bias)", ("hidden",)),
+        (r"model\.norm\.(weight|bias)", ("hidden",)),
         (r".*self_attn\.q_proj\.weight", ("q", "hidden")),
         (r".*self_attn\.[kv]_proj\.weight", ("kv", "hidden")),
         (r".*self_attn\.o_proj\.weight", ("hidden", "q")),
         (r".*self_attn\.q_proj\.bias", ("q",)),
         (r".*self_attn\.[kv]_proj\.bias", ("kv",)),
         (r".*self_attn\.[qk]_norm\.weight", ("head_dim",)),
+        (r".*mlp\.gate\.weight", ("experts", "hidden")),
+        (r".*mlp\.experts\.\d+\.(gate_proj|up_proj)\.weight", ("moe_ff", "hidden")),
+        (r".*mlp\.experts\.\d+\.down_proj\.weight", ("hidden", "moe_ff")),
         (r".*mlp\.(gate_proj|up_proj)\.weight", ("ff", "hidden")),
         (r".*mlp\.down_proj\.weight", ("hidden", "ff")),
     )
@@ -48,6 +52,8 @@ HF_FIELDS = {
     "kv": "num_key_value_heads",
     "head_dim": "head_dim",
     "ff": "intermediate_size",
+    "experts": "num_experts",
+    "moe_ff": "moe_intermediate_size",
 }
 
 MAX_DIM = 1 << 24  # no real decoder has a dimension this large; bigger means a corrupt header

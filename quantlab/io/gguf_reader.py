@@ -7,6 +7,7 @@ llama.cpp's converter stores ``attn_q`` / ``attn_k`` rows permuted for its adjac
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from quantlab.io.common import (
 )
 from quantlab.io.gguf_tokenizer import gguf_tokenizer_spec
 from quantlab.io.spec import Checkpoint, ModelSpec
+from quantlab.quant.gguf_blocks import SourceBlocks, SourceQuantization, decode_blocks, plan_source_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +280,32 @@ class GGUFSource:
         if projection in self._heads:
             out = unpermute_rows(out, self._heads[projection])
         return check_finite(out, self._path, tensor.name)
+
+    def source_blocks(self, name: str) -> SourceBlocks:
+        """The tensor's own integer codes, block scales and mins (no rounding: see
+        quantlab.quant.gguf_blocks), rows un-permuted as :meth:`load` does; ``lm_head.weight`` of a tied
+        model reads the embedding."""
+        tensor = self._tensors[self._tied_head(name)]
+        blocks = decode_blocks(tensor.data, tensor.tensor_type.name, self.shape(self._tied_head(name)))
+        for array in (blocks.scales, blocks.mins):
+            if array is not None:
+                check_finite(array, self._path, tensor.name)
+        projection = name.rsplit(".", 2)[-2]
+        if projection in self._heads:
+            blocks = blocks.map_rows(functools.partial(unpermute_rows, n_head=self._heads[projection]))
+        return blocks
+
+    def source_quantization(self, tied: bool) -> SourceQuantization:
+        """Per linear (and the embedding), whether its GGUF quantization can be kept, and how."""
+        types = {
+            name.removesuffix(".weight"): self._tensors[name].tensor_type.name
+            for name in self._tensors
+            if name.endswith(".weight") and len(self._tensors[name].shape) == 2
+        }
+        return plan_source_quantization(types, lambda linear: self.source_blocks(f"{linear}.weight"), tied=tied)
+
+    def _tied_head(self, name: str) -> str:
+        return "model.embed_tokens.weight" if name == "lm_head.weight" and name not in self._tensors else name
 
 
 def load_gguf(path: str | os.PathLike, *, tokenizer_path=None) -> Checkpoint:

@@ -17,6 +17,15 @@ Tensor names are canonical and follow the Hugging Face Llama layout whatever the
     model.norm.weight                              (hidden,)
     lm_head.weight                                 (vocab, hidden)  absent when spec.tie_word_embeddings
 
+and, where the spec says so:
+
+    model.layers.{i}.{input,post_attention}_layernorm.bias, model.norm.bias   (hidden,)  norm_kind "layernorm"
+    model.layers.{i}.{pre,post}_feedforward_layernorm.weight  (hidden,)   sandwich_norms
+    model.layers.{i}.mlp.gate.weight               (experts, hidden)        i in moe_layers: the router
+    model.layers.{i}.mlp.experts.{e}.gate_proj.weight  (moe_intermediate, hidden)   and up_proj, down_proj
+                                                   (hidden, moe_intermediate); no dense mlp.* then
+    (no mlp.gate_proj when not spec.mlp_gated)
+
 The rows of q_proj / k_proj are in the layout that ``spec.rope_interleaved`` names: False is the
 Hugging Face half-split layout (rotate x[:d/2] with x[d/2:]), True is llama2.c's adjacent pairs
 (rotate x[2i] with x[2i+1]). GGUF readers undo llama.cpp's permutation and report False.
@@ -32,7 +41,9 @@ from typing import Protocol
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "nemotron", "gemma3")
+NORM_KINDS = ("rms", "layernorm")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh", "relu2")
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,66 @@ class ModelSpec:
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Norms: RMSNorm, or LayerNorm with a bias (Nemotron). Every norm scales by (w + norm_weight_offset):
+    # Gemma's (1 + w) and Nemotron's "layernorm1p" store w - 1. Sandwich norms (Gemma 2/3) also normalize
+    # each sublayer's output before the residual Add: post_attention_layernorm is then the attention output's
+    # norm and pre_feedforward_layernorm the MLP's input norm.
+    norm_kind: str = "rms"
+    norm_weight_offset: float = 0.0
+    sandwich_norms: bool = False
+    # MLP: down(act(gate(x)) * up(x)) when gated, else down(act(up(x))); act silu, gelu_tanh or relu2 (relu(x)^2).
+    mlp_activation: str = "silu"
+    mlp_gated: bool = True
+    # Sparse MoE MLP in the layers of moe_layers (a gated MLP per expert, of moe_intermediate_size): softmax
+    # over the router logits, the top experts_per_token experts, their weights renormalized to sum 1 when
+    # moe_normalize_topk (Mixtral, Qwen3-MoE's norm_topk_prob), the experts' outputs summed with those weights.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    moe_normalize_topk: bool = True
+    moe_layers: tuple[int, ...] = ()
+    # RoPE rotates the leading rope_fraction of each head (Nemotron's partial_rotary_factor), half-split
+    # within those dims; the rest pass through.
+    rope_fraction: float = 1.0
+    # The layers of sliding_layers attend to the sliding_window latest keys only (key j visible to query i
+    # iff i - window < j <= i) and rotate with base sliding_rope_theta (None: rope_theta) (Gemma 3).
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    sliding_rope_theta: float | None = None
+    attention_scale: float | None = None  # scores = q.k * attention_scale; None: 1 / sqrt(head_dim)
+    attention_softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap) before the mask; 0: none
+    final_softcap: float = 0.0  # the same on the logits
+    embedding_scale: float = 1.0  # the embedding rows are multiplied by this (Gemma: sqrt(hidden))
+
+    def __post_init__(self):
+        if self.norm_kind not in NORM_KINDS:
+            raise ValueError(f"norm_kind must be one of {NORM_KINDS}, got {self.norm_kind!r}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+        if self.moe_layers and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token {self.experts_per_token} must be in [1, {self.num_experts}]")
+        if self.moe_layers and not (self.mlp_gated and self.mlp_activation == "silu"):
+            raise ValueError("MoE experts are SwiGLU MLPs (gated silu)")
+        if self.sliding_layers and self.sliding_window <= 0:
+            raise ValueError("sliding_layers need a positive sliding_window")
+        if self.rotary_dim % 2 or self.rotary_dim <= 0:
+            raise ValueError(
+                f"rope_fraction {self.rope_fraction} of head_dim {self.head_dim} is not a positive even width"
+            )
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (transformers: int(head_dim * factor))."""
+        return int(self.head_dim * self.rope_fraction)
+
+    def window_of(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window, 0 for full attention."""
+        return self.sliding_window if layer in self.sliding_layers else 0
+
+    def rope_theta_of(self, layer: int) -> float:
+        if layer in self.sliding_layers and self.sliding_rope_theta is not None:
+            return self.sliding_rope_theta
+        return self.rope_theta
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,7 +148,8 @@ class ModelSpec:
             raise ValueError(f"unknown ModelSpec keys: {sorted(unknown)}")
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        for key in ("eos_token_ids", "moe_layers", "sliding_layers"):
+            d[key] = tuple(d.get(key, ()))
         return cls(**d)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -90,10 +162,16 @@ class ModelSpec:
         }
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, h)
+        if self.norm_kind == "layernorm":
+            shapes["model.norm.bias"] = (h,)
         for i in range(self.num_layers):
             p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (h,)
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
+            norms = ["input_layernorm", "post_attention_layernorm"]
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if self.sandwich_norms else []
+            for norm in norms:
+                shapes[p + norm + ".weight"] = (h,)
+                if self.norm_kind == "layernorm":
+                    shapes[p + norm + ".bias"] = (h,)
             shapes[p + "self_attn.q_proj.weight"] = (q, h)
             shapes[p + "self_attn.k_proj.weight"] = (kv, h)
             shapes[p + "self_attn.v_proj.weight"] = (kv, h)
@@ -105,7 +183,15 @@ class ModelSpec:
             if self.qk_norm:
                 shapes[p + "self_attn.q_norm.weight"] = (d,)
                 shapes[p + "self_attn.k_norm.weight"] = (d,)
-            shapes[p + "mlp.gate_proj.weight"] = (ff, h)
+            if i in self.moe_layers:
+                shapes[p + "mlp.gate.weight"] = (self.num_experts, h)
+                for e in range(self.num_experts):
+                    shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (self.moe_intermediate_size, h)
+                    shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (self.moe_intermediate_size, h)
+                    shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, self.moe_intermediate_size)
+                continue
+            if self.mlp_gated:
+                shapes[p + "mlp.gate_proj.weight"] = (ff, h)
             shapes[p + "mlp.up_proj.weight"] = (ff, h)
             shapes[p + "mlp.down_proj.weight"] = (h, ff)
         return shapes

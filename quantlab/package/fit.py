@@ -4,10 +4,17 @@
    (:data:`LINEAR_SCHEMES` for every decoder-layer unit and ``lm_head``, :data:`EMBEDDING_SCHEMES` for
    the embedding) and the quantization passes run lazily, so every initializer knows its dtype and
    shape; a unit's bytes are the sum of its tensors'. Everything that is not a unit (norms, the
-   graph, tokenizer, runner, manifest) is taken from the artifact given to ``package``.
+   graph, tokenizer, runner, manifest) is taken from the artifact given to ``package``. A tied head
+   that the pipeline writes as one tensor with the embedding (``passes/share_tied_embedding.py``: the
+   head's scheme wins) makes the two one unit, ``lm_head``, with the head's candidates, as
+   :func:`quantlab.fit.choose.unit_costs` counts it; the embedding is then no unit of its own.
+   A candidate that another of the same bits beats on both counts (no more bytes, groups no coarser)
+   is dropped before anything is measured (:func:`drop_dominated`).
 2. Sensitivity, measured: the KL divergence of the output with only that unit quantized
-   (:mod:`quantlab.package.sensitivity` says why this and not an activation-weighted proxy).
-3. Choice: greedy by sensitivity saved per byte (:func:`choose_precisions`), starting from every unit
+   (:mod:`quantlab.package.sensitivity` says why this and not an activation-weighted proxy); the shared
+   unit's figure has the head and the table quantized together, as the bundle will have them.
+3. Choice: greedy by sensitivity saved per byte (:func:`quantlab.fit.choose.choose_precisions`, the one
+   ``convert --max-size`` uses), starting from every unit
    at its smallest scheme and upgrading while the budget allows; ties go by name, so the same inputs
    give the same choice.
 4. One conversion with the choice as per-layer recipe overrides, whose manifest measures the real
@@ -31,9 +38,11 @@ from pathlib import Path
 
 from quantlab.emit.artifact import MANIFEST_FILE, MODEL_FILE, read_manifest
 from quantlab.errors import InputError
+from quantlab.fit.choose import choose_precisions
 from quantlab.io.spec import sha256_file
 from quantlab.package.sensitivity import (
     EMBEDDING_UNIT,
+    EMBEDDING_WEIGHT,
     HEAD_UNIT,
     Sensitivity,
     measure_sensitivity,
@@ -41,6 +50,7 @@ from quantlab.package.sensitivity import (
     unit_of,
 )
 from quantlab.package.targets import Target
+from quantlab.quant.scheme import parse_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +124,7 @@ def _sum_by_unit(tensors) -> dict[str, int]:
     """(initializer name, bytes) pairs -> bytes per unit; tensors of no unit are left out."""
     out: dict[str, int] = {}
     for name, size in tensors:
-        unit = unit_of(name.rsplit(".", 1)[0])  # model.layers.0.mlp.up_proj.qweight -> ...mlp_in
+        unit = unit_of(name.rsplit(".", 1)[0])  # model.layers.0.mlp.gate_up_proj.qweight -> ...mlp_in
         if unit is not None:
             out[unit] = out.get(unit, 0) + size
     return out
@@ -130,12 +140,15 @@ def artifact_unit_bytes(artifact: Path) -> dict[str, int]:
 
 def recipe_unit_bytes(ckpt, recipe) -> dict[str, int]:
     """Bytes per unit the recipe would write: the graph built and quantized lazily (no weight is read)."""
-    from quantlab.api import quantization_pipeline
+    from quantlab.api import default_attention, fusion_pipeline, quantization_pipeline
     from quantlab.build.decoder import BuildOptions, build_decoder
     from quantlab.passes.manager import run_passes
 
-    model = build_decoder(ckpt, BuildOptions(weight_dtype=recipe.weight_dtype))
-    model, _ = run_passes(model, quantization_pipeline(model, recipe))
+    # the graph `convert` builds for this recipe (its default attention and fusions), so the bytes agree
+    attention = default_attention(recipe)
+    model = build_decoder(ckpt, BuildOptions(weight_dtype=recipe.weight_dtype, attention=attention))
+    pipeline = quantization_pipeline(model, recipe, tied=ckpt.spec.tie_word_embeddings)
+    model, _ = run_passes(model, pipeline + fusion_pipeline(attention, recipe))
     values = [v for v in model.graph.initializers.values() if v.uses()]  # replaced weights linger unused
     return _sum_by_unit((v.name, _tensor_bytes(v.shape, v.const_value.dtype)) for v in values)
 
@@ -148,55 +161,69 @@ def _recipe(fields: dict, target: Target, workdir: Path, name: str):
     return path, load_recipe(str(path))
 
 
-def unit_costs(ckpt, target: Target, workdir: Path) -> dict[str, dict[str, int]]:
-    """``costs[unit][scheme]``: bytes of each unit under each candidate scheme (the embedding only
-    where the target runs quantized embeddings)."""
-    costs: dict[str, dict[str, int]] = {}
+def unit_costs(ckpt, target: Target, workdir: Path) -> tuple[dict[str, dict[str, int]], bool]:
+    """(``costs[unit][scheme]``, shared): bytes of each unit under each candidate scheme (the embedding
+    only where the target runs quantized embeddings). ``shared``: the head is tied and every candidate's
+    graph stores it and the embedding as one tensor (the table left no bytes of its own beyond a bit
+    per entry, the rule of :func:`quantlab.fit.choose.unit_costs`); the head's unit then carries
+    whatever the embedding's lookup adds (the Slice of padded rows) and there is no embedding unit."""
+    spec = ckpt.spec
+    sizes = []
     for linear, embedding in zip(LINEAR_SCHEMES, EMBEDDING_SCHEMES, strict=True):
         fields = {"scheme": linear, "lm_head": linear, "embedding": embedding}
         _, recipe = _recipe(fields, target, workdir, "costs")
-        for unit, size in recipe_unit_bytes(ckpt, recipe).items():
+        sizes.append((linear, embedding, recipe_unit_bytes(ckpt, recipe)))
+    shared = spec.tie_word_embeddings and all(
+        per_unit.get(EMBEDDING_UNIT, 0) * 8 < spec.vocab_size * spec.hidden_size for _, _, per_unit in sizes
+    )
+    costs: dict[str, dict[str, int]] = {}
+    for linear, embedding, per_unit in sizes:
+        if shared:
+            per_unit[HEAD_UNIT] = per_unit.get(HEAD_UNIT, 0) + per_unit.pop(EMBEDDING_UNIT, 0)
+        for unit, size in per_unit.items():
             if unit == EMBEDDING_UNIT and not target.contrib_ops:
                 continue  # standard-ONNX bundles keep the embedding table in float
             costs.setdefault(unit, {})[embedding if unit == EMBEDDING_UNIT else linear] = size
-    return costs
+    return drop_dominated(costs), shared
 
 
-def choose_precisions(
-    costs: dict[str, dict[str, int]], kld: dict[str, dict[str, float]], budget: int
-) -> dict[str, str] | None:
-    """The scheme per unit with the least summed KLD whose bytes sum to at most ``budget``, greedily:
-    every unit starts at its smallest scheme; the upgrade that saves the most KLD per extra byte and
-    still fits is taken, until none is left. None when even the smallest schemes do not fit."""
-    choice = {u: min(costs[u], key=lambda s, u=u: (costs[u][s], kld[u][s], s)) for u in sorted(costs)}
-    used = sum(costs[u][s] for u, s in choice.items())
-    if used > budget:
-        return None
-    while True:
-        best = None
-        for unit in sorted(costs):
-            for scheme in sorted(costs[unit]):
-                extra = costs[unit][scheme] - costs[unit][choice[unit]]
-                saved = kld[unit][choice[unit]] - kld[unit][scheme]
-                if saved <= 0 or used + extra > budget:
-                    continue
-                ratio = saved / max(extra, 1)
-                if best is None or ratio > best[0]:
-                    best = (ratio, unit, scheme, extra)
-        if best is None:
-            return choice
-        _, unit, scheme, extra = best
-        choice[unit] = scheme
-        used += extra
+def drop_dominated(costs: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Each unit's candidates without those another candidate of the same bits and symmetry beats on
+    both counts: no more bytes and groups no coarser. Where the rows are shorter than a group, blocks
+    are padded to whole groups (K = 64 stores each g128 row as 128 codes, twice g32's 2 x 32), so the
+    coarser scheme costs more and rounds the same row with one range where the finer uses two; its
+    rounding error is never smaller in expectation, and a measured KLD that says otherwise is the noise
+    of a few hundred tokens (stories260K: one g128 attention unit measured 0.0046 against g32's 0.0056
+    alone, and the mix that took it measured 0.0850 against 0.0816 for all g32)."""
+    return {unit: _undominated(by_scheme) for unit, by_scheme in costs.items()}
 
 
-def per_layer_fields(choice: dict[str, str]) -> dict:
-    """Recipe fields for a choice: the commonest layer scheme as default, the others as overrides."""
+def _undominated(by_scheme: dict[str, int]) -> dict[str, int]:
+    schemes = {s: parse_scheme(s) for s in by_scheme}
+
+    def beats(t: str, s: str) -> bool:
+        a, b = schemes[t], schemes[s]
+        same_kind = (a.bits, a.symmetric) == (b.bits, b.symmetric)
+        return same_kind and _group_span(a) <= _group_span(b) and by_scheme[t] <= by_scheme[s]
+
+    return {s: size for s, size in by_scheme.items() if not any(t != s and beats(t, s) for t in by_scheme)}
+
+
+def _group_span(scheme) -> float:
+    """Elements of K one range covers: a per-channel scheme's group is all of K, the coarsest."""
+    return scheme.group_size if scheme.group_size > 0 else math.inf
+
+
+def per_layer_fields(choice: dict[str, str], shared: bool = False) -> dict:
+    """Recipe fields for a choice: the commonest layer scheme as default, the others as overrides.
+    ``shared``: the head and the embedding are one tensor, both at the head's scheme."""
     layers = {u: s for u, s in choice.items() if u not in (HEAD_UNIT, EMBEDDING_UNIT)}
     counts = Counter(layers.values())
     default = min(counts, key=lambda s: (-counts[s], LINEAR_SCHEMES.index(s))) if counts else LINEAR_SCHEMES[-1]
     fields = {"name": PER_LAYER, "scheme": default, "lm_head": choice.get(HEAD_UNIT, default)}
-    if EMBEDDING_UNIT in choice:
+    if shared:
+        fields["embedding"] = fields["lm_head"]
+    elif EMBEDDING_UNIT in choice:
         fields["embedding"] = choice[EMBEDDING_UNIT]
     overrides = [
         {"pattern": linear, "scheme": scheme}
@@ -228,6 +255,7 @@ class FitPlan:
     fixed_bytes: int  # everything no recipe here changes: norms, graph, tokenizer, runner, manifest
     costs: dict[str, dict[str, int]]  # unit -> scheme -> bytes
     rungs: tuple[tuple[str, dict, int], ...]  # (label, recipe fields, predicted bundle bytes)
+    shared: bool  # a tied head and the embedding are one tensor, so one unit (lm_head)
 
     @property
     def smallest_bytes(self) -> int:
@@ -248,9 +276,8 @@ def plan_fit(artifact: Path, source: str | os.PathLike, target: Target, workdir:
     for i, (label, fields) in enumerate(LADDER):
         _, recipe = _recipe(fields, target, workdir, f"rung{i}")
         rungs.append((label, fields, fixed + sum(recipe_unit_bytes(ckpt, recipe).values())))
-    return FitPlan(
-        artifact, source, target, workdir, ckpt, given, fixed, unit_costs(ckpt, target, workdir), tuple(rungs)
-    )
+    costs, shared = unit_costs(ckpt, target, workdir)
+    return FitPlan(artifact, source, target, workdir, ckpt, given, fixed, costs, tuple(rungs), shared)
 
 
 def measure_plan_sensitivity(plan: FitPlan) -> Sensitivity:
@@ -265,6 +292,8 @@ def measure_plan_sensitivity(plan: FitPlan) -> Sensitivity:
             unit = unit_of(name.removesuffix(".weight"))
             if unit in unit_weights:
                 unit_weights[unit].append(name)
+        if plan.shared:  # the head's codes are the table's too: both quantized in one measurement
+            unit_weights[HEAD_UNIT].append(EMBEDDING_WEIGHT)
         schemes = {u: tuple(sorted(c)) for u, c in plan.costs.items()}
         return measure_sensitivity(baseline, unit_weights, schemes, bos_id=int(bos))
 
@@ -298,7 +327,7 @@ def _per_layer(plan: FitPlan, sensitivity: Sensitivity, budget: int) -> dict | N
         choice = choose_precisions(plan.costs, sensitivity.kld, room)
         if choice is None:
             break
-        candidate = _convert(plan, per_layer_fields(choice), "per_layer")
+        candidate = _convert(plan, per_layer_fields(choice, plan.shared), "per_layer")
         candidate.update(
             label=PER_LAYER,
             precisions=choice,
@@ -312,11 +341,12 @@ def _per_layer(plan: FitPlan, sensitivity: Sensitivity, budget: int) -> dict | N
 
 
 def _unreachable(plan: FitPlan, budget: int) -> InputError:
+    embedding = "shared with the head" if plan.shared else EMBEDDING_SCHEMES[-1]
     return InputError(
         None,
         "--max-size",
-        f"nothing fits {budget / 1e6:.3f} MB: the smallest bundle reachable (every layer {LINEAR_SCHEMES[-1]}, "
-        f"embedding {EMBEDDING_SCHEMES[-1]}) is about {plan.smallest_bytes / 1e6:.3f} MB; nothing written",
+        f"nothing fits {budget / 1e6:.3f} MB: the smallest bundle reachable (every unit at its smallest "
+        f"scheme, embedding {embedding}) is about {plan.smallest_bytes / 1e6:.3f} MB; nothing written",
     )
 
 
@@ -348,7 +378,8 @@ def fit_plan(plan: FitPlan, sensitivity: Sensitivity, budget: int) -> tuple[Path
     fitting = [c for c in candidates if c["estimated_bytes"] <= budget and c.get("kld_mean") is not None]
     report = {
         "budget_bytes": budget,
-        "schemes": {"linear": list(LINEAR_SCHEMES), "embedding": list(EMBEDDING_SCHEMES)},
+        "schemes": {"linear": list(LINEAR_SCHEMES), "embedding": [] if plan.shared else list(EMBEDDING_SCHEMES)},
+        "head_shares_embedding": plan.shared,
         "sensitivity": sensitivity.to_dict(),
         # the per-layer candidate's choice is listed once, under "per_layer"
         "candidates": [

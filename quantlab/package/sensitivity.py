@@ -3,10 +3,13 @@ unit's weights are quantized and everything else stays fp32.
 
 A *unit* is a group of weights that gets one precision: per decoder layer the attention projections
 (q, k, v, o), the MLP's input projections (gate, up) and its down projection, plus ``lm_head`` and the
-token embedding. Its sensitivity to a scheme is ``KL(P_fp32 || P_unit)`` averaged over the positions of
-a few sequences sampled from the fp32 model, where ``P_unit`` is the fp32 model with that unit's weights
-replaced by their round-to-nearest reconstruction ``dequantize(rtn_quantize(W))`` (the same integers
-the conversion writes).
+token embedding. A tied head that shares one quantized tensor with the embedding
+(``passes/share_tied_embedding.py``) makes the two one unit, ``lm_head``, whose weights are both the
+head's and the table's: quantizing it changes every logit and every looked-up row at once. Its
+sensitivity to a scheme is ``KL(P_fp32 || P_unit)`` averaged over the positions of a few sequences
+sampled from the fp32 model, where ``P_unit`` is the fp32 model with that unit's weights replaced
+by their round-to-nearest reconstruction ``dequantize(rtn_quantize(W))`` (the same integers the
+conversion writes).
 
 Why the measured KLD rather than a proxy such as the layer's output error weighted by calibration
 activations (``||(W - W_hat) X||``): the proxy needs a per-layer gain to the output that it cannot
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantlab.fit.choose import STACKED
 from quantlab.quant.scheme import parse_scheme
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ logger = logging.getLogger(__name__)
 EMBEDDING_UNIT = "embedding"
 HEAD_UNIT = "lm_head"
 EMBEDDING_TENSOR = "model.embed_tokens"
+EMBEDDING_WEIGHT = f"{EMBEDDING_TENSOR}.weight"
 # linear name inside a decoder layer -> the unit it belongs to (architecture knowledge as data)
 LAYER_UNITS = {
     "self_attn.q_proj": "attention",
@@ -52,15 +57,17 @@ SENSITIVITY_SEED_OFFSET = 2_000_029
 
 def unit_of(linear: str) -> str | None:
     """``model.layers.3.self_attn.k_proj`` -> ``model.layers.3.attention``; ``lm_head``; the embedding
-    table ``model.embed_tokens`` -> ``embedding``; None for anything else (norms, biases)."""
+    table ``model.embed_tokens`` -> ``embedding``; None for anything else (norms, biases). A stack the
+    fusion writes as one tensor (``self_attn.qkv_proj``, ``mlp.gate_up_proj``) is its members' unit."""
     if linear == HEAD_UNIT:
         return HEAD_UNIT
     if linear == EMBEDDING_TENSOR:
         return EMBEDDING_UNIT
     m = _LAYER.match(linear)
-    if m and m.group(2) in LAYER_UNITS:
-        return f"model.layers.{m.group(1)}.{LAYER_UNITS[m.group(2)]}"
-    return None
+    if m is None:
+        return None
+    name = STACKED.get(m.group(2), (m.group(2),))[0]  # a stack's members all share one unit here
+    return f"model.layers.{m.group(1)}.{LAYER_UNITS[name]}" if name in LAYER_UNITS else None
 
 
 def unit_linears(unit: str) -> list[str]:
@@ -118,8 +125,8 @@ def measure_sensitivity(
     """KL divergence per (unit, scheme) over ``samples x seq_len`` tokens sampled from the fp32 model.
 
     ``baseline`` is an fp32 artifact folder; ``unit_weights`` maps each unit to its weight initializers
-    (``model.layers.0.mlp.up_proj.weight``, ``model.embed_tokens.weight``); ``schemes`` the schemes to
-    try per unit.
+    (``model.layers.0.mlp.up_proj.weight``, ``model.embed_tokens.weight``; a shared tied head lists both
+    ``lm_head.weight`` and the table); ``schemes`` the schemes to try per unit.
     """
     import onnx
     from onnx import numpy_helper
@@ -167,7 +174,7 @@ def measure_sensitivity(
         originals = {n: weight(n) for n in unit_weights[unit]}
         kld[unit] = {}
         for scheme in schemes[unit]:
-            fed = {n: _fake_quantized(w, scheme, rows=unit == EMBEDDING_UNIT) for n, w in originals.items()}
+            fed = {n: _fake_quantized(w, scheme, rows=n == EMBEDDING_WEIGHT) for n, w in originals.items()}
             kld[unit][scheme] = mean_kl(logits(fed))
         logger.info("sensitivity %s: %s", unit, kld[unit])
     (baseline / model_file).unlink()

@@ -194,3 +194,91 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
     codes = grouped(np.asarray(qw.q, dtype=np.float32), qw.group_size)  # (N, n_groups, group)
     zp = qw.zero_point_array().astype(np.float32)[:, :, None]
     return ((codes - zp) * qw.scales[:, :, None]).reshape(n, -1)[:, :k]
+
+
+# Shrink factors of a group's [lo, hi] range tried by :func:`search_scales` (1.0 is plain RTN, so the
+# search never does worse than RTN on the weighted error it minimizes).
+SCALE_SEARCH_GRID = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 .. 0.7
+
+
+def weighted_error(weight: np.ndarray, qw: QuantizedWeight, importance: np.ndarray | None = None) -> np.ndarray:
+    """Per-group importance-weighted squared error ``sum_k imp[k] (W - W_hat)^2`` as (N, n_groups)."""
+    diff = grouped(np.asarray(weight, np.float32) - dequantize(qw), qw.group_size)  # (N, n_groups, group)
+    imp = np.ones(weight.shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
+    return np.einsum("ngs,gs->ng", diff * diff, grouped(imp[None, :], qw.group_size)[0])
+
+
+def search_scales(
+    weight: np.ndarray,
+    importance: np.ndarray | None = None,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = False,
+    grid: tuple[float, ...] = SCALE_SEARCH_GRID,
+) -> QuantizedWeight:
+    """Round-to-nearest with each group's scale (and zero point) searched to minimize the
+    importance-weighted squared error ``sum_k imp[k] (W[n, k] - W_hat[n, k])^2``.
+
+    ``weight`` is (N, K); ``importance`` (K,) is the mean square of the activation each input channel
+    sees (``E[x_k^2]``: with it the weighted error is the expected squared error of the linear's output
+    when the input channels are uncorrelated), all ones when None. The same idea as llama.cpp's
+    ``make_qx_quants`` / ``make_qkx2_quants`` (weighted search over scales) and AWQ's clipping grid:
+
+    1. for each shrink factor ``t`` in ``grid``, the RTN range ``[t lo, t hi]`` (the symmetric scale
+       times ``t``), then codes by round-to-nearest; per group the ``t`` with the least error is kept;
+    2. one weighted least-squares refit of the scale for the kept codes and zero point,
+       ``s = sum imp w (q - z) / sum imp (q - z)^2``, codes re-rounded with it, kept where it helps.
+
+    Zero points stay integers (what MatMulNBits reads as uint8). Grid 1.0 is plain RTN, so per group
+    the result is never worse than :func:`rtn_quantize` on this error.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {weight.shape}")
+    n, k = weight.shape
+    imp = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32).reshape(-1)
+    if imp.shape != (k,):
+        raise ValueError(f"importance has {imp.shape[0]} channels, weight has K={k}")
+    groups = grouped(weight, group_size)  # (N, n_groups, group)
+    imp_groups = grouped(imp[None, :], group_size)[0]  # (n_groups, group), padding weighs 0
+    w_min, w_max = groups.min(axis=2), groups.max(axis=2)
+    max_code = np.float32((1 << bits) - 1)
+
+    def error_of(scales, zero_points):
+        # the search's own rounding (np.rint: halves to even) only ranks candidates; the returned codes
+        # come from quantize_with_params with its MLAS rounding
+        zp = np.float32(1 << (bits - 1)) if zero_points is None else zero_points.astype(np.float32)[:, :, None]
+        with np.errstate(divide="ignore"):
+            inv = np.where(scales != 0, np.float32(1) / scales, np.float32(0)).astype(np.float32)[:, :, None]
+        codes = groups * inv
+        codes += zp
+        np.rint(codes, out=codes)
+        np.clip(codes, 0, max_code, out=codes)
+        codes -= zp  # (N, n_groups, group): centred codes
+        diff = codes * scales[:, :, None]
+        np.subtract(groups, diff, out=diff)
+        diff *= diff
+        return np.einsum("ngs,gs->ng", diff, imp_groups), codes
+
+    best_s, best_z, best_e, best_c = None, None, None, None
+    for t in grid:
+        s, z = scales_zero_points(w_min * np.float32(t), w_max * np.float32(t), bits, symmetric)
+        e, centred = error_of(s, z)
+        if best_e is None:
+            best_s, best_z, best_e, best_c = s, z, e, centred
+            continue
+        better = e < best_e
+        best_s = np.where(better, s, best_s)
+        best_z = None if symmetric else np.where(better, z, best_z)
+        best_e = np.where(better, e, best_e)
+        np.copyto(best_c, centred, where=better[:, :, None])
+    # weighted least-squares refit of the scale for the kept codes (zero point fixed)
+    num = np.einsum("ngs,ngs,gs->ng", groups, best_c, imp_groups)
+    den = np.einsum("ngs,ngs,gs->ng", best_c, best_c, imp_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        refit = np.where(den > 0, num / den, best_s).astype(np.float32)
+    e, _ = error_of(refit, best_z)
+    scales = np.where(e < best_e, refit, best_s).astype(np.float32)
+    zero_points = None if symmetric else best_z.astype(np.uint8)
+    q = quantize_with_params(weight, scales, zero_points, bits, group_size)
+    return QuantizedWeight(q, scales, zero_points, bits, group_size)

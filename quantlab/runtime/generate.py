@@ -4,6 +4,10 @@ The artifact's ``genai_config.json`` names the cache inputs and outputs; the cac
 types, their last dimension and any scale tensors beside them (``past_key_values.{i}.key_scale``) are
 read from the session, so a graph whose cache is quantized runs through the same loop.
 
+:func:`generate_batch` runs many prompts through one KV cache of batch B: the prompts are padded on
+the left, and ``attention_mask`` and ``position_ids`` are kept per sequence, so each sequence gets the
+tokens it would get alone.
+
 A bounded cache (:class:`BoundedCache`, attention sinks + sliding window, StreamingLLM, arXiv
 2309.17453) is a policy of the generation loop: after each step the cache keeps its first ``sinks``
 and last ``window`` tokens, so it never holds more than ``sinks + window`` tokens however long the
@@ -226,6 +230,8 @@ class OrtDecoder:
             "position_ids": position_ids.astype(np.int64),
             **cache,
         }
+        # a graph that derives positions from the mask (onnxruntime-genai's builder) has no position_ids
+        feeds = {name: value for name, value in feeds.items() if name in self.input_names}
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
         new_cache = {past_name: outputs[present] for past_name, present in self.cache_names.items()}
         return outputs["logits"], new_cache
@@ -269,3 +275,62 @@ def generate(
         if next_id in stop:
             return
         tokens = np.asarray([[next_id]], dtype=np.int64)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, position_ids), each (batch, longest prompt) int64: every prompt ends at
+    the last column, the padding in front of it is masked out, and positions count from 0 at each
+    prompt's first token (padding gets position 0: masked, it never reaches a real token)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)  # (batch, longest)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = prompt
+        mask[row, longest - len(prompt) :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+def generate_batch(
+    decoder: OrtDecoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """The generated ids of every prompt (prompts excluded), one forward per step for the whole batch.
+
+    Each sequence has its own sampler seeded with ``sampling.seed``, so sequence i gets exactly what
+    :func:`generate` gives prompt i alone, up to the float rounding that a padded, batched matmul may
+    order differently. A sequence that stops (a stop id, kept in its output) leaves the batch: its rows
+    are cut out of the cache, and the others carry on.
+    """
+    samplers = [Sampler(sampling) for _ in prompts]
+    stop = set(stop_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # prompts index of each row still in the batch
+    ids, mask, positions = left_pad(prompts, pad_id)
+    cache = decoder.empty_cache(len(prompts))
+    for _ in range(max_new_tokens):
+        logits, cache = decoder.forward(ids, cache, attention_mask=mask, position_ids=positions)
+        rows, next_ids = [], []
+        for row, index in enumerate(active):
+            token = samplers[index](logits[row, -1])
+            out[index].append(token)
+            if token not in stop:
+                rows.append(row)
+                next_ids.append(token)
+        if not rows:
+            break
+        if len(rows) < len(active):  # every cache tensor (scales and windows too) is batch-first
+            cache = {name: np.ascontiguousarray(t[rows]) for name, t in cache.items()}
+            mask, positions = mask[rows], positions[rows]
+            active = [active[row] for row in rows]
+        ids = np.asarray(next_ids, dtype=np.int64)[:, None]  # (batch, 1)
+        positions = positions[:, -1:] + 1  # (batch, 1)
+        mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)  # (batch, total)
+    return out

@@ -30,6 +30,9 @@ from quantlab.io.spec import ModelSpec
 
 
 def _np(value: ir.Value) -> np.ndarray:
+    producer = value.producer()
+    if value.const_value is None and producer is not None and producer.op_type == "Reshape":
+        return _np(producer.inputs[0]).reshape(_np(producer.inputs[1]))  # a tied head's view of the shared rows
     return np.asarray(value.const_value.numpy())
 
 
@@ -103,6 +106,10 @@ def _weight_of(node: ir.Node) -> np.ndarray:
         return np.ascontiguousarray(_np(w), dtype=np.float32)
     if producer.op_type == "Cast":  # fp16 storage
         return np.ascontiguousarray(_np(producer.inputs[0]), dtype=np.float32)
+    if producer.op_type == "Transpose":  # a tied float head: the embedding table (under its fp16 Cast)
+        table = producer.inputs[0]
+        cast = table.producer()
+        return np.ascontiguousarray(_np(cast.inputs[0] if cast is not None else table).T, dtype=np.float32)
     if producer.op_type == "DequantizeLinear":  # qdq format: (K, N) codes, blocked along K
         codes, scales, zps = (_np(v) for v in producer.inputs)
         block = producer.attributes["block_size"].value
@@ -171,17 +178,23 @@ class TorchDecoder:
                 y = y + self.vectors[f"{p}.{name}.bias"]
             return y.view(b, t, heads, s.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
 
-        q, k, v = proj("q_proj", s.num_heads), proj("k_proj", s.num_kv_heads), proj("v_proj", s.num_kv_heads)
+        if f"{p}.qkv_proj" in self.linears:  # one fused linear (passes/fuse_matmul_nbits.py): one call, then views
+            sizes = [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
+            parts = self.linears[f"{p}.qkv_proj"](h).split(sizes, dim=-1)
+            q, k, v = (
+                y.reshape(b, t, heads, s.head_dim).transpose(1, 2)
+                for y, heads in zip(parts, (s.num_heads, s.num_kv_heads, s.num_kv_heads), strict=True)
+            )
+        else:
+            q, k, v = proj("q_proj", s.num_heads), proj("k_proj", s.num_kv_heads), proj("v_proj", s.num_kv_heads)
         if s.qk_norm:
             q, k = self._norm(q, f"{p}.q_norm.weight"), self._norm(k, f"{p}.k_norm.weight")
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
-        group = s.num_heads // s.num_kv_heads
-        ka, va = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ ka.transpose(-1, -2)) / float(np.sqrt(s.head_dim))
-        scores = scores.masked_fill(~allowed, float(np.finfo(np.float32).min))
-        ctx = torch.softmax(scores, dim=-1) @ va  # (batch, heads, seq, head_dim)
+        # grouped-query attention without repeating the cache per query head (enable_gqa); ``allowed`` is an
+        # additive mask (0 or float32 min) so that a padding row, which sees no key, stays finite
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
         ctx = ctx.transpose(1, 2).reshape(b, t, -1)
         return self.linears[f"{p}.o_proj"](ctx), k, v
 
@@ -206,6 +219,7 @@ class TorchDecoder:
             cos, sin = torch.cos(freqs)[:, None], torch.sin(freqs)[:, None]
             causal = torch.arange(total)[None, :] <= torch.arange(past, total)[:, None]  # (seq, total)
             allowed = causal[None, None] & mask[:, None, None, :]  # (batch, 1, seq, total)
+            allowed = torch.zeros(allowed.shape).masked_fill(~allowed, float(np.finfo(np.float32).min))
             x = self.embed[ids]
             new_cache = {}
             for i in range(s.num_layers):
@@ -216,8 +230,11 @@ class TorchDecoder:
                 x = x + attn
                 h = self._norm(x, f"model.layers.{i}.post_attention_layernorm.weight")
                 mlp = f"model.layers.{i}.mlp"
-                gate = self.linears[f"{mlp}.gate_proj"](h)
-                act = torch.nn.functional.silu(gate) * self.linears[f"{mlp}.up_proj"](h)
+                if f"{mlp}.gate_up_proj" in self.linears:
+                    gate, up = self.linears[f"{mlp}.gate_up_proj"](h).chunk(2, dim=-1)
+                else:
+                    gate, up = self.linears[f"{mlp}.gate_proj"](h), self.linears[f"{mlp}.up_proj"](h)
+                act = torch.nn.functional.silu(gate) * up
                 x = x + self.linears[f"{mlp}.down_proj"](act)
                 new_cache[self.past_key_names[i]], new_cache[self.past_value_names[i]] = k, v
             logits = self.linears["lm_head"](self._norm(x, "model.norm.weight"))

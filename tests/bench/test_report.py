@@ -94,3 +94,22 @@ def test_goal_line_compares_w4_with_fp32():
     lines = report.goal_lines({"results": [row("fp32", 30.0), row("w4a16-g128-asym", 9.0)]})
     assert lines == ["w4a16-g128-asym on onnxruntime / fp32 on onnxruntime, threads 2: TPOT ratio 0.30 "
                      "(goal <= 0.33: met)"]  # fmt: skip
+
+
+def test_a_batch_column_only_when_batches_were_measured():
+    row = {"variant": "w4", "backend": "onnxruntime", "threads": 2, "status": "unavailable", "reason": "why"}
+    single = {"results": [{**row, "batch": 1}]}
+    assert report.columns(single) == report.COLUMNS
+    batched = {"results": [{**row, "batch": 1}, {**row, "batch": 16}]}
+    head = report.columns(batched)
+    assert head[3] == "batch" and len(head) == len(report.COLUMNS) + 1
+    cells = report.row_cells(batched["results"][1], {}, batch=True)
+    assert cells[:5] == ["w4", "onnxruntime", "2", "16", "unavailable [1]"] and len(cells) == len(head)
+
+
+def test_attention_is_labelled_when_a_run_mixes_plain_and_fused():
+    row = {"variant": "w4a16-g32-asym", "backend": "onnxruntime", "threads": 2, "status": "unavailable", "reason": "x"}
+    mixed = {"results": [{**row, "attention": "fused"}, {**row, "attention": "plain"}]}
+    assert report.mixes_attention(mixed) and not report.mixes_attention({"results": mixed["results"][:1]})
+    assert report.row_cells(mixed["results"][0], {}, attention=True)[0] == "w4a16-g32-asym fused"
+    assert report.row_cells(mixed["results"][0], {})[0] == "w4a16-g32-asym"

@@ -101,7 +101,9 @@ def test_inspect_reports_graph_and_provenance(smollm2_artifact, capsys):
     assert code == 0, err
     info = json.loads(out)
     assert info["parameters"] == 134_515_008
-    assert info["ops"]["MatMul"] == 30 * 7 * 1 + 30 * 2 + 1  # 7 linears + qk^T and probs@v per layer, head
+    # the default graph is the fused one: 7 linears per layer and the head; attention is one op per layer
+    assert info["ops"]["MatMul"] == 30 * 7 + 1
+    assert info["ops"]["com.microsoft.GroupQueryAttention"] == info["ops"]["com.microsoft.RotaryEmbedding"] // 2 == 30
     assert [v["name"] for v in info["inputs"][:3]] == ["input_ids", "attention_mask", "position_ids"]
     assert info["inputs"][3]["shape"] == ["batch_size", 3, "past_sequence_length", 64]
     assert info["source"]["format"] == "gguf"

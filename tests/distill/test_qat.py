@@ -62,24 +62,46 @@ def test_student_beats_round_to_nearest_on_held_out_text(run):
     assert qat.kld_mean < rtn.kld_mean
 
 
-def _matmul_nbits(folder):
+# linears the default graph stacks into one MatMulNBits (passes/fuse_matmul_nbits.py), in row order
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _linear_operands(folder, rows: dict[str, int]) -> dict[str, tuple[np.ndarray, ...]]:
+    """{linear: (B, scales, zero points)} as the artifact stores them, a stacked node's rows split back
+    into its linears (``rows``: output rows of each linear)."""
     model = ir.load(folder / "model.onnx")
-    return {n.name.removesuffix(".MatMulNBits"): n for n in model.graph if n.op_type == "MatMulNBits"}
+    out = {}
+    for node in model.graph:
+        if node.op_type != "MatMulNBits":
+            continue
+        name = node.name.removesuffix(".MatMulNBits")
+        prefix, _, leaf = name.rpartition(".")
+        members = [f"{prefix}.{m}" if prefix else m for m in STACKED.get(leaf, (leaf,))]
+        arrays = [
+            np.asarray(v.const_value.numpy()) if v is not None and v.const_value is not None else None
+            for v in node.inputs[1:4]
+        ]
+        start = 0
+        for member in members:
+            n = rows.get(member, 0)
+            out[member] = tuple(None if a is None else a[start : start + n] for a in arrays)
+            start += n
+    return out
 
 
 def test_convert_emits_exactly_the_trained_integers(run):
     root, _ = run
     student = load_checkpoint(root / "student")
     assert student.prequantized is not None
-    nodes = _matmul_nbits(root / "qat")
     trained = student.prequantized.weights
-    assert set(trained) == {n for n in nodes if n != "lm_head"}
+    linears = _linear_operands(root / "qat", {name: qw.q.shape[0] for name, qw in trained.items()})
+    assert set(trained) == {n for n in linears if n != "lm_head"}
     for name, qw in trained.items():
         b, scales, zero_points = pack_matmul_nbits(qw)
-        node = nodes[name]
-        assert node.inputs[1].const_value.numpy().tobytes() == b.tobytes(), name
-        assert node.inputs[2].const_value.numpy().tobytes() == scales.tobytes(), name
-        assert node.inputs[3].const_value.numpy().tobytes() == zero_points.tobytes(), name
+        stored_b, stored_scales, stored_zp = linears[name]
+        assert stored_b.tobytes() == b.tobytes(), name
+        assert stored_scales.tobytes() == scales.tobytes(), name
+        assert stored_zp.tobytes() == zero_points.tobytes(), name
 
 
 def test_artifact_logits_match_the_fake_quantized_student(run):

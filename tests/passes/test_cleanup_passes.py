@@ -118,3 +118,26 @@ def test_fold_constants_never_grows_the_model():
     result = FoldConstantsPass()(model)
     assert sum(n.op_type == "Cast" for n in result.model.graph) == casts
     assert not any(name.endswith(".folded") for name in result.model.graph.initializers)
+
+
+def test_fold_constants_keeps_one_copy_of_a_table_two_nodes_read():
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("t", TensorProto.FLOAT, [16, 32], np.ones(512, np.float32))  # 2 KiB
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [32, 16])
+    nodes = [
+        helper.make_node("Reshape", ["t", "s"], ["r"], name="view"),
+        helper.make_node("MatMul", ["x", "r"], ["y"], name="mm"),
+        helper.make_node("Gather", ["t", "i"], ["z"], name="gather"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32]),
+        helper.make_tensor_value_info("i", TensorProto.INT64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=[table, shape])
+    shared = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert not FoldConstantsPass()(shared).modified  # folded, the view would be a second table
+    shared.graph.outputs.pop()
+    shared.graph.remove(next(n for n in shared.graph if n.name == "gather"), safe=True)
+    assert FoldConstantsPass()(shared).modified  # the Reshape's alone: folding moves the bytes, not copies them

@@ -35,3 +35,12 @@ def run_convert(args: list[str]) -> dict:
 def save(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def replace_block(text: str, block: str, start: str, end: str) -> str:
+    """``text`` with what lies between the markers ``start`` and ``end`` replaced by ``block`` (generated
+    README sections); ValueError when the markers are missing."""
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"no {start} ... {end} block")
+    return text[: i + len(start)] + "\n" + block.rstrip("\n") + "\n" + text[j:]

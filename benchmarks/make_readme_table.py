@@ -58,22 +58,22 @@ def render(results: Path, readme: Path) -> str:
 
 def with_pareto_block(text: str, results: Path) -> str:
     """``text`` with its "Quality per byte" block rendered from pareto_smollm2.json, when both are there."""
-    import bench_pareto  # beside this script
+    import pareto_report  # beside this script
 
-    path = results / f"{bench_pareto.RESULT_NAME}.json"
-    if not path.is_file() or bench_pareto.README_START not in text:
+    path = results / f"{pareto_report.RESULT_NAME}.json"
+    if not path.is_file() or pareto_report.README_START not in text:
         return text
-    return bench_pareto.replace_readme_block(text, bench_pareto.readme_block(json.loads(path.read_text("utf-8"))))
+    return pareto_report.replace_readme_block(text, pareto_report.readme_block(json.loads(path.read_text("utf-8"))))
 
 
 def with_kernels_block(text: str, results: Path) -> str:
     """``text`` with its int4 kernel table rendered from kernels_cpu.json, when both are there."""
-    import bench_kernels  # beside this script
+    import kernels_report  # beside this script
 
     path = results / "kernels_cpu.json"
-    if not path.is_file() or bench_kernels.README_START not in text:
+    if not path.is_file() or kernels_report.README_START not in text:
         return text
-    return bench_kernels.replace_readme_block(text, bench_kernels.readme_block(json.loads(path.read_text("utf-8"))))
+    return kernels_report.replace_readme_block(text, kernels_report.readme_block(json.loads(path.read_text("utf-8"))))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,11 +61,13 @@ def write_f32_gguf(source: Path, out: Path) -> str:
 
 
 def llama_quantize(f32: Path, out: Path, kind: str, threads: int = 2) -> str:
-    """llama.cpp's own quantizer (no importance matrix), ``kind`` one of LLAMA_FTYPES."""
+    """llama.cpp's own quantizer (no importance matrix), ``kind`` one of LLAMA_FTYPES or a llama_cpp
+    ``LLAMA_FTYPE_*`` constant's name."""
     import llama_cpp
 
+    ftype = LLAMA_FTYPES.get(kind, kind)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[kind])
+    params.ftype = getattr(llama_cpp, ftype)
     params.nthread = threads
     tmp = out.with_name(out.name + ".partial")
     rc = llama_cpp.llama_model_quantize(os.fspath(f32).encode(), os.fspath(tmp).encode(), params)
@@ -73,7 +75,7 @@ def llama_quantize(f32: Path, out: Path, kind: str, threads: int = 2) -> str:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize({f32.name}, {kind}) returned {rc}")
     tmp.replace(out)
-    return f"llama_cpp.llama_model_quantize({f32.name}, {out.name}, ftype={LLAMA_FTYPES[kind]})"
+    return f"llama_cpp.llama_model_quantize({f32.name}, {out.name}, ftype={ftype}, nthread={threads})"
 
 
 def hf_folder_from_gguf(source: Path, out: Path) -> str:

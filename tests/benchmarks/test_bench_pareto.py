@@ -15,6 +15,7 @@ sys.path.insert(0, str(BENCHMARKS))  # the script imports common.py from its own
 _spec = importlib.util.spec_from_file_location("bench_pareto", BENCHMARKS / "bench_pareto.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+import pareto_report as report  # noqa: E402  (beside the script, found through the path above)
 
 SENTENCE = "The quick brown fox jumps over the lazy dog and keeps running through the field. "
 
@@ -106,7 +107,7 @@ def test_f32_gguf_keeps_metadata_and_dequantizes(tmp_path):
     writer.close()
 
     out = tmp_path / "tiny.f32.gguf"
-    bench.write_f32_gguf(source, out)
+    bench.peers.write_f32_gguf(source, out)
     reader = gguf.GGUFReader(out)
     assert reader.fields["llama.block_count"].contents() == 1
     assert reader.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "a", "b"]
@@ -149,28 +150,28 @@ def _row(tool, name, size, kld=0.1):
 def test_merge_keeps_other_rows_only_on_the_same_tokens():
     old = _doc([_row("quantlab", "fp32", 500e6, 0.0), _row("llama.cpp", "q4_0", 90e6)])
     new = _doc([_row("quantlab", "fp32", 500e6, 0.0), _row("quantlab", "w4", 95e6)], created="d")
-    merged = bench.merge(old, new)
+    merged = report.merge(old, new)
     assert [(r["tool"], r["row"]) for r in merged["results"]] == [
         ("quantlab", "fp32"),
         ("quantlab", "w4"),
         ("llama.cpp", "q4_0"),
     ]
     assert merged["commands"] == ["run c", "run d"]
-    assert bench.merge(_doc(old["results"], token_sha="other"), new) is new
+    assert report.merge(_doc(old["results"], token_sha="other"), new) is new
 
 
 def test_markdown_orders_by_size_and_shows_rows_that_did_not_run():
     unavailable = {"tool": "quantlab", "row": "source", "status": "unavailable", "reason": "exit 2: no such recipe"}
     doc = _doc([_row("quantlab", "fp32", 500e6, 0.0), _row("llama.cpp", "q4_0", 91.7e6, 0.376), unavailable])
-    md = bench.markdown(doc, "p.png")
+    md = report.markdown(doc, "p.png")
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| " + " | ".join(bench.COLUMNS) + " |"
+    assert lines[0] == "| " + " | ".join(report.COLUMNS) + " |"
     assert lines[2].startswith("| llama.cpp | q4_0 | 91.7 | 0.3760 |")
     assert lines[3].startswith("| quantlab | fp32 (reference) | 500.0 |")
     assert "unavailable: exit 2: no such recipe" in lines[4]
     assert "![size against KLD](p.png)" in md
-    text = f"before\n{bench.README_START}\nold\n{bench.README_END}\nafter\n"
-    replaced = bench.replace_readme_block(text, "new block")
-    assert replaced == f"before\n{bench.README_START}\nnew block\n{bench.README_END}\nafter\n"
+    text = f"before\n{report.README_START}\nold\n{report.README_END}\nafter\n"
+    replaced = report.replace_readme_block(text, "new block")
+    assert replaced == f"before\n{report.README_START}\nnew block\n{report.README_END}\nafter\n"
     with pytest.raises(ValueError):
-        bench.replace_readme_block("no markers", "x")
+        report.replace_readme_block("no markers", "x")

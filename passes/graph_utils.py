@@ -31,3 +31,24 @@ def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir
 
 def add_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return add_initializer(graph, name, ir.tensor(array, name=name))
+
+
+def gather_block_quantized(
+    data: ir.Value, ids: ir.Value, scales: ir.Value, zero_points: ir.Value | None, *, block: int, bits: int
+) -> ir.Node:
+    """The token embedding as onnxruntime's GatherBlockQuantized: rows of ``data`` (vocab, packed codes)
+    gathered by ``ids``, dequantized per block of ``block`` along the hidden axis."""
+    inputs = [data, ids, scales] + ([zero_points] if zero_points is not None else [])
+    return ir.Node(
+        "com.microsoft",
+        "GatherBlockQuantized",
+        inputs,
+        attributes=[
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+            ir.AttrInt64("block_size", block),
+            ir.AttrInt64("bits", bits),
+        ],
+        name="model.embed_tokens.GatherBlockQuantized",
+        num_outputs=1,
+    )

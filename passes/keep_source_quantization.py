@@ -28,7 +28,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.passes.graph_utils import add_initializer, replace_node
+from quantlab.passes.graph_utils import add_initializer, gather_block_quantized, replace_node
 from quantlab.passes.quantize_embedding import EMBEDDING, pack_rows, source_initializer
 from quantlab.passes.quantize_weights import OnePerLinear, quantizable_linears
 from quantlab.quant.gguf_blocks import KeptLayout, SourceBlocks, SourceQuantization, stack_rows
@@ -161,19 +161,7 @@ class KeepSourceQuantizationPass(ir.passes.InPlacePass):
         scales = _lazy(
             graph, "model.embed_tokens.scales", ir.DataType.FLOAT, (vocab, hidden // block), lambda: once.get(2).scales
         )
-        new = ir.Node(
-            "com.microsoft",
-            "GatherBlockQuantized",
-            [data, gather.inputs[1], scales],
-            attributes=[
-                ir.AttrInt64("gather_axis", 0),
-                ir.AttrInt64("quantize_axis", 1),
-                ir.AttrInt64("block_size", block),
-                ir.AttrInt64("bits", bits),
-            ],
-            name="model.embed_tokens.GatherBlockQuantized",
-            num_outputs=1,
-        )
+        new = gather_block_quantized(data, gather.inputs[1], scales, None, block=block, bits=bits)
         replace_node(graph, gather, new)
         return True
 

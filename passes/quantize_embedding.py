@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.passes.graph_utils import add_initializer, replace_node
+from quantlab.passes.graph_utils import add_initializer, gather_block_quantized, replace_node
 from quantlab.passes.quantize_weights import OnePerLinear
 from quantlab.quant.rtn import QuantizedWeight, rtn_quantize
 from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
@@ -108,26 +108,12 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
 
             return add_initializer(graph, name, ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name))
 
-        inputs = [
-            lazy("data", ir.DataType.UINT8, (vocab, -(-hidden * s.bits // 8))),
-            node.inputs[1],
-            lazy("scales", ir.DataType.FLOAT, (vocab, n_blocks)),
-        ]
-        if not s.symmetric:
-            inputs.append(lazy("zero_points", ir.DataType.UINT8, (vocab, -(-n_blocks * s.bits // 8))))
-        new = ir.Node(
-            "com.microsoft",
-            "GatherBlockQuantized",
-            inputs,
-            attributes=[
-                ir.AttrInt64("gather_axis", 0),
-                ir.AttrInt64("quantize_axis", 1),
-                ir.AttrInt64("block_size", block),
-                ir.AttrInt64("bits", s.bits),
-            ],
-            name="model.embed_tokens.GatherBlockQuantized",
-            num_outputs=1,
+        data = lazy("data", ir.DataType.UINT8, (vocab, -(-hidden * s.bits // 8)))
+        scales = lazy("scales", ir.DataType.FLOAT, (vocab, n_blocks))
+        zero_points = (
+            None if s.symmetric else lazy("zero_points", ir.DataType.UINT8, (vocab, -(-n_blocks * s.bits // 8)))
         )
+        new = gather_block_quantized(data, node.inputs[1], scales, zero_points, block=block, bits=s.bits)
         replace_node(graph, node, new)
 
 

@@ -43,7 +43,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.passes.graph_utils import add_constant, add_initializer, replace_node
+from quantlab.passes.graph_utils import add_constant, add_initializer, gather_block_quantized, replace_node
 from quantlab.passes.quantize_embedding import EMBEDDING, source_initializer
 from quantlab.quant.scheme import QuantScheme
 
@@ -112,21 +112,7 @@ class ShareTiedEmbeddingPass(ir.passes.InPlacePass):
         reshape.outputs[0].name = f"{rows.name}.blocks"
         graph.insert_before(head, reshape)
         head.replace_input_with(1, reshape.outputs[0])
-        inputs = [rows, gather.inputs[1], scales]
-        if zero_points is not None:
-            inputs.append(zero_points)
-        lookup = ir.Node(
-            "com.microsoft",
-            "GatherBlockQuantized",
-            inputs,
-            attributes=[
-                ir.AttrInt64("gather_axis", 0),
-                ir.AttrInt64("quantize_axis", 1),
-                ir.AttrInt64("block_size", block),
-                ir.AttrInt64("bits", bits),
-            ],
-            name="model.embed_tokens.GatherBlockQuantized",
-        )
+        lookup = gather_block_quantized(rows, gather.inputs[1], scales, zero_points, block=block, bits=bits)
         if n_blocks * block == hidden:
             replace_node(graph, gather, lookup)
             return

@@ -95,10 +95,9 @@ LLAMA_ROWS: dict[str, str] = {
 }
 QUANTLAB_REF, LLAMA_REF = "fp32", "f32"
 GGML_TYPE_F32 = 0  # ggml_type of the KV cache: f32, as quantlab's graph keeps it
-# llama.cpp's extra weight buffers (repacked Q4/Q8 layouts, AMX tiles) off: with them, llama-cpp-python
-# 0.3.36 built natively on a Xeon with AMX segfaults in llama_decode on every quantized model (the Q4_1
-# GGUF as shipped too); without them the quantized weights run through ggml's plain vec_dot kernels.
-LLAMA_EXTRA_BUFFERS = False
+# llama.cpp's extra weight buffers (repacked Q4/Q8 layouts, AMX tiles), off only on AMX CPUs where
+# llama-cpp-python 0.3.36 segfaults with them (see peers.llama_cpp_extra_buffers; quality is the same)
+LLAMA_EXTRA_BUFFERS = peers.llama_cpp_extra_buffers()
 VERSIONED = ("quantlab", "onnxruntime", "numpy", "gguf", "llama-cpp-python", "matplotlib")
 
 

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from quantlab.bench.peers import llama_cpp_extra_buffers
 from quantlab.bench.targets import ARTIFACT, CHECKPOINT, Target
 
 LLAMA_CPP_MISSING = (
@@ -375,11 +376,8 @@ def _has_genai_config(t: Target) -> bool:
 # --- llama.cpp ------------------------------------------------------------------------------------------------
 
 
-# The CPUs this runs on report AMX, and llama.cpp then puts quantized weights in its AMX buffer type,
-# whose matmul dies with SIGSEGV here (ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36, any GGUF).
-# use_extra_bufts=False turns off the extra weight buffer types (AMX and the x86 REPACK layouts) and
-# leaves ggml's ordinary CPU kernels, as llama.cpp's --no-repack does; it is recorded in every row.
-LLAMA_CPP_EXTRA_BUFTS = False
+# llama.cpp's extra weight buffer types, off only on AMX CPUs where they crash (peers.llama_cpp_extra_buffers)
+LLAMA_CPP_EXTRA_BUFTS = llama_cpp_extra_buffers()
 _LLAMA_LOG_NOTHING = None  # the C callback that drops llama.cpp's log lines, made on first use
 
 

@@ -30,6 +30,18 @@ LLAMA_FTYPES = {
 }
 
 
+def llama_cpp_extra_buffers(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether llama.cpp may put quantized weights in its extra buffer types (repacked Q4/Q8 layouts, AMX
+    tiles), its fastest CPU path. Not on a CPU with AMX: there llama-cpp-python 0.3.36's AMX matmul
+    (ggml_backend_amx_mul_mat) dies with SIGSEGV on every quantized GGUF (seen on Sapphire Rapids), and
+    use_extra_bufts=False leaves ggml's plain kernels, as llama.cpp's --no-repack does. Every row records it."""
+    try:
+        flags = cpuinfo.read_text(encoding="utf-8").split()
+    except OSError:
+        return True
+    return "amx_int8" not in flags and "amx_tile" not in flags
+
+
 def write_f32_gguf(source: Path, out: Path) -> str:
     """``source`` with every tensor dequantized to F32, all metadata and the tokenizer kept."""
     import gguf

@@ -169,3 +169,14 @@ def test_f32_gguf_holds_the_dequantized_weights(tmp_path):
     assert copy.spec == original.spec
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
         np.testing.assert_array_equal(copy.tensors.load(name), original.tensors.load(name))
+
+
+def test_llama_cpp_keeps_its_fast_buffers_except_on_amx_cpus(tmp_path):
+    from quantlab.bench.peers import llama_cpp_extra_buffers
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert llama_cpp_extra_buffers(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n")
+    assert not llama_cpp_extra_buffers(cpuinfo)
+    assert llama_cpp_extra_buffers(tmp_path / "absent")

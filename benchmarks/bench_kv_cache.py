@@ -89,8 +89,8 @@ def artifact(ckpt, work: Path, name: str, kv: str, attention: str = "plain") -> 
     ``-smooth`` and ``-static`` formats calibrate their channel ranges on CALIB_SEQUENCES x CALIB_LEN tokens
     sampled from the fp32 model (seed 0; the evaluation text is never seen by calibration).
     """
-    from quantlab.build.decoder import BuildOptions, build_decoder
-    from quantlab.build.kv_cache import collect_key_scales, parse_kv_cache, static_cache_ranges
+    from quantlab.graph_builder.decoder import BuildOptions, build_decoder
+    from quantlab.graph_builder.kv_cache import collect_key_scales, parse_kv_cache, static_cache_ranges
     from quantlab.emit.artifact import genai_config, save_model, write_json
 
     folder = work / (f"{name}-kv-{kv}" + ("" if attention == "plain" else f"-{attention}"))
@@ -175,7 +175,7 @@ def decode_logits(dec, data: np.ndarray) -> np.ndarray:
 def bench_kld(
     ckpt, folders: dict[str, Path], seq_len: int, n: int, previous: dict | None = None, decode: bool = False
 ) -> dict:
-    from quantlab.build.kv_cache import parse_kv_cache
+    from quantlab.graph_builder.kv_cache import parse_kv_cache
     from quantlab.quant.metrics import kl_divergence_per_token, log_softmax
     from quantlab.runtime.generate import OrtDecoder
 
@@ -228,7 +228,7 @@ def bench_kld(
 
 
 def bench_latency(folders: dict[str, Path], steps: int, previous: dict | None = None) -> dict:
-    from quantlab.build.kv_cache import parse_kv_cache
+    from quantlab.graph_builder.kv_cache import parse_kv_cache
     from quantlab.runtime.generate import OrtDecoder
 
     out = {"threads": 2, "steps": steps, "load_average_before": os.getloadavg()[0], "ms_per_token": {}}

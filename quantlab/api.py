@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.build.decoder import ATTENTION_KINDS, BuildOptions, build_decoder
-from quantlab.build.kv_cache import KvCacheFormat, collect_key_scales, parse_kv_cache, static_cache_ranges
+from quantlab.graph_builder.decoder import ATTENTION_KINDS, BuildOptions, build_decoder
+from quantlab.graph_builder.kv_cache import KvCacheFormat, collect_key_scales, parse_kv_cache, static_cache_ranges
 from quantlab.emit.artifact import count_parameters, estimate_artifact_bytes, save_model, write_artifact
 from quantlab.emit.staging import check_free_space, remove_stale_temporaries, temporary_prefix
 from quantlab.errors import InputError, QualityBudgetError, SizeOverrunError

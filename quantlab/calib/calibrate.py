@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.build.decoder import LINEAR_INPUTS
+from quantlab.graph_builder.decoder import LINEAR_INPUTS
 from quantlab.calib.layerwise import (
     ROLES,
     CalibrationResult,

@@ -1,6 +1,6 @@
 """Calibration that executes the graph one decoder layer at a time, in onnxruntime.
 
-Each layer is built alone (:func:`quantlab.build.decoder.build_layer`: that layer's weights, no
+Each layer is built alone (:func:`quantlab.graph_builder.decoder.build_layer`: that layer's weights, no
 cache), fed the previous layer's outputs for every calibration sequence, and observed at the input
 of each of its linears. So peak memory is one layer's weights plus the calibration activations,
 never the whole model with every intermediate tensor exposed.
@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from quantlab.build.decoder import LINEAR_INPUTS, build_layer
+from quantlab.graph_builder.decoder import LINEAR_INPUTS, build_layer
 from quantlab.io.spec import Checkpoint
 from quantlab.quant.packed import PackedWeights
 
@@ -102,7 +102,7 @@ class LayerRunner:
         outputs: str = "all",
         transform: Callable[[ir.Model], ir.Model] | None = None,
     ):
-        """outputs: what :meth:`run` returns, see :func:`quantlab.build.decoder.build_layer`.
+        """outputs: what :meth:`run` returns, see :func:`quantlab.graph_builder.decoder.build_layer`.
         transform: applied to the layer's graph before it is loaded (the artifact's weight passes, for
         a layer that must compute exactly what the quantized model will)."""
         import onnxruntime as ort

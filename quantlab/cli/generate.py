@@ -78,7 +78,7 @@ def continuation_text(tok, prompt: list[int], ids: list[int]) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantlab.build.kv_cache import TAIL_SUFFIX
+    from quantlab.graph_builder.kv_cache import TAIL_SUFFIX
     from quantlab.runtime.generate import BOUNDED_CHANNEL_KEYS, BoundedCache, OrtDecoder, SamplingConfig, generate
     from quantlab.runtime.tokenizer import load_tokenizer
 

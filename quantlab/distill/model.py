@@ -1,6 +1,6 @@
 """The decoder of a ModelSpec as a trainable PyTorch module, for the teacher and the student alike.
 
-The maths is quantlab/build/decoder.py's (and quantlab/runtime/torch_decoder.py's), run over whole
+The maths is quantlab/graph_builder/decoder.py's (and quantlab/runtime/torch_decoder.py's), run over whole
 sequences with no KV cache, the way training needs it: RMSNorm, RoPE in the checkpoint's own layout
 (llama2.c's adjacent pairs when ``spec.rope_interleaved``, else the Hugging Face half split), Llama 3
 frequency scaling, grouped-query attention, optional q/k bias and q/k RMSNorm, SwiGLU, a tied or an
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from quantlab.build.rope import rope_inv_freq
+from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.distill.fakequant import FloatLinear
 from quantlab.io.spec import ModelSpec
 

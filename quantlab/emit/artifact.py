@@ -25,7 +25,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 import quantlab
-from quantlab.build.kv_cache import KvCacheFormat
+from quantlab.graph_builder.kv_cache import KvCacheFormat
 from quantlab.emit.staging import staged_output
 from quantlab.io.spec import Checkpoint, sha256_file
 

@@ -121,7 +121,7 @@ def graph_bytes(ckpt, recipe, source=None, options=None) -> tuple[int, dict[str,
     quantized lazily, no weight read. A tensor shared by two nodes is counted once. ``options``: the
     conversion's BuildOptions (fused attention adds RoPE caches, say)."""
     from quantlab.api import quantization_pipeline
-    from quantlab.build.decoder import BuildOptions, build_decoder
+    from quantlab.graph_builder.decoder import BuildOptions, build_decoder
     from quantlab.passes.manager import run_passes
 
     options = options or BuildOptions()
@@ -340,7 +340,7 @@ def unit_costs(
     if plan is not None:  # the checkpoint's own codes, where every tensor of a unit can keep them
         recipe = dataclasses.replace(base_recipe, scheme=parse_scheme(LINEAR_LADDER[0]), overrides=(), embedding=None)
         # per linear on the plain graph: the fused one stacks kept q/k/v (gate/up) into one tensor, same bytes
-        from quantlab.build.decoder import BuildOptions
+        from quantlab.graph_builder.decoder import BuildOptions
 
         _, per_unit, _ = graph_bytes(ckpt, recipe, plan, BuildOptions(attention="plain"))
         for unit in costs:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantlab.build.kv_cache import RESIDUAL_SUFFIX, SCALE_SUFFIX, TAIL_SUFFIX
+from quantlab.graph_builder.kv_cache import RESIDUAL_SUFFIX, SCALE_SUFFIX, TAIL_SUFFIX
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,

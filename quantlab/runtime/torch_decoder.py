@@ -7,7 +7,7 @@ interface as :class:`quantlab.runtime.generate.OrtDecoder`, but every quantized 
 
 The graph is read for its weights and for which op each linear became (MatMul, MatMulNBits,
 DequantizeLinear -> MatMul, DynamicQuantizeMatMul); the computation follows the artifact's model
-spec (manifest.json), the same maths as quantlab/build/decoder.py.
+spec (manifest.json), the same maths as quantlab/graph_builder/decoder.py.
 
 Threads: ``threads`` go to our kernels (their own persistent pool, one call per linear) and torch's
 intra-op pool is set to one thread. Two pools on the same cores fight: OpenMP's workers spin after
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.build.rope import rope_inv_freq
+from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.io.spec import ModelSpec
 
 

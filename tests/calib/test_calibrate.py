@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from quantlab.build.decoder import build_decoder, build_layer
+from quantlab.graph_builder.decoder import build_decoder, build_layer
 from quantlab.calib.calibrate import calibrate
 from quantlab.calib.layerwise import LayerRunner, embed_tokens, with_overrides
 from quantlab.passes.quantize_dynamic import QuantizeDynamicInt8Pass

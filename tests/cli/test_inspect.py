@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from quantlab.api import cleanup_pipeline, quantization_pipeline
-from quantlab.build.decoder import build_decoder
+from quantlab.graph_builder.decoder import build_decoder
 from quantlab.cli.inspect import PARTS, size_by_part
 from quantlab.cli.main import main
 from quantlab.emit.artifact import save_model

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantlab.build.decoder import build_decoder
+from quantlab.graph_builder.decoder import build_decoder
 from quantlab.emit.artifact import genai_config, save_model, write_json
 from quantlab.io import load_checkpoint
 from quantlab.quant.metrics import log_softmax

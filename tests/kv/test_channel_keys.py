@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from quantlab.build.kv_cache import KvCacheFormat, dequantize, parse_kv_cache, quantize
-from quantlab.build.kv_channel_keys import dequantize_key_blocks, quantize_key_blocks, split_key_blocks
+from quantlab.graph_builder.kv_cache import KvCacheFormat, dequantize, parse_kv_cache, quantize
+from quantlab.graph_builder.kv_channel_keys import dequantize_key_blocks, quantize_key_blocks, split_key_blocks
 from quantlab.cli.main import main
 from quantlab.quant.metrics import kl_divergence_per_token
 from quantlab.runtime.generate import BoundedCache, cache_bytes, cache_length

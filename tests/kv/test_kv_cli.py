@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from quantlab.build.kv_cache import parse_kv_cache
+from quantlab.graph_builder.kv_cache import parse_kv_cache
 from quantlab.cli.main import main
 from quantlab.errors import InputError
 from quantlab.recipe import load_recipe, recipe_from_dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantlab.build.kv_cache import (
+from quantlab.graph_builder.kv_cache import (
     KvCacheFormat,
     dequantize,
     key_channel_scales,

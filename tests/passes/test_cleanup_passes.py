@@ -110,7 +110,7 @@ def test_run_passes_records_each_pass_and_dumps_ir(tmp_path):
 
 def test_fold_constants_never_grows_the_model():
     """Cast(fp16 weight) -> fp32 would double the stored bytes: --dtype fp16 must stay fp16 on disk."""
-    from quantlab.build.decoder import BuildOptions, build_decoder
+    from quantlab.graph_builder.decoder import BuildOptions, build_decoder
     from tests.tiny import tiny_checkpoint
 
     model = build_decoder(tiny_checkpoint(), BuildOptions(weight_dtype="fp16"))

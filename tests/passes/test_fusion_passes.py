@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from quantlab.api import quantization_pipeline
-from quantlab.build.decoder import BuildOptions, build_decoder
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.passes.dead_nodes import RemoveDeadNodesPass
 from quantlab.passes.fuse_matmul_nbits import FuseParallelMatMulNBitsPass
 from quantlab.passes.fuse_norms import FuseRmsNormPass

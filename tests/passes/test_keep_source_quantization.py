@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from quantlab.api import cleanup_pipeline, quantization_pipeline
-from quantlab.build.decoder import BuildOptions, build_decoder
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.io import load_checkpoint
 from quantlab.passes.keep_source_quantization import KeepSourceQuantizationPass
 from quantlab.passes.manager import run_passes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantlab.build.decoder import BuildOptions, build_decoder
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.io.spec import Checkpoint
 from quantlab.passes.quantize_embedding import QuantizeEmbeddingPass, pack_rows
 from quantlab.quant.rtn import dequantize, rtn_quantize

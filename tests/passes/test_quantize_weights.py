@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantlab.build.decoder import build_decoder
+from quantlab.graph_builder.decoder import build_decoder
 from quantlab.io.spec import Checkpoint
 from quantlab.passes.dead_nodes import RemoveDeadNodesPass
 from quantlab.passes.quantize_weights import QuantizeWeightsPass, quantizable_linears

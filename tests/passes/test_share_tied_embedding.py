@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from quantlab.api import cleanup_pipeline, quantization_pipeline
-from quantlab.build.decoder import BuildOptions, build_decoder
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.cli.main import main
 from quantlab.io.spec import Checkpoint
 from quantlab.passes.manager import run_passes

@@ -1,8 +1,8 @@
-"""The feed-forward half of a decoder layer, as a mixin of ``quantlab.build.decoder._Builder``: the dense
+"""The feed-forward half of a decoder layer, as a mixin of ``quantlab.graph_builder.decoder._Builder``: the dense
 MLP in its variants (gated or not; silu, gelu-tanh or squared ReLU) and the sparse mixture of experts.
 
 A sparse MLP is built in one of two forms (``BuildOptions.moe``), held to each other and to transformers
-by tests/build/test_new_families_parity.py:
+by tests/graph_builder/test_new_families_parity.py:
 
 ``decomposed`` (plain opset-21 ONNX)::
 
@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.build.attention_ops import MS_DOMAIN
+from quantlab.graph_builder.attention_ops import MS_DOMAIN
 
 MOE_FORMS = ("auto", "op", "decomposed")
 

@@ -1,5 +1,5 @@
 """Rotary position embeddings: the frequencies (computed once at build time) and the rotation in the graph,
-as a mixin of ``quantlab.build.decoder._Builder`` (it uses the builder's ``op``, ``const``, ``i64`` and
+as a mixin of ``quantlab.graph_builder.decoder._Builder`` (it uses the builder's ``op``, ``const``, ``i64`` and
 ``spec`` through ``self``)."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.build.kv_cache import (
+from quantlab.graph_builder.kv_cache import (
     MIN_SCALE,
     TAIL_SUFFIX,
     KvCacheFormat,

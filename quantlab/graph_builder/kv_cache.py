@@ -16,7 +16,7 @@ A format is one spelled-out string parsed into a frozen :class:`KvCacheFormat`:
             and values (its own included) in full precision and to older ones quantized. The residual is
             a fixed cost, not a per-token one.
     -channel-keys  keys per channel over blocks of R tokens, the unfinished block in f32 (KIVI's own design,
-            :mod:`quantlab.build.kv_channel_keys`); values as above. ``kivi2`` spells ``int2-r32-smooth``.
+            :mod:`quantlab.graph_builder.kv_channel_keys`); values as above. ``kivi2`` spells ``int2-r32-smooth``.
     -smooth a suffix (``int4-smooth``, ``int8-g32-smooth``): keys are divided by a static per-channel scale
             calibrated on data before the per-token quantization, and multiplied back after it, so outlier
             key channels (KIVI's observation: keys have them, values do not) no longer set every token's

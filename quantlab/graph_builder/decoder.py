@@ -3,7 +3,7 @@
 One builder serves every family in scope (Llama, Mistral, Qwen2, Qwen3, SmolLM, Qwen3-MoE, Mixtral,
 Nemotron, Gemma 3): what differs between them is data on the :class:`~quantlab.io.spec.ModelSpec` (qkv
 bias, q/k norm, RoPE layout, scaling and rotary fraction, tied embeddings, norm kind and offset, sandwich
-norms, MLP activation and gating, sparse MoE layers (:mod:`quantlab.build.mlp_ops`), sliding-window
+norms, MLP activation and gating, sparse MoE layers (:mod:`quantlab.graph_builder.mlp_ops`), sliding-window
 layers with their own RoPE base, query scale, soft-capping, embedding scale), never a branch on the
 family's name.
 
@@ -17,7 +17,7 @@ Graph contract (the names optimum and onnxruntime-genai use, so both load what w
     outputs  logits                       f32   (batch, sequence_length, vocab)
              present.{i}.key / .value     f32   (batch, kv_heads, total_sequence_length, head_dim)
 
-With a quantized cache (``BuildOptions.kv_cache``, see :mod:`quantlab.build.kv_cache`) the key/value
+With a quantized cache (``BuildOptions.kv_cache``, see :mod:`quantlab.graph_builder.kv_cache`) the key/value
 tensors are int8 (or uint8, two int4 per byte, last dim head_dim / 2) and each has a scale beside it,
 in and out: ``past_key_values.{i}.key_scale`` -> ``present.{i}.key_scale`` f32 (batch, kv_heads, seq,
 groups). New keys/values are quantized in the graph when appended; the whole cache is dequantized
@@ -45,15 +45,15 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from quantlab.build.attention_ops import MASKED_SCORE, MS_DOMAIN, CacheOps, FusedAttention
-from quantlab.build.kv_cache import (
+from quantlab.graph_builder.attention_ops import MASKED_SCORE, MS_DOMAIN, CacheOps, FusedAttention
+from quantlab.graph_builder.kv_cache import (
     RESIDUAL_SUFFIX,
     SCALE_SUFFIX,
     TAIL_SUFFIX,
     KvCacheFormat,
 )
-from quantlab.build.mlp_ops import MOE_FORMS, MlpOps
-from quantlab.build.rope import RopeOps
+from quantlab.graph_builder.mlp_ops import MOE_FORMS, MlpOps
+from quantlab.graph_builder.rope import RopeOps
 from quantlab.io.spec import Checkpoint, ModelSpec
 from quantlab.passes.graph_utils import OUT_IN_SOURCE
 
@@ -370,7 +370,7 @@ LINEAR_INPUTS = {
 
 def layer_linear_roles(spec: ModelSpec, i: int) -> tuple[str, ...]:
     """The roles of LINEAR_INPUTS that layer i has as ordinary linears: a sparse MLP's experts (kept float,
-    see quantlab.build.mlp_ops) and an ungated MLP's absent gate_proj are not among them."""
+    see quantlab.graph_builder.mlp_ops) and an ungated MLP's absent gate_proj are not among them."""
     shapes = spec.expected_shapes()
     return tuple(role for role in LINEAR_INPUTS if f"model.layers.{i}.{role}.weight" in shapes)
 

@@ -1,4 +1,4 @@
-"""Attention pieces of the decoder builder, as mixins of ``quantlab.build.decoder._Builder``: the KV
+"""Attention pieces of the decoder builder, as mixins of ``quantlab.graph_builder.decoder._Builder``: the KV
 cache (append, static scales, the residual window's mask and mixed attention) and the fused
 ``com.microsoft.GroupQueryAttention`` path. They use the builder's helpers (``op``, ``const``,
 ``i64``, ``f32``, ``linear``, ``options``, ``spec``) through ``self``; split out so that the decoder
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.build.kv_cache import (
+from quantlab.graph_builder.kv_cache import (
     RESIDUAL_SUFFIX,
     SCALE_SUFFIX,
     dequantize_in_graph,
@@ -19,8 +19,8 @@ from quantlab.build.kv_cache import (
     quantize_static_in_graph,
     static_scales,
 )
-from quantlab.build.kv_channel_keys import append_key_blocks_in_graph
-from quantlab.build.rope import rope_inv_freq
+from quantlab.graph_builder.kv_channel_keys import append_key_blocks_in_graph
+from quantlab.graph_builder.rope import rope_inv_freq
 
 # Masked attention scores are replaced by this instead of -inf so that a fully masked row (a padded
 # query) gives a uniform softmax rather than NaN.

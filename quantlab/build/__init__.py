@@ -1,1 +1,0 @@
-"""quantlab.build."""

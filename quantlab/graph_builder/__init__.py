@@ -1,0 +1,1 @@
+"""quantlab.graph_builder."""

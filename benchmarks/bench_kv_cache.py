@@ -89,9 +89,9 @@ def artifact(ckpt, work: Path, name: str, kv: str, attention: str = "plain") -> 
     ``-smooth`` and ``-static`` formats calibrate their channel ranges on CALIB_SEQUENCES x CALIB_LEN tokens
     sampled from the fp32 model (seed 0; the evaluation text is never seen by calibration).
     """
+    from quantlab.emit.artifact import genai_config, save_model, write_json
     from quantlab.graph_builder.decoder import BuildOptions, build_decoder
     from quantlab.graph_builder.kv_cache import collect_key_scales, parse_kv_cache, static_cache_ranges
-    from quantlab.emit.artifact import genai_config, save_model, write_json
 
     folder = work / (f"{name}-kv-{kv}" + ("" if attention == "plain" else f"-{attention}"))
     if (folder / "genai_config.json").is_file():

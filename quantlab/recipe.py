@@ -9,7 +9,7 @@ TOML/YAML file with a strict schema (unknown keys are errors):
     accuracy_level = 4               # MatMulNBits compute: 0 as the input type, 4 int8 activations
     lm_head = "w8a16-g128-asym"      # or "none" to keep the head in full precision
     embedding = "w8a16-g64-asym"     # the token embedding table, or "none"
-    kv_cache = "int8"                # the KV cache: fp32 | int8 | int4-g32 | kivi2 ... (quantlab.graph_builder.kv_cache)
+    kv_cache = "int8"                # the KV cache: fp32 | int8 | int4-g32 | kivi2 ... (graph_builder.kv_cache)
     keep_source = false              # true (no scheme): a GGUF's own quantized codes as they are (--recipe source)
 
     [[override]]                     # first match wins; patterns are fnmatch on linear names
@@ -48,8 +48,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantlab.graph_builder.kv_cache import parse_kv_cache
 from quantlab.errors import InputError
+from quantlab.graph_builder.kv_cache import parse_kv_cache
 from quantlab.quant.scheme import QuantScheme, parse_scheme
 
 FORMATS = ("matmulnbits", "qdq")

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.distill.fakequant import FloatLinear
+from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.io.spec import ModelSpec
 
 ROLES = (

@@ -25,8 +25,8 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 import quantlab
-from quantlab.graph_builder.kv_cache import KvCacheFormat
 from quantlab.emit.staging import staged_output
+from quantlab.graph_builder.kv_cache import KvCacheFormat
 from quantlab.io.spec import Checkpoint, sha256_file
 
 logger = logging.getLogger(__name__)

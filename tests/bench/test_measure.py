@@ -87,8 +87,8 @@ def test_llama_cpp_says_why_when_absent():
 
 
 def test_graph_weight_bytes_leave_out_a_table_only_gathered(tmp_path):
-    from quantlab.graph_builder.decoder import build_decoder
     from quantlab.emit.artifact import save_model
+    from quantlab.graph_builder.decoder import build_decoder
     from quantlab.passes.dead_nodes import RemoveDeadNodesPass
     from tests.tiny import tiny_checkpoint
 

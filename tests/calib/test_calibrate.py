@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from quantlab.graph_builder.decoder import build_decoder, build_layer
 from quantlab.calib.calibrate import calibrate
 from quantlab.calib.layerwise import LayerRunner, embed_tokens, with_overrides
+from quantlab.graph_builder.decoder import build_decoder, build_layer
 from quantlab.passes.quantize_dynamic import QuantizeDynamicInt8Pass
 from quantlab.passes.quantize_weights import QuantizeWeightsPass, quantizable_linears
 from quantlab.quant.metrics import compare_logits

@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from quantlab.graph_builder.decoder import build_decoder  # noqa: E402
 from quantlab.distill.fakequant import FakeQuantLinear  # noqa: E402
 from quantlab.distill.model import DecoderLM, load_tensors  # noqa: E402
+from quantlab.graph_builder.decoder import build_decoder  # noqa: E402
 from quantlab.io import load_checkpoint  # noqa: E402
 from quantlab.quant.rtn import dequantize, rtn_quantize  # noqa: E402
 from tests.models import model_path  # noqa: E402

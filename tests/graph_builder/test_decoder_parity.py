@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from quantlab.graph_builder.decoder import BuildOptions, build_decoder  # noqa: E402
 from quantlab.emit.artifact import genai_config, save_model, write_json  # noqa: E402
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder  # noqa: E402
 from quantlab.io import load_checkpoint  # noqa: E402
 from quantlab.runtime.generate import OrtDecoder  # noqa: E402
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantlab.graph_builder.decoder import build_decoder
 from quantlab.emit.artifact import genai_config, save_model, write_json
+from quantlab.graph_builder.decoder import build_decoder
 from quantlab.io import load_checkpoint
 from quantlab.quant.metrics import log_softmax
 from quantlab.runtime.generate import BoundedCache, OrtDecoder, SamplingConfig, cache_length, generate

@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
+from quantlab.cli.main import main
 from quantlab.graph_builder.kv_cache import KvCacheFormat, dequantize, parse_kv_cache, quantize
 from quantlab.graph_builder.kv_channel_keys import dequantize_key_blocks, quantize_key_blocks, split_key_blocks
-from quantlab.cli.main import main
 from quantlab.quant.metrics import kl_divergence_per_token
 from quantlab.runtime.generate import BoundedCache, cache_bytes, cache_length
 from tests.kv.test_kv_graph import CKPT, IDS, artifact

@@ -16,10 +16,10 @@ import json
 import numpy as np
 import pytest
 
-from quantlab.graph_builder.decoder import BuildOptions, build_decoder
-from quantlab.graph_builder.kv_cache import dequantize_static, parse_kv_cache, quantize_static, static_cache_ranges
 from quantlab.cli.main import main
 from quantlab.emit.artifact import genai_config, save_model, write_json
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder
+from quantlab.graph_builder.kv_cache import dequantize_static, parse_kv_cache, quantize_static, static_cache_ranges
 from quantlab.io import load_checkpoint
 from quantlab.io.spec import Checkpoint
 from quantlab.runtime.generate import OrtDecoder

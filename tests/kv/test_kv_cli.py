@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from quantlab.graph_builder.kv_cache import parse_kv_cache
 from quantlab.cli.main import main
 from quantlab.errors import InputError
+from quantlab.graph_builder.kv_cache import parse_kv_cache
 from quantlab.recipe import load_recipe, recipe_from_dict
 from tests.models import model_path
 

@@ -11,9 +11,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from quantlab.emit.artifact import genai_config, save_model, write_json
 from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.graph_builder.kv_cache import collect_key_scales, dequantize, parse_kv_cache, quantize
-from quantlab.emit.artifact import genai_config, save_model, write_json
 from quantlab.quant.metrics import kl_divergence_per_token
 from quantlab.runtime.generate import OrtDecoder, cache_bytes
 from tests.tiny import tiny_checkpoint

@@ -15,8 +15,8 @@ import onnx
 import pytest
 
 from quantlab.api import cleanup_pipeline, quantization_pipeline
-from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.cli.main import main
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.io.spec import Checkpoint
 from quantlab.passes.manager import run_passes
 from quantlab.passes.quantize_weights import QuantizeWeightsPass

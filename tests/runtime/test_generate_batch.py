@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from quantlab.emit.artifact import genai_config, save_model, write_json
 from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.graph_builder.kv_cache import parse_kv_cache
-from quantlab.emit.artifact import genai_config, save_model, write_json
 from quantlab.runtime.generate import GREEDY, OrtDecoder, SamplingConfig, generate, generate_batch, left_pad
 from tests.tiny import tiny_checkpoint
 

@@ -7,6 +7,24 @@ Both carry the same integers and scales, so they compute the same product (a tes
 it); "qdq" uses standard ONNX ops only (opset 21 blocked quantization, uint4/uint8 storage), for
 runtimes without onnxruntime's contrib ops.
 
+A sparse MLP's experts are linears too (``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj``). In the
+decomposed graph they are ordinary MatMuls and take the rewrites above; the router is never quantized.
+In the op form (com.microsoft.MoE, which carries its experts' names, see quantlab.graph_builder.mlp_ops)::
+
+    MoE(x, logits, fc1, -, fc2) -> com.microsoft.QMoE(x, logits, fc1 codes, scales, -, fc2 codes, scales,
+                                                      -, -, -, -, fc1 zero points, fc2 zero points)
+
+when every expert of the node has one scheme QMoE computes exactly (QMOE_SCHEMES). Tried on onnxruntime
+1.32's CPU kernel against the product of the dequantized weights: 4-bit codes, symmetric or not, per
+channel or in blocks of 16..256, agree within 1e-6 of the output's scale, and so do 8-bit codes per
+channel; 8-bit codes in blocks are off by 1-3% of it wherever K is a multiple of the block (the MLAS QNBit
+path; right only where it falls back to dequantize + SGEMM), and there are no 2-bit codes. Any other scheme
+keeps the MoE op and feeds it ``DequantizeLinear`` of the codes (standard opset-21 blocked quantization:
+the file holds the integers; the weights are dequantized in every run, which onnxruntime does not fold at
+load), and experts with different schemes in one node, or some left in float, are stored as the float
+values of their codes (exact, not smaller). tests/calib/test_moe_calibration.py holds every form to the
+decomposed graph's MatMulNBits on the same codes.
+
 The integers come either from ``precomputed`` (GPTQ, AWQ: calibrated before the pass, passed in as
 values) or from round-to-nearest over the weight the graph already holds. Either way each packed
 tensor is an ``onnx_ir.LazyTensor``: quantization runs when the emitter writes it, one linear at a
@@ -23,10 +41,12 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from quantlab.graph_builder.mlp_ops import MOE_EXPERTS, MoeExperts
 from quantlab.passes.graph_utils import OUT_IN_SOURCE, add_initializer, replace_node
+from quantlab.quant.packed import pack_codes
 from quantlab.quant.packing import matmul_nbits_attributes, pack_matmul_nbits
-from quantlab.quant.rtn import QuantizedWeight, rtn_quantize
-from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
+from quantlab.quant.rtn import QuantizedWeight, dequantize, rtn_quantize
+from quantlab.quant.scheme import PER_CHANNEL, QuantScheme, parse_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +68,25 @@ def quantizable_linears(model: ir.Model) -> dict[str, ir.Node]:
         if w is not None and w.is_initializer() and w.name.endswith(".weight") and w.const_value is not None:
             found[linear_name_of(w.name)] = node
     return found
+
+
+def moe_nodes(model: ir.Model) -> list[tuple[ir.Node, MoeExperts]]:
+    """Every com.microsoft.MoE node the builder made, with the expert linears it holds."""
+    return [
+        (node, node.meta[MOE_EXPERTS])
+        for node in model.graph
+        if node.op_type == "MoE" and node.domain == "com.microsoft" and MOE_EXPERTS in node.meta
+    ]
+
+
+def moe_expert_linears(model: ir.Model) -> list[str]:
+    """The names of the expert linears inside MoE nodes (gate, up, down of each expert), in graph order."""
+    return [
+        name
+        for _, experts in moe_nodes(model)
+        for gate_up, down in zip(experts.fc1, experts.fc2, strict=True)
+        for name in (*gate_up, down)
+    ]
 
 
 class OnePerLinear:
@@ -72,8 +111,10 @@ class OnePerLinear:
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """MatMul(x, W) -> MatMulNBits(x, B, scales, zp) (or DequantizeLinear -> MatMul), per linear scheme.
 
-    ``schemes`` maps linear names (``model.layers.3.self_attn.q_proj``, ``lm_head``) to their scheme;
-    linears not in it stay as they are. ``precomputed`` holds calibrated integers for some of them.
+    ``schemes`` maps linear names (``model.layers.3.self_attn.q_proj``, ``lm_head``, the experts of a MoE
+    node: ``model.layers.0.mlp.experts.5.up_proj``) to their scheme; linears not in it stay as they are.
+    ``precomputed`` holds calibrated integers for some of them. A MoE node whose experts have schemes
+    becomes QMoE (or MoE over their dequantized codes): see the module docstring.
     """
 
     def __init__(
@@ -125,7 +166,169 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             modified = True
         if modified and self.format == "matmulnbits":
             model.opset_imports.setdefault("com.microsoft", 1)
+        for node, experts in moe_nodes(model):
+            modified = self._quantize_experts(model.graph, node, experts) or modified
         return ir.passes.PassResult(model, modified)
+
+    def _expert_codes(self, linear: str, experts: MoeExperts) -> Callable[[], QuantizedWeight]:
+        if linear in self.precomputed:
+            return _lookup(self.precomputed, linear)
+        scheme = self.schemes[linear]
+        return lambda: rtn_quantize(experts.load(linear), scheme.bits, scheme.group_size, scheme.symmetric)
+
+    def _quantize_experts(self, graph: ir.Graph, node: ir.Node, experts: MoeExperts) -> bool:
+        """MoE -> QMoE, or MoE over DequantizeLinear (or over dequantized floats): see the module docstring."""
+        linears = [name for gate_up, down in zip(experts.fc1, experts.fc2, strict=True) for name in (*gate_up, down)]
+        schemes = {self.schemes.get(name) for name in linears}
+        if schemes == {None}:
+            return False
+        fc1_rows, hidden = _stacked_shape(node.inputs[2])[1:]
+        for name in linears:
+            scheme = self.schemes.get(name)
+            if scheme is not None and not scheme.weight_only:
+                raise ValueError(f"{name}: {scheme} is not a weight-only scheme")
+            want = (hidden, fc1_rows // 2) if name.endswith("down_proj") else (fc1_rows // 2, hidden)
+            shape = _precomputed_shape(self.precomputed, name) if name in self.precomputed else want
+            if shape != want:
+                raise ValueError(f"{name}: precomputed weight is {shape}, the MoE node needs {want}")
+        if len(schemes) == 1 and _qmoe_runs(scheme := next(iter(schemes))):
+            self._to_qmoe(graph, node, experts, scheme)
+        elif len(schemes) == 1:
+            logger.warning("%s: %s experts run as MoE over DequantizeLinear (QMoE cannot take it)", node.name, scheme)
+            for slot, rows in ((2, experts.fc1), (4, experts.fc2)):
+                node.replace_input_with(slot, self._dequantize_linear(graph, node, rows, experts, scheme, slot))
+        else:
+            logger.warning("%s: experts with mixed schemes are stored as the float values of their codes", node.name)
+            for slot, rows in ((2, experts.fc1), (4, experts.fc2)):
+                node.replace_input_with(slot, self._dequantized_floats(graph, node, rows, experts))
+        return True
+
+    def _stacked(self, rows, experts: MoeExperts) -> Callable[[], list[QuantizedWeight]]:
+        """Per expert, the QuantizedWeight of its fc1 ((gate, up) rows interleaved) or fc2 slab."""
+
+        def interleave(parts: list[QuantizedWeight]) -> QuantizedWeight:
+            if len(parts) == 1:
+                return parts[0]
+
+            def rows_of(a, b):  # (F, X) x 2 -> (2F, X): row 2i from a, row 2i + 1 from b
+                return np.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+            gate, up = parts
+            zero_points = None if gate.zero_points is None else rows_of(gate.zero_points, up.zero_points)
+            return QuantizedWeight(
+                rows_of(gate.q, up.q), rows_of(gate.scales, up.scales), zero_points, gate.bits, gate.group_size
+            )
+
+        names = [row if isinstance(row, tuple) else (row,) for row in rows]
+        return lambda: [interleave([self._expert_codes(n, experts)() for n in slab]) for slab in names]
+
+    def _to_qmoe(self, graph: ir.Graph, node: ir.Node, experts: MoeExperts, scheme: QuantScheme) -> None:
+        fc1 = self._qmoe_inputs(graph, node, experts.fc1, experts, scheme, slot=2)
+        fc2 = self._qmoe_inputs(graph, node, experts.fc2, experts, scheme, slot=4)
+        inputs = [node.inputs[0], node.inputs[1], fc1[0], fc1[1], None, fc2[0], fc2[1]]
+        if not scheme.symmetric:  # fc3's weights, scales and bias are absent
+            inputs += [None, None, None, None, fc1[2], fc2[2]]
+        attributes = list(node.attributes.values())
+        attributes.append(ir.AttrInt64("expert_weight_bits", scheme.bits))
+        if scheme.group_size != PER_CHANNEL:
+            attributes.append(ir.AttrInt64("block_size", scheme.group_size))
+        new = ir.Node("com.microsoft", "QMoE", inputs, attributes=attributes, name=node.name.replace(".MoE", ".QMoE"))
+        replace_node(graph, node, new)
+
+    def _qmoe_inputs(self, graph, node, rows, experts: MoeExperts, scheme: QuantScheme, slot: int) -> tuple:
+        """QMoE's codes (E, N, K * bits / 8), scales (E, N) per channel or (E, N, groups), and zero points
+        (E, N * bits / 8) per channel (packed along the rows) or (E, N, groups * bits / 8) (along each row's
+        groups), for fc1 (slot 2) or fc2 (slot 4); codes and zero points packed low bits first."""
+        once = OnePerLinear(self._stacked(rows, experts))
+        uses = 2 if scheme.symmetric else 3
+        n_experts, n, k = _stacked_shape(node.inputs[slot])
+        per_channel = scheme.group_size == PER_CHANNEL
+        groups = _groups(k, scheme)
+        prefix = f"{node.name.removesuffix('.MoE')}.experts.fc{1 if slot == 2 else 2}"
+        codes = _initializer(
+            graph,
+            f"{prefix}.qweight",
+            ir.DataType.UINT8,
+            (n_experts, n, -(-k * scheme.bits // 8)),
+            lambda: np.stack([pack_codes(q.q, scheme.bits) for q in once.get(uses)]),
+        )
+        scales = _initializer(
+            graph,
+            f"{prefix}.scales",
+            ir.DataType.FLOAT,
+            (n_experts, n) if per_channel else (n_experts, n, groups),
+            lambda: np.stack([q.scales[:, 0] if per_channel else q.scales for q in once.get(uses)]),
+        )
+        if scheme.symmetric:
+            return codes, scales, None
+        per_byte = 8 // scheme.bits
+        zp_shape = (n_experts, -(-n // per_byte)) if per_channel else (n_experts, n, -(-groups // per_byte))
+
+        def zero_points() -> np.ndarray:
+            parts = [q.zero_points[:, 0][None] if per_channel else q.zero_points for q in once.get(uses)]
+            return np.stack([pack_codes(z, scheme.bits) for z in parts]).reshape(zp_shape)
+
+        return codes, scales, _initializer(graph, f"{prefix}.qzeros", ir.DataType.UINT8, zp_shape, zero_points)
+
+    def _dequantize_linear(self, graph, node, rows, experts: MoeExperts, scheme: QuantScheme, slot: int) -> ir.Value:
+        """DequantizeLinear(codes (E, N, K), scales (E, N, groups), zero points) along K: the float fc tensor."""
+        n_experts, n, k = _stacked_shape(node.inputs[slot])
+        group = k if scheme.group_size == PER_CHANNEL else scheme.group_size
+        groups = -(-k // group)
+        once = OnePerLinear(self._stacked(rows, experts))
+        code_type = ir.DataType.UINT4 if scheme.bits <= 4 else ir.DataType.UINT8
+        prefix = f"{node.name.removesuffix('.MoE')}.experts.fc{1 if slot == 2 else 2}"
+        middle = 1 << (scheme.bits - 1)
+
+        def zps() -> np.ndarray:
+            parts = once.get(3)
+            return np.stack(
+                [np.full((n, groups), middle, np.uint8) if q.zero_points is None else q.zero_points for q in parts]
+            )
+
+        dq_inputs = [
+            _initializer(
+                graph, f"{prefix}.qweight", code_type, (n_experts, n, k), lambda: np.stack([q.q for q in once.get(3)])
+            ),
+            _initializer(
+                graph,
+                f"{prefix}.scales",
+                ir.DataType.FLOAT,
+                (n_experts, n, groups),
+                lambda: np.stack([q.scales for q in once.get(3)]),
+            ),
+            _initializer(graph, f"{prefix}.qzeros", code_type, (n_experts, n, groups), zps),
+        ]
+        dq = ir.Node(
+            "",
+            "DequantizeLinear",
+            dq_inputs,
+            attributes=[ir.AttrInt64("axis", 2), ir.AttrInt64("block_size", group)],
+            name=f"{prefix}.DequantizeLinear",
+            num_outputs=1,
+        )
+        dq.outputs[0].name = f"{prefix}.weight_dq"
+        graph.insert_before(node, dq)
+        return dq.outputs[0]
+
+    def _dequantized_floats(self, graph, node, rows, experts: MoeExperts) -> ir.Value:
+        """The fc tensor (E, N, K) float32 holding each expert's dequantized codes (or float weight)."""
+        shape = _stacked_shape(node.inputs[2 if rows is experts.fc1 else 4])
+        prefix = f"{node.name.removesuffix('.MoE')}.experts.fc{1 if rows is experts.fc1 else 2}"
+
+        def weight(name: str) -> np.ndarray:
+            if name in self.precomputed or self.schemes.get(name) is not None:
+                return dequantize(self._expert_codes(name, experts)())
+            return np.asarray(experts.load(name), dtype=np.float32)
+
+        def load() -> np.ndarray:
+            slabs = []
+            for row in rows:
+                parts = [weight(n) for n in (row if isinstance(row, tuple) else (row,))]
+                slabs.append(np.stack(parts, axis=1).reshape(-1, parts[0].shape[1]) if len(parts) == 2 else parts[0])
+            return np.stack(slabs)
+
+        return _initializer(graph, f"{prefix}.dequantized", ir.DataType.FLOAT, shape, load)
 
     def _to_matmul_nbits(self, model, node, linear, scheme, source, k, n) -> None:
         probe = QuantizedWeight(
@@ -245,6 +448,50 @@ def _rtn_of(tensor: ir.TensorProtocol, scheme: QuantScheme) -> Callable[[], Quan
         )
 
     return quantize
+
+
+# The schemes onnxruntime 1.32's CPU QMoE computes exactly (see the module docstring): bits -> group sizes.
+QMOE_SCHEMES = {4: (PER_CHANNEL, 16, 32, 64, 128, 256), 8: (PER_CHANNEL,)}
+# A W8A8 (SmoothQuant) recipe's experts inside a com.microsoft.MoE node: QMoE reads their int8 codes as
+# 8-bit weights per channel, symmetric (code + 128 around the implied zero point 128); its activations stay
+# float, as it has no int8-activation mode. The decomposed graph runs them as DynamicQuantizeMatMul.
+W8_PER_CHANNEL = parse_scheme("w8a16-pc-sym")
+
+
+class Int8AsWeights(Mapping):
+    """linear -> QuantizedWeight view of int8 per-channel codes (codes (N, K) int8, scales (N,)), made when
+    asked for, for the experts of ``linears``."""
+
+    def __init__(self, int8: Mapping[str, tuple[np.ndarray, np.ndarray]], linears):
+        self.int8 = int8
+        self.linears = {name: None for name in linears if name in int8}  # ordered, fast to look up
+
+    def __getitem__(self, linear: str) -> QuantizedWeight:
+        if linear not in self.linears:
+            raise KeyError(linear)
+        codes, scales = self.int8[linear]
+        q = (codes.astype(np.int16) + 128).astype(np.uint8)
+        return QuantizedWeight(q, np.asarray(scales, np.float32).reshape(-1, 1), None, 8, PER_CHANNEL)
+
+    def __contains__(self, linear: object) -> bool:
+        return linear in self.linears
+
+    def __iter__(self):
+        return iter(self.linears)
+
+    def __len__(self) -> int:
+        return len(self.linears)
+
+
+def _qmoe_runs(scheme: QuantScheme | None) -> bool:
+    return scheme is not None and scheme.group_size in QMOE_SCHEMES.get(scheme.bits, ())
+
+
+def _stacked_shape(value: ir.Value) -> tuple[int, int, int]:
+    """(experts, out, in) of an MoE fc input (through the fp16 weights' Cast, which keeps the shape)."""
+    producer = value.producer()
+    source = producer.inputs[0] if producer is not None and producer.op_type == "Cast" else value
+    return tuple(source.shape)
 
 
 def _groups(k: int, scheme: QuantScheme) -> int:

@@ -52,7 +52,7 @@ from quantlab.graph_builder.kv_cache import (
     TAIL_SUFFIX,
     KvCacheFormat,
 )
-from quantlab.graph_builder.mlp_ops import MOE_FORMS, MlpOps
+from quantlab.graph_builder.mlp_ops import EXPERT_PROJECTIONS, MOE_FORMS, MlpOps
 from quantlab.graph_builder.rope import RopeOps
 from quantlab.io.spec import Checkpoint, ModelSpec
 from quantlab.passes.graph_utils import OUT_IN_SOURCE
@@ -368,11 +368,32 @@ LINEAR_INPUTS = {
 }
 
 
+def expert_roles(e: int) -> tuple[str, ...]:
+    """Expert e's linears in a sparse MLP, as roles of its layer: ``mlp.experts.{e}.gate_proj`` ..."""
+    return tuple(f"mlp.experts.{e}.{proj}" for proj in EXPERT_PROJECTIONS)
+
+
 def layer_linear_roles(spec: ModelSpec, i: int) -> tuple[str, ...]:
-    """The roles of LINEAR_INPUTS that layer i has as ordinary linears: a sparse MLP's experts (kept float,
-    see quantlab.graph_builder.mlp_ops) and an ungated MLP's absent gate_proj are not among them."""
+    """Every weight-quantizable linear of layer i, as roles: those of LINEAR_INPUTS it has (an ungated MLP
+    has no gate_proj, a sparse MLP none of the dense MLP's), then a sparse MLP's experts (see expert_roles).
+    The router (``mlp.gate``) is not among them: it stays float."""
     shapes = spec.expected_shapes()
-    return tuple(role for role in LINEAR_INPUTS if f"model.layers.{i}.{role}.weight" in shapes)
+    roles = tuple(role for role in LINEAR_INPUTS if f"model.layers.{i}.{role}.weight" in shapes)
+    if i in spec.moe_layers:
+        roles += tuple(role for e in range(spec.num_experts) for role in expert_roles(e))
+    return roles
+
+
+def layer_taps(spec: ModelSpec, i: int) -> tuple[str, ...]:
+    """The values of layer i that calibration observes (without the ``model.layers.{i}.`` prefix): the
+    inputs of its linears (LINEAR_INPUTS), and in a sparse MLP the router's choice ``mlp.topk_indices``
+    (batch, seq, k) int64 and each expert's ``mlp.experts.{e}.act`` (batch, seq, moe_ff), its down_proj's
+    input, computed for every token (the decomposed form computes every expert)."""
+    taps = tuple(dict.fromkeys(LINEAR_INPUTS[role] for role in layer_linear_roles(spec, i) if role in LINEAR_INPUTS))
+    if i in spec.moe_layers:
+        taps = tuple(dict.fromkeys((*taps, "post_attention_layernorm.out")))
+        taps += ("mlp.topk_indices", *(f"mlp.experts.{e}.act" for e in range(spec.num_experts)))
+    return taps
 
 
 def _io(name: str, dtype: ir.DataType, dims: list) -> ir.Value:
@@ -475,16 +496,19 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None, o
 
     inputs   hidden_states (batch, seq, hidden) f32, position_ids (batch, seq) int64,
              attention_mask (batch, seq) int64
-    outputs  ``all``: hidden_out (batch, seq, hidden), then every distinct value in LINEAR_INPUTS,
-             named ``model.layers.{i}.<role input>`` (e.g. model.layers.3.mlp.act); ``taps``: those
+    outputs  ``all``: hidden_out (batch, seq, hidden), then the values of :func:`layer_taps`, named
+             ``model.layers.{i}.<tap>`` (e.g. model.layers.3.mlp.act); ``taps``: those
              values alone, and only the nodes they need (no down_proj: a quarter of the layer's
              FLOPs); ``hidden``: hidden_out alone. onnxruntime computes every node of a graph whatever
              outputs a run asks for, so what is not needed is left out of the graph.
     """
     if outputs not in LAYER_OUTPUTS:
         raise ValueError(f"outputs must be one of {LAYER_OUTPUTS}, got {outputs!r}")
-    # the layer runs without a cache, so the cache format does not apply
-    options = dataclasses.replace(options or BuildOptions(), kv_cache=KvCacheFormat(), attention="plain")
+    # the layer runs without a cache, so the cache format does not apply; a sparse MLP is decomposed, the
+    # form with a tap at each expert's input
+    options = dataclasses.replace(
+        options or BuildOptions(), kv_cache=KvCacheFormat(), attention="plain", moe="decomposed"
+    )
     s = ckpt.spec
     b = _Builder(ckpt, options)
     f32 = ir.DataType.FLOAT
@@ -499,9 +523,8 @@ def build_layer(ckpt: Checkpoint, i: int, options: BuildOptions | None = None, o
     out = b.op("Identity", [out], name="hidden_out")
     taps = []
     produced = {v.name: v for node in b.tape.nodes for v in node.outputs}
-    for role_input in dict.fromkeys(LINEAR_INPUTS.values()):  # a sparse MLP has no mlp.act
-        if f"model.layers.{i}.{role_input}" in produced:
-            taps.append(produced[f"model.layers.{i}.{role_input}"])
+    for tap in layer_taps(s, i):
+        taps.append(produced[f"model.layers.{i}.{tap}"])
     graph_outputs = {"all": [out, *taps], "taps": taps, "hidden": [out]}[outputs]
     nodes = _needed_nodes(b.tape.nodes, graph_outputs)
     used = {v.name for node in nodes for v in node.inputs if v is not None}

@@ -11,12 +11,15 @@ by tests/graph_builder/test_new_families_parity.py:
     top, ix = TopK(probs, k)                             (batch, seq, k)
     top     = top / ReduceSum(top)                       when spec.moe_normalize_topk
     routing = ScatterElements(zeros, ix, top)            (batch, seq, experts), 0 for unselected experts
-    y_e     = down_e(silu(gate_e(x)) * up_e(x))          every expert: gate and up as one wide MatMul each
-                                                         (hidden, experts * ff), down as a batched MatMul
-    out     = ReduceSum(y * routing, experts axis)
+    w_e     = Split(routing)[e]                          (batch, seq, 1)
+    y_e     = down_e(silu(gate_e(x)) * up_e(x))          every expert, each an ordinary linear MatMul(x, W)
+    out     = Sum(y_e * w_e over e)
 
   Exact (an unselected expert is multiplied by 0) and simple, but it computes every expert: experts /
-  k times the FLOPs of the sparse op. It is the form for runtimes without onnxruntime's contrib ops.
+  k times the FLOPs of the sparse op. It is the form for runtimes without onnxruntime's contrib ops, and
+  the one calibration runs (its taps: ``mlp.topk_indices`` and each expert's ``mlp.experts.{e}.act``).
+  Each expert's linears are named like dense ones (``model.layers.{i}.mlp.experts.{e}.gate_proj.weight``),
+  so weight passes quantize them as they do any linear (MatMulNBits, or DequantizeLinear -> MatMul).
 
 ``op``: ``com.microsoft.MoE(x, logits, fc1, -, fc2)``, onnxruntime's sparse kernel, which does the softmax,
   top-k and renormalization itself (``k``, ``normalize_routing_weights``) and runs only the chosen
@@ -24,21 +27,40 @@ by tests/graph_builder/test_new_families_parity.py:
   row 2i+1 is up_i; the CPU kernel reads no other SwiGLU layout), shape (experts, 2 * moe_ff, hidden);
   fc2 is the down projections in torch layout, (experts, hidden, moe_ff). ``activation_alpha=1``,
   ``activation_beta=0`` and no ``swiglu_limit`` make its SwiGLU ``g * sigmoid(g) * u``, the Llama one.
+  The node carries, in ``node.meta[MOE_EXPERTS]``, the names of the expert linears its fc1 / fc2 hold and
+  a loader of each one's float (out, in) weight, so ``QuantizeWeightsPass`` can rewrite it to
+  ``com.microsoft.QMoE`` over their codes without reading the stacked tensors back.
 
-The router and the experts stay float under weight quantization for now (TODO issue 19): their
-initializers are named ``.router`` / ``.side_by_side`` / ``.batched`` / ``.fc1`` / ``.torch``, not ``.weight``, so
-``quantizable_linears`` (which finds linears as MatMuls reading a ``*.weight`` initializer) leaves them
-alone; a router rounded to 4 bits would also change which experts a token picks.
+The router stays float under every weight recipe: its initializer is named ``.router``, not ``.weight``,
+so ``quantizable_linears`` (linears are MatMuls reading a ``*.weight`` initializer) leaves it alone; a
+router rounded to 4 bits would change which experts a token picks.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from quantlab.graph_builder.attention_ops import MS_DOMAIN
 
+
+@dataclasses.dataclass(frozen=True)
+class MoeExperts:
+    """The linears a com.microsoft.MoE node holds: fc1[e] = (gate, up) of expert e, interleaved row by row;
+    fc2[e] = its down projection; ``load(linear)`` -> that linear's float32 (out, in) weight."""
+
+    fc1: tuple[tuple[str, str], ...]
+    fc2: tuple[str, ...]
+    load: Callable[[str], np.ndarray]
+
+
 MOE_FORMS = ("auto", "op", "decomposed")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# node.meta key of a com.microsoft.MoE node: a MoeExperts (see moe_op)
+MOE_EXPERTS = "quantlab.moe_experts"
 
 _SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
 
@@ -92,27 +114,17 @@ class MlpOps:
         w = self._lazy(f"{p}.gate.router", (hidden, experts), lambda: self.source.load(name).T, "fp32")
         return self.op("MatMul", [x, w], name=f"{p}.router_logits")
 
-    def stacked_experts(self, p: str, proj: str, layout: str) -> ir.Value:
-        """Every expert's ``proj`` weight (out, in) as one tensor: ``side_by_side`` (in, experts * out), a linear
-        computing all experts at once; ``batched`` (experts, in, out), for a batched MatMul; ``torch``
-        (experts, out, in), the MoE op's."""
+    def stacked_experts(self, p: str, proj: str) -> ir.Value:
+        """Every expert's ``proj`` weight (out, in) as one (experts, out, in) tensor, the MoE op's layout."""
         s = self.spec
         names = [f"{p}.experts.{e}.{proj}.weight" for e in range(s.num_experts)]
         out_f, in_f = self.source.shape(names[0])
-        shape = {
-            "side_by_side": (in_f, s.num_experts * out_f),
-            "batched": (s.num_experts, in_f, out_f),
-            "torch": (s.num_experts, out_f, in_f),
-        }[layout]
 
         def load() -> np.ndarray:
-            if layout == "torch":
-                return np.stack([self.source.load(n) for n in names])
-            if layout == "batched":
-                return np.stack([self.source.load(n).T for n in names])
-            return np.concatenate([self.source.load(n).T for n in names], axis=1)
+            return np.stack([self.source.load(n) for n in names])
 
-        return self._as_f32(self._lazy(f"{p}.experts.{proj}.{layout}", shape, load, self.options.weight_dtype))
+        shape = (s.num_experts, out_f, in_f)
+        return self._as_f32(self._lazy(f"{p}.experts.{proj}.torch", shape, load, self.options.weight_dtype))
 
     def moe_decomposed(self, x: ir.Value, i: int) -> ir.Value:
         s = self.spec
@@ -131,20 +143,22 @@ class MlpOps:
             top = self.op("Div", [top, total], name=f"{p}.topk_norm")
         zeros = self.op("ConstantOfShape", [self.op("Shape", [probs], name=f"{p}.probs_shape")], name=f"{p}.zeros")
         routing = self.op("ScatterElements", [zeros, index, top], {"axis": -1}, name=f"{p}.routing")  # (b, s, E)
-        # every expert's gate and up at once: (batch, seq, experts * ff) -> (batch, seq, experts, ff)
-        split = self.i64([0, 0, s.num_experts, s.moe_intermediate_size], f"shape_bs_e{s.num_experts}_ff")
-        gate = self.op("MatMul", [x, self.stacked_experts(p, "gate_proj", "side_by_side")], name=f"{p}.experts_gate")
-        up = self.op("MatMul", [x, self.stacked_experts(p, "up_proj", "side_by_side")], name=f"{p}.experts_up")
-        gate = self.op("Reshape", [gate, split], name=f"{p}.experts_gate_e")
-        up = self.op("Reshape", [up, split], name=f"{p}.experts_up_e")
-        act = self.op("Mul", [self.activation(gate, f"{p}.experts"), up], name=f"{p}.experts_act")  # (b, s, E, ff)
-        # per expert down: (b, s, E, 1, ff) @ (E, ff, hidden) -> (b, s, E, 1, hidden)
-        act = self.op("Unsqueeze", [act, self.i64([3], "axes_3")], name=f"{p}.experts_act_rows")
-        y = self.op("MatMul", [act, self.stacked_experts(p, "down_proj", "batched")], name=f"{p}.experts_down")
-        y = self.op("Squeeze", [y, self.i64([3], "axes_3")], name=f"{p}.experts_out")  # (b, s, E, hidden)
-        w = self.op("Unsqueeze", [routing, self.i64([-1], "axes_last")], name=f"{p}.routing_e")  # (b, s, E, 1)
-        weighted = self.op("Mul", [y, w], name=f"{p}.experts_weighted")
-        return self.op("ReduceSum", [weighted, self.i64([2], "axes_2")], {"keepdims": 0}, name=f"{p}.moe_out")
+        weights = self.tape.op_multi_out(
+            "Split",
+            [routing],
+            {"axis": -1, "num_outputs": s.num_experts},
+            name=f"{p}.routing_split",
+            outputs=[ir.Value(name=f"{p}.experts.{e}.routing") for e in range(s.num_experts)],
+        )  # experts x (b, s, 1)
+        outs = []
+        for e in range(s.num_experts):
+            q = f"{p}.experts.{e}"
+            gate = self.linear(x, f"{q}.gate_proj")
+            up = self.linear(x, f"{q}.up_proj")
+            act = self.op("Mul", [self.activation(gate, q), up], name=f"{q}.act")  # (b, s, moe_ff)
+            y = self.linear(act, f"{q}.down_proj")  # (b, s, hidden)
+            outs.append(self.op("Mul", [y, weights[e]], name=f"{q}.weighted"))
+        return self.op("Sum", outs, name=f"{p}.moe_out")
 
     def moe_op(self, x: ir.Value, i: int) -> ir.Value:
         s = self.spec
@@ -166,7 +180,7 @@ class MlpOps:
         fc1_w = self._as_f32(
             self._lazy(f"{p}.experts.fc1", (s.num_experts, 2 * ff, hidden), fc1, self.options.weight_dtype)
         )
-        fc2_w = self.stacked_experts(p, "down_proj", "torch")  # (experts, hidden, ff)
+        fc2_w = self.stacked_experts(p, "down_proj")  # (experts, hidden, ff)
         attrs = {
             "k": s.experts_per_token,
             "activation_type": "swiglu",
@@ -177,4 +191,10 @@ class MlpOps:
         }
         inputs = [x, logits, fc1_w, None, fc2_w]
         name = f"{p}.moe_out"
-        return self.tape.op("MoE", inputs, attrs, domain=MS_DOMAIN, name=f"{p}.MoE", output=ir.Value(name=name))
+        out = self.tape.op("MoE", inputs, attrs, domain=MS_DOMAIN, name=f"{p}.MoE", output=ir.Value(name=name))
+        out.producer().meta[MOE_EXPERTS] = MoeExperts(
+            fc1=tuple((f"{p}.experts.{e}.gate_proj", f"{p}.experts.{e}.up_proj") for e in range(s.num_experts)),
+            fc2=tuple(f"{p}.experts.{e}.down_proj" for e in range(s.num_experts)),
+            load=lambda linear: self.source.load(f"{linear}.weight"),
+        )
+        return out

@@ -92,6 +92,41 @@ def search_awq_scales(x: np.ndarray, weights: list[np.ndarray], scheme: QuantSch
     return best_scales
 
 
+def search_shared_awq_scales(
+    x: np.ndarray,
+    groups: list[tuple[np.ndarray, list[np.ndarray]]],
+    scheme: QuantScheme,
+    grid: int = 20,
+) -> np.ndarray:
+    """One s (K,) for linears that read different tokens of one input (a sparse MLP's experts, each on the
+    tokens routed to it), which must share s because it is folded into the op producing that input.
+
+    ``x`` (tokens, K): the input at every token, whose ``mean|x|`` makes s as in
+    :func:`search_awq_scales`; ``groups``: (x_g, [W (N_i, K)]) per expert, its tokens and its linears.
+    The error of an alpha is the summed squared output error of every group on its own tokens, so each
+    expert weighs by the tokens it receives; alpha = 0 (plain RTN) is on the grid.
+    """
+    x_mean = np.mean(np.abs(_check_activations(x, groups[0][1][0].shape[1])), axis=0)  # (K,)
+    prepared = []
+    for x_g, weights in groups:
+        stacked = np.concatenate([np.asarray(w, dtype=np.float32) for w in weights], axis=0)  # (sum N_i, K)
+        x_g = _check_activations(x_g, stacked.shape[1])
+        prepared.append((x_g, stacked, x_g @ stacked.T))
+    best_error, best_scales, best_alpha = np.inf, np.ones_like(x_mean), 0.0
+    for step in range(grid):
+        alpha = step / grid
+        scales = np.maximum(x_mean**alpha, np.float32(1e-4)).astype(np.float32)
+        scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
+        error = 0.0
+        for x_g, stacked, reference in prepared:
+            w_hat = _quantize_dequantize(stacked * scales, scheme) / scales
+            error += float(np.sum((x_g @ w_hat.T - reference) ** 2))
+        if error < best_error:
+            best_error, best_scales, best_alpha = error, scales, alpha
+    logger.debug("shared awq scale search over %d groups: alpha=%.2f sse=%.3g", len(groups), best_alpha, best_error)
+    return best_scales
+
+
 def search_awq_clip(
     x: np.ndarray,
     weight: np.ndarray,

@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from quantlab.graph_builder.decoder import BuildOptions, build_decoder  # noqa: E402
 from quantlab.emit.artifact import genai_config, save_model, write_json  # noqa: E402
+from quantlab.graph_builder.decoder import BuildOptions, build_decoder  # noqa: E402
 from quantlab.io import load_checkpoint  # noqa: E402
 from quantlab.runtime.generate import OrtDecoder  # noqa: E402
 
@@ -166,13 +166,23 @@ def test_fused_matches_plain_with_padding_softcap_and_windows(hf_folders, tmp_pa
 
 
 @pytest.mark.parametrize("moe", ["op", "decomposed"])
-def test_router_and_experts_are_not_weight_quantized(moe, hf_folders):
-    """Expert and router weights are left float for now: weight passes do not see them as linears."""
-    from quantlab.passes.quantize_weights import quantizable_linears
+def test_experts_are_weight_linears_and_the_router_is_not(moe, hf_folders):
+    """Weight passes see every expert's linears (MatMuls in the decomposed form, names carried by the MoE
+    op), never the router; tests/calib/test_moe_calibration.py quantizes them."""
+    from quantlab.passes.quantize_weights import moe_expert_linears, quantizable_linears
 
     ckpt = load_checkpoint(hf_folders["qwen3-moe-norm-topk"][1])
-    linears = quantizable_linears(build_decoder(ckpt, BuildOptions(moe=moe)))
-    assert not [name for name in linears if ".experts" in name or ".gate" in name.replace("gate_proj", "")]
+    model = build_decoder(ckpt, BuildOptions(moe=moe))
+    linears = [*quantizable_linears(model), *moe_expert_linears(model)]
+    experts = {
+        f"model.layers.{i}.mlp.experts.{e}.{p}"
+        for i in (0, 2)
+        for e in range(8)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
+    assert experts <= set(linears) and len(linears) == len(set(linears))
+    assert (moe == "op") == experts.isdisjoint(quantizable_linears(model))
+    assert not [name for name in linears if name.endswith(".mlp.gate")]
     assert "model.layers.1.mlp.gate_proj" in linears  # the dense layer (mlp_only_layers) is an ordinary MLP
     assert "model.layers.0.self_attn.q_proj" in linears
 

@@ -188,39 +188,21 @@ def observe_layer(
     quantized layer). Every copy of the hidden states not made is 512 MB for 128 x 512 tokens of a
     2048-wide model.
     """
+    from quantlab.calib.blocks import StatsMerger, block_layout, observe_blocks
     from quantlab.quant import gram
-    from quantlab.quant.gptq import HessianSum
 
-    stats = LayerStats()
+    # Canonical blocks (quantlab.calib.blocks): the statistics are the bytes a distributed calibration
+    # over the same sequences computes, however many machines share them.
+    layout = block_layout(hidden.shape[0], batch)
     out = np.empty_like(hidden) if isinstance(outputs, str) else outputs
-    rng = np.random.default_rng(seed)
-    n_total = hidden.shape[0] * hidden.shape[1]
-    sums: dict[str, HessianSum] = {}
-    if out is not None and runner.outputs == "taps":
-        raise ValueError("a runner built with outputs='taps' has no layer outputs to keep")
-    for sl in batches(hidden.shape[0], batch):
-        y, taps = runner.run(hidden[sl])
-        if out is not None:
-            out[sl] = y
-        del y
-        for name, x in taps.items():
-            x = x.reshape(-1, x.shape[-1])  # (tokens, K)
-            if hessians:
-                sums.setdefault(name, HessianSum(runner.threads)).add(x)
-            if samples:
-                keep = max(1, round(samples * x.shape[0] / n_total))
-                idx = np.sort(rng.choice(x.shape[0], size=min(keep, x.shape[0]), replace=False))
-                stats.samples.setdefault(name, []).append(np.array(x[idx]))
-            if absmax:
-                m = np.abs(x).max(axis=0)
-                stats.absmax[name] = m if name not in stats.absmax else np.maximum(stats.absmax[name], m)
-        del taps
-    if sums:
+    merger = StatsMerger()
+    for block in observe_blocks(
+        runner, hidden, layout, hessians=hessians, samples=samples, absmax=absmax, seed=seed, out=out
+    ):
+        merger.add(block)
+    if hessians:
         gram.release()  # the arenas of the Gram sessions, before the method's own peak
-    for name, acc in sums.items():
-        stats.counts[name] = acc.count
-        stats.hessians[name] = acc.hessian()
-    return out, stats
+    return out, merger.layer_stats(layout.blocks)
 
 
 @dataclasses.dataclass
@@ -238,6 +220,8 @@ class CalibrationResult:
     int8: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     float_overrides: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     layer_errors: list[float] = dataclasses.field(default_factory=list)
+    # sparse layer -> its experts' token counts and RTN fallbacks (quantlab.calib.experts.ExpertTokens)
+    experts: dict = dataclasses.field(default_factory=dict)
 
 
 def relative_error(approx: np.ndarray, reference: np.ndarray) -> float:
@@ -245,10 +229,13 @@ def relative_error(approx: np.ndarray, reference: np.ndarray) -> float:
 
 
 def embed_tokens(ckpt: Checkpoint, tokens: np.ndarray) -> np.ndarray:
-    """tokens (n, seq) -> hidden states (n, seq, hidden), the graph's Gather done once in numpy."""
+    """tokens (n, seq) -> hidden states (n, seq, hidden), the graph's Gather (and embedding scale) done once
+    in numpy."""
     table = ckpt.tensors.load("model.embed_tokens.weight")  # (vocab, hidden)
     hidden = table[tokens]
     del table
+    if ckpt.spec.embedding_scale != 1.0:  # Gemma's sqrt(hidden), in float32 as the graph's Mul
+        hidden *= np.float32(ckpt.spec.embedding_scale)
     return hidden
 
 

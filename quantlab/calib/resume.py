@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import quantlab
+from quantlab.calib.experts import ExpertTokens
 from quantlab.calib.layerwise import CalibrationResult
 from quantlab.errors import InputError
 from quantlab.quant.rtn import QuantizedWeight
@@ -152,8 +153,9 @@ class LayerCheckpoints:
 
     # -- saving -------------------------------------------------------------------------------------
 
-    def save_layer(self, i: int, result: CalibrationResult, before: dict[str, set], hidden: np.ndarray) -> None:
-        """Layer i's new entries in ``result`` (keys not in ``before``) and the hidden states after it."""
+    def save_layer(self, i: int, result: CalibrationResult, before: dict[str, set], hidden: np.ndarray | None) -> None:
+        """Layer i's new entries in ``result`` (keys not in ``before``) and the hidden states after it
+        (None: a distributed calibration, whose shards rebuild theirs by replaying the saved layers)."""
         arrays: dict[str, np.ndarray] = {"layer_error": np.float64(result.layer_errors[i])}
         for name in result.quantized:
             if name in before["quantized"]:
@@ -171,16 +173,23 @@ class LayerCheckpoints:
         for name, value in result.float_overrides.items():
             if name not in before["float_overrides"]:
                 arrays[f"f/{name}"] = value
+        if i in result.experts:  # a sparse layer's token counts (quantlab.calib.experts.ExpertTokens)
+            for field in ("routed", "calibrated", "rtn_fallback"):
+                arrays[f"e/{field}"] = np.array(getattr(result.experts[i], field), dtype=np.int64)
         _atomic_savez(self.folder / f"layer-{i:04d}.npz", arrays)
         # The hidden states last: a kill between the files leaves a layer file nobody uses yet. They go
         # into the slot hidden.json does not name; only then does hidden.json name it.
+        if hidden is None:
+            _atomic_write_text(self.folder / HIDDEN_FILE, json.dumps({"slot": None, "layer": i}) + "\n")
+            return
         current = self._hidden_state()
         slot = HIDDEN_SLOTS[1] if current is not None and current[0] == HIDDEN_SLOTS[0] else HIDDEN_SLOTS[0]
         _overwrite_npy(self.folder / slot, hidden)
         _atomic_write_text(self.folder / HIDDEN_FILE, json.dumps({"slot": slot, "layer": i}) + "\n")
 
-    def _hidden_state(self) -> tuple[str, int] | None:
-        """(slot file, layer) of the latest saved hidden states, or None before the first."""
+    def _hidden_state(self) -> tuple[str | None, int] | None:
+        """(slot file, layer) of the latest saved hidden states, or None before the first; the slot is
+        None after a layer saved without its hidden states."""
         path = self.folder / HIDDEN_FILE
         if not path.is_file():
             return None
@@ -189,7 +198,7 @@ class LayerCheckpoints:
             slot, layer = state["slot"], state["layer"]
         except (UnicodeDecodeError, ValueError, RecursionError, TypeError, KeyError) as e:
             raise InputError(path, None, f"unreadable checkpoint state ({e}); run without --resume") from e
-        if slot not in HIDDEN_SLOTS or not isinstance(layer, int) or isinstance(layer, bool):
+        if (slot is not None and slot not in HIDDEN_SLOTS) or not isinstance(layer, int) or isinstance(layer, bool):
             raise InputError(path, "slot", f"not a checkpoint state: {state!r}; run without --resume")
         return slot, layer
 
@@ -223,21 +232,31 @@ class LayerCheckpoints:
     # -- restoring ----------------------------------------------------------------------------------
 
     def restore(
-        self, num_layers: int, hidden_shape: tuple[int, ...]
+        self, num_layers: int, hidden_shape: tuple[int, ...] | None
     ) -> tuple[int, CalibrationResult, np.ndarray | None]:
-        """(the first layer still to calibrate, the result so far, the hidden states to start from)."""
+        """(the first layer still to calibrate, the result so far, the hidden states to start from);
+        ``hidden_shape`` None: the layers only (a distributed calibration replays them)."""
         result = CalibrationResult()
         state = self._hidden_state()
         if state is None:
             return 0, result, None
         slot, last = state
-        path = self.folder / slot
-        try:
-            hidden = np.array(np.load(path, allow_pickle=False), dtype=np.float32)
-        except (OSError, ValueError) as e:
-            raise InputError(path, "hidden", f"unreadable checkpoint ({e}); run without --resume") from e
-        if hidden.shape != tuple(hidden_shape) or not 0 <= last < num_layers:
-            raise InputError(path, "hidden", f"checkpoint does not fit this calibration ({hidden.shape}, layer {last})")
+        hidden = None
+        if hidden_shape is not None and slot is None:
+            why = "saved by a distributed calibration (no hidden states): resume with --ray"
+            raise InputError(self.folder / HIDDEN_FILE, "slot", why)
+        if hidden_shape is not None:
+            path = self.folder / slot
+            try:
+                hidden = np.array(np.load(path, allow_pickle=False), dtype=np.float32)
+            except (OSError, ValueError) as e:
+                raise InputError(path, "hidden", f"unreadable checkpoint ({e}); run without --resume") from e
+            if hidden.shape != tuple(hidden_shape):
+                why = f"checkpoint does not fit this calibration ({hidden.shape}, layer {last})"
+                raise InputError(path, "hidden", why)
+        if not 0 <= last < num_layers:
+            why = f"checkpoint does not fit this calibration (layer {last})"
+            raise InputError(self.folder / HIDDEN_FILE, "layer", why)
         for i in range(last + 1):
             self._restore_layer(i, result)
         logger.info("%s: resuming after layer %d of %d", self.folder, last, num_layers)
@@ -252,10 +271,14 @@ class LayerCheckpoints:
         result.layer_errors.append(float(entries.pop("layer_error")))
         quantized: dict[str, dict] = {}
         int8: dict[str, dict] = {}
+        experts = {}
         for key, value in entries.items():
             kind, _, rest = key.partition("/")
             if kind == "f":
                 result.float_overrides[rest] = value
+                continue
+            if kind == "e":
+                experts[rest] = tuple(int(n) for n in value)
                 continue
             name, _, part = rest.rpartition("/")
             (quantized if kind == "q" else int8).setdefault(name, {})[part] = value
@@ -263,6 +286,8 @@ class LayerCheckpoints:
             result.quantized.offload(name, parts["q"].shape, functools.partial(self.load_quantized, i, name))
         for name, parts in int8.items():
             result.int8[name] = (parts["codes"], parts["scales"])
+        if experts:
+            result.experts[i] = ExpertTokens(**experts)
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -111,3 +111,66 @@ class UpperGram:
                 out[c:d, a:b] = block.T
         self.blocks = []
         return out
+
+
+def upper_size(k: int) -> int:
+    """Elements in the packed upper blocks of a (k, k) Gram (:meth:`UpperGram.packed`)."""
+    return sum((b - a) * (d - c) for (a, b), (c, d) in block_pairs(k))
+
+
+def packed_upper(gram: UpperGram) -> np.ndarray:
+    """The blocks of ``gram`` on and above the diagonal, raveled in :func:`block_pairs` order into one
+    float32 vector (one buffer: one message when it travels); the gram restarts from zero in its own
+    buffers (zeroing 136 MB at K = 8192 costs less than faulting in new pages for the next block)."""
+    out = np.concatenate([block.ravel() for block in gram.blocks]) if gram.blocks else np.zeros(0, np.float32)
+    for block in gram.blocks:
+        block.fill(0.0)
+    return out
+
+
+class OrderedGramSum:
+    """``H = 2/n * sum_b G_b`` over canonical blocks of calibration sequences, added in block order.
+
+    Each block's Gram ``G_b`` is a float32 sum over its own batches (:class:`UpperGram`), the same
+    computation wherever the block runs; the blocks are added in float64, always in block order, and the
+    total is divided once by the integer token count. So the Hessian is the same bytes whether one
+    process observed every block or N machines each observed a contiguous run of them: an order of
+    float additions that does not depend on the sharding (quantlab.distributed). Memory is the float64
+    upper blocks (272 MB for K = 8192), beside a block's float32 running sum.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.count = 0
+        self.blocks = 0
+        self._total: np.ndarray | None = None  # float64, packed upper blocks
+
+    def add(self, packed: np.ndarray, count: int) -> None:
+        """The next block's packed upper Gram (float32, :func:`packed_upper`) and its token count."""
+        if packed.shape != (upper_size(self.k),):
+            raise ValueError(f"gram of width {self.k} has {upper_size(self.k)} packed elements, got {packed.shape}")
+        if self._total is None:
+            self._total = packed.astype(np.float64)  # 0 + x: exact, as every later addition's first operand
+        else:
+            np.add(self._total, packed, out=self._total)  # float32 -> float64 per element, then one rounding
+        self.count += int(count)
+        self.blocks += 1
+
+    def hessian(self) -> np.ndarray:
+        """(k, k) float32 ``2/n * sum``, exactly symmetric; the sum is dropped."""
+        if self._total is None or self.count == 0:
+            raise ValueError("no calibration tokens")
+        total, self._total = self._total, None
+        total *= 2.0 / self.count
+        out = np.empty((self.k, self.k), np.float32)
+        at = 0
+        for (a, b), (c, d) in block_pairs(self.k):
+            block = total[at : at + (b - a) * (d - c)].reshape(b - a, d - c)
+            at += block.size
+            out[a:b, c:d] = block
+            if (a, b) == (c, d):
+                lower = np.tril_indices(b - a, -1)
+                out[a:b, a:b][lower] = block.T[lower]
+            else:
+                out[c:d, a:b] = block.T
+        return out

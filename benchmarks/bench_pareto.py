@@ -79,6 +79,10 @@ QUANTLAB_ROWS: dict[str, tuple[str, ...]] = {
     "max-size-91.7MB": ("--max-size", "91.7MB"),
     "max-size-105.5MB": ("--max-size", "105.5MB"),
     "max-size-144.8MB": ("--max-size", "144.8MB"),
+    # the GGUF's own codes not kept: what a user converting a Hugging Face checkpoint gets
+    "requantize-max-size-91.7MB": ("--max-size", "91.7MB", "--requantize"),
+    "requantize-max-size-105.5MB": ("--max-size", "105.5MB", "--requantize"),
+    "requantize-max-size-144.8MB": ("--max-size", "144.8MB", "--requantize"),
 }
 # Run only when named: calibration is slow here (GPTQ took ~5 min per decoder layer on 2 busy cores, 2.5 h in all).
 OPT_IN = frozenset({"w4a16-g128-gptq", "w4a16-g128-awq"})

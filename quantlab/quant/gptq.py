@@ -180,8 +180,9 @@ class _ColumnSolver:
     when it is built, else as torch ops; both do the same float32 operations per element.
     """
 
-    def __init__(self, Wt, Hinv, perm, scales_t, zeros_t, config: GPTQConfig, native: bool = True, keep_q: bool = True):
+    def __init__(self, Wt, Hinv, perm, scales_t, zeros_t, config: GPTQConfig, native=True, keep_q=True, refit=True):
         self.Wt, self.Hinv, self.config = Wt, Hinv, config
+        self.refit = refit and not config.act_order  # act-order groups are fixed up front
         self.k, self.n = Wt.shape
         self.size = self.k if config.group_size == PER_CHANNEL else config.group_size
         self.columns = perm.tolist()  # natural index of each column, in visiting order
@@ -202,7 +203,7 @@ class _ColumnSolver:
         W1.copy_(self.Wt[i1:i2])
         Err1 = self._err1[: i2 - i1]
         Err1.zero_()
-        refits = [] if self.config.act_order else [i for i in range(i2 - i1) if self.columns[i1 + i] % self.size == 0]
+        refits = [] if not self.refit else [i for i in range(i2 - i1) if self.columns[i1 + i] % self.size == 0]
         bounds = sorted({0, *refits, i2 - i1})
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             if a in refits:
@@ -301,6 +302,7 @@ def run_gptq(
     consume: bool = False,
     native: bool = True,
     dequantized: bool = True,
+    static: QuantizedWeight | None = None,
 ) -> GPTQResult:
     """GPTQ (arXiv:2210.17323, Algorithm 1) on ``weight`` (N, K) with Hessian ``hessian`` (K, K).
     ``weight`` may be a sequence of (N_i, K) row blocks (linears sharing an input), solved as one.
@@ -312,6 +314,8 @@ def run_gptq(
     ``consume=True`` lets it overwrite ``hessian`` (a float32 C-contiguous array) instead of copying
     it. ``native=False`` runs the column loop as torch ops even when the C++ core is built.
     ``dequantized=False`` leaves ``GPTQResult.dequantized`` None (saves a float32 copy of the weight).
+    ``static``: codes of the same scheme whose group scales and zero points are kept (searched ones,
+    say); only the rounding is solved then, instead of each group's min/max refit as GPTQ reaches it.
     """
     Wt = _transposed(weight)  # (K, N): a column of W per row
     own = consume and hessian.dtype == np.float32 and hessian.flags.c_contiguous and hessian.flags.writeable
@@ -321,6 +325,8 @@ def run_gptq(
     if H.shape != (k, k):
         raise ValueError(f"hessian has shape {tuple(H.shape)}, expected ({k}, {k})")
     diag = H.diagonal()  # a view
+    if not np.any(diag > 0):  # no calibration signal (an expert no token reached): damping adds 0 to 0
+        raise ValueError("GPTQ needs a Hessian with a positive diagonal; this one is zero (no tokens): use RTN")
     dead = torch.from_numpy(diag == 0)
     diag_index = np.flatnonzero(diag == 0)
     H[diag_index, diag_index] = 1.0
@@ -329,8 +335,15 @@ def run_gptq(
     n_groups = group_count(k, config.group_size)
     scales_t, zeros_t = torch.zeros(n_groups, n), torch.zeros(n_groups, n)
     perm = torch.arange(k)
+    if static is not None:
+        if (static.bits, static.group_size) != (config.bits, config.group_size) or static.scales.shape != (n, n_groups):
+            raise ValueError("static codes must have the scheme's bits and groups and the weight's shape")
+        zp = static.zero_points if static.zero_points is not None else np.full((n, n_groups), 1 << (config.bits - 1))
+        scales_t = torch.from_numpy(np.array(static.scales.T, np.float32, order="C"))  # a writable copy
+        zeros_t = torch.from_numpy(np.array(zp.T, np.float32, order="C"))
     if config.act_order:
-        scales_t, zeros_t = _static_params(Wt.T, config)
+        if static is None:
+            scales_t, zeros_t = _static_params(Wt.T, config)
         perm = torch.argsort(torch.from_numpy(H.diagonal().copy()), descending=True, stable=True)
         Wt = Wt[perm]
         index = perm.numpy()
@@ -341,7 +354,9 @@ def run_gptq(
     del H
     Hinv = torch.from_numpy(linalg.inverse_hessian_factor(R))  # in R's buffer
     del R
-    solver = _ColumnSolver(Wt, Hinv, perm, scales_t, zeros_t, config, native=native, keep_q=dequantized)
+    solver = _ColumnSolver(
+        Wt, Hinv, perm, scales_t, zeros_t, config, native=native, keep_q=dequantized, refit=static is None
+    )
     loss = 0.0
     for i1 in range(0, k, config.block_size):
         loss += solver.block(i1, min(i1 + config.block_size, k))
@@ -361,7 +376,12 @@ def run_gptq(
 
 
 def gptq_quantize(
-    weight: np.ndarray | Sequence[np.ndarray], hessian: np.ndarray, config: GPTQConfig, *, consume: bool = False
+    weight: np.ndarray | Sequence[np.ndarray],
+    hessian: np.ndarray,
+    config: GPTQConfig,
+    *,
+    consume: bool = False,
+    static: QuantizedWeight | None = None,
 ) -> QuantizedWeight:
     """GPTQ codes of ``weight`` (N, K) for Hessian ``hessian`` (K, K); see :func:`run_gptq`."""
-    return run_gptq(weight, hessian, config, consume=consume, dequantized=False).weight
+    return run_gptq(weight, hessian, config, consume=consume, dequantized=False, static=static).weight

@@ -25,6 +25,11 @@ def merge(old: dict | None, new: dict) -> dict:
         commands = old.get("commands", [old.get("command")]) + new["commands"]
         new = {**new, "results": new["results"] + kept, "notes": notes, "commands": commands}
         new["merged_from"] = old.get("created")
+        # a version the new run could not see (llama-cpp-python absent) is the one the kept rows ran with
+        versions, old_versions = new["machine"]["versions"], old.get("machine", {}).get("versions", {})
+        new["machine"]["versions"] = {k: v if v else old_versions.get(k) for k, v in versions.items()}
+        for key, value in old.get("machine", {}).items():
+            new["machine"].setdefault(key, value)
         if new["references"]["cross_check"] is None:
             new["references"]["cross_check"] = old["references"].get("cross_check")
     return new
@@ -83,7 +88,9 @@ def markdown(doc: dict, plot_link: str | None = None) -> str:
         f"{e['sequences']} x {e['seq_len']} tokens of {e['text']}; KL(P_fp32 || P_quant) in nats averaged over "
         f"every predicted position, top-1 agreement with the tool's own fp32 model, perplexity on the text; "
         f"size = model.onnx + model.onnx.data or the .gguf file (MB = 10^6 bytes). {m['cpu']}, "
-        f"{e['threads']} threads; {versions}; {doc['created']}.",
+        f"{e['threads']} threads; {versions}; {doc['created']}"
+        + (f" (other rows kept from {doc['merged_from']}, same tokens and model)" if doc.get("merged_from") else "")
+        + ".",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "| " + " | ".join("---" for _ in COLUMNS) + " |",

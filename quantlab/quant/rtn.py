@@ -208,6 +208,11 @@ def weighted_error(weight: np.ndarray, qw: QuantizedWeight, importance: np.ndarr
     return np.einsum("ngs,gs->ng", diff * diff, grouped(imp[None, :], qw.group_size)[0])
 
 
+# search_scales works on slices of at most this many weights: its temporaries are ~6 float32 copies of
+# the slice, 700 MB for SmolLM2's 49152 x 576 head in one piece
+SEARCH_CHUNK_ELEMENTS = 1 << 22
+
+
 def search_scales(
     weight: np.ndarray,
     importance: np.ndarray | None = None,
@@ -239,6 +244,17 @@ def search_scales(
     imp = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32).reshape(-1)
     if imp.shape != (k,):
         raise ValueError(f"importance has {imp.shape[0]} channels, weight has K={k}")
+    rows = max(1, SEARCH_CHUNK_ELEMENTS // k)
+    if n > rows:  # rows are independent: a large matrix (a vocabulary-sized head) in slices, same result
+        parts = [search_scales(weight[i : i + rows], imp, bits, group_size, symmetric, grid) for i in range(0, n, rows)]
+        zero_points = None if symmetric else np.concatenate([p.zero_points for p in parts])
+        return QuantizedWeight(
+            np.concatenate([p.q for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            zero_points,
+            bits,
+            group_size,
+        )
     groups = grouped(weight, group_size)  # (N, n_groups, group)
     imp_groups = grouped(imp[None, :], group_size)[0]  # (n_groups, group), padding weighs 0
     w_min, w_max = groups.min(axis=2), groups.max(axis=2)

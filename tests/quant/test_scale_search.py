@@ -66,3 +66,21 @@ def test_search_is_deterministic_and_handles_partial_and_zero_groups():
     assert a.zero_points.tobytes() == b.zero_points.tobytes()
     with pytest.raises(ValueError, match="importance"):
         search_scales(weight, np.ones(64, np.float32), 4, 32)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_search_in_row_slices_gives_the_same_codes(monkeypatch, symmetric):
+    import quantlab.quant.rtn as rtn
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((70, 96)).astype(np.float32)
+    imp = rng.random(96).astype(np.float32)
+    whole = search_scales(w, imp, 4, 32, symmetric)
+    monkeypatch.setattr(rtn, "SEARCH_CHUNK_ELEMENTS", 96 * 16)  # 16 rows a slice, the last one 6
+    sliced = search_scales(w, imp, 4, 32, symmetric)
+    np.testing.assert_array_equal(sliced.q, whole.q)
+    np.testing.assert_array_equal(sliced.scales, whole.scales)
+    if symmetric:
+        assert sliced.zero_points is None
+    else:
+        np.testing.assert_array_equal(sliced.zero_points, whole.zero_points)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -12,11 +10,10 @@ from pathlib import Path
 
 
 def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+    """The CPU model and its vector-ISA flags, cores, memory and package versions (quantlab.bench's record)."""
+    from quantlab.bench.runner import machine_info
+
+    return machine_info()
 
 
 def run_convert(args: list[str]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -22,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantlab.graph_builder.decoder import ATTENTION_KINDS, BuildOptions, build_decoder
-from quantlab.graph_builder.kv_cache import KvCacheFormat, collect_key_scales, parse_kv_cache, static_cache_ranges
 from quantlab.emit.artifact import count_parameters, estimate_artifact_bytes, save_model, write_artifact
 from quantlab.emit.staging import check_free_space, remove_stale_temporaries, temporary_prefix
 from quantlab.errors import InputError, QualityBudgetError, SizeOverrunError
+from quantlab.graph_builder.decoder import ATTENTION_KINDS, BuildOptions, build_decoder
+from quantlab.graph_builder.kv_cache import KvCacheFormat, collect_key_scales, parse_kv_cache, static_cache_ranges
 from quantlab.io import Checkpoint, load_checkpoint
 from quantlab.passes.check import CheckModelPass, InferShapesPass
 from quantlab.passes.dead_nodes import RemoveDeadNodesPass
@@ -35,7 +36,13 @@ from quantlab.passes.keep_source_quantization import KeepSourceQuantizationPass
 from quantlab.passes.manager import run_passes
 from quantlab.passes.quantize_dynamic import QuantizeDynamicInt8Pass
 from quantlab.passes.quantize_embedding import QuantizeEmbeddingPass
-from quantlab.passes.quantize_weights import QuantizeWeightsPass, quantizable_linears
+from quantlab.passes.quantize_weights import (
+    W8_PER_CHANNEL,
+    Int8AsWeights,
+    QuantizeWeightsPass,
+    moe_expert_linears,
+    quantizable_linears,
+)
 from quantlab.passes.share_tied_embedding import ShareTiedEmbeddingPass
 from quantlab.quant.scheme import parse_scheme
 from quantlab.recipe import Recipe, load_recipe
@@ -123,17 +130,22 @@ def quantization_pipeline(
     if recipe.scheme is None:
         return kept + ([ShareTiedEmbeddingPass()] if tied and embedding else [])
     share = [ShareTiedEmbeddingPass(recipe.scheme_for("lm_head"), recipe.embedding)] if tied and embedding else []
-    schemes = {name: recipe.scheme_for(name) for name in quantizable_linears(model)}
+    # every linear, and the experts inside a com.microsoft.MoE node (the router is neither)
+    linears = [*quantizable_linears(model), *moe_expert_linears(model)]
+    schemes = {name: recipe.scheme_for(name) for name in linears}
     weight_only = {n: s for n, s in schemes.items() if s is not None and s.weight_only}
     pipeline: list[ir.passes.PassBase] = [*kept]  # kept codes first: the rest is rounded (convert --max-size)
+    int8_experts = {}
     if calibration is not None and calibration.int8:
         pipeline.append(QuantizeDynamicInt8Pass(calibration.int8))
+        int8_experts = Int8AsWeights(calibration.int8, moe_expert_linears(model))  # for QMoE: see the class
+        weight_only.update(dict.fromkeys(int8_experts, W8_PER_CHANNEL))
     pipeline.append(
         QuantizeWeightsPass(
             weight_only,
             # a view, not a merged copy: the calibrated codes stay packed until the pass takes each
             precomputed=collections.ChainMap(
-                calibration.quantized if calibration is not None else {}, prequantized or {}
+                calibration.quantized if calibration is not None else {}, int8_experts, prequantized or {}
             ),
             format=recipe.format,
             accuracy_level=recipe.accuracy_level,
@@ -292,8 +304,12 @@ def convert(
     dump_ir: str | os.PathLike | None = None,
     progress: bool = True,
     resume: bool = False,
+    calibrate_all_experts: bool = False,
     max_size: int | None = None,
     bpw: float | None = None,
+    requantize: bool = False,
+    ray: str | None = None,
+    shards: int | None = None,
 ) -> Path:
     """Checkpoint -> artifact folder. Raises InputError on bad input, QualityBudgetError on a missed budget.
 
@@ -301,10 +317,27 @@ def convert(
     ``-r<N>`` in it. ``attention="fused"`` builds onnxruntime's GroupQueryAttention (a quantized cache then
     is int8-static / int4-static: see :func:`fused_cache_format`). A calibration saves each finished layer
     beside the output (``.{out}.resume/``); ``resume=True`` continues from there after an interruption,
-    refusing when any input differs. ``max_size`` (bytes of model.onnx + model.onnx.data) chooses every
-    weight's scheme from measured sensitivity under that size (:mod:`quantlab.fit`); ``bpw`` is the same
-    size as bits per parameter of the source model (a tied head counted once).
+    refusing when any input differs; ``calibrate_all_experts`` calibrates each expert of a sparse MLP on
+    every calibration token, not only on those routed to it (the layer's output still mixes the chosen
+    experts). ``max_size`` (bytes of model.onnx + model.onnx.data) chooses every weight's scheme from
+    measured sensitivity under that size (:mod:`quantlab.fit`); ``bpw`` is the same size as bits per
+    parameter of the source model (a tied head counted once); ``requantize`` keeps none of a GGUF's own
+    codes there (every tensor rounded afresh). ``ray`` (a cluster address or "auto")
+    calibrates on ``shards`` Ray actors (:mod:`quantlab.distributed`), or with ``max_size`` / ``bpw``
+    measures the sensitivity on them: the same artifact, byte for byte.
     """
+    if ray is not None:
+        from quantlab.distributed import require_ray
+
+        require_ray()  # before any work: one line saying how to install it
+        from quantlab.distributed.calibrate import check_reachable
+
+        check_reachable(ray)
+    elif shards is not None:
+        raise InputError(None, "--shards", "applies to --ray")
+    if shards is not None and shards < 1:
+        raise InputError(None, "--shards", f"must be >= 1, got {shards}")
+    source_path = Path(source).absolute()  # for shards, which load the checkpoint themselves
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if weight_dtype is not None:
         recipe = dataclasses.replace(recipe, weight_dtype=weight_dtype)
@@ -331,6 +364,8 @@ def convert(
     kv_format = parse_kv_cache(recipe.kv_cache)
     # a quantized weight or cache is measured against the fp32 model
     lossy = recipe.scheme is not None or kv_format.quantized
+    if requantize and max_size is None and bpw is None:
+        raise InputError(None, "--requantize", "applies to --max-size / --bpw (a --recipe already rounds afresh)")
     if max_size is not None and bpw is not None:
         raise InputError(None, "--bpw", "give --max-size or --bpw, not both")
     if bpw is not None and not bpw > 0:
@@ -352,6 +387,17 @@ def convert(
         )
     if calib_from_model is not None and calib_from_model < 1:
         raise InputError(None, "--calib-from-model", "must be >= 1")
+    fitting = max_size is not None or bpw is not None
+    if ray is not None and not recipe.needs_calibration and not fitting:
+        raise InputError(
+            None,
+            "--ray",
+            f"distributes calibration and --max-size / --bpw sensitivity; recipe {recipe.name} does neither",
+        )
+    if calibrate_all_experts and not recipe.needs_calibration:
+        raise InputError(None, "--calibrate-all-experts", f"applies to calibrated recipes, not {recipe.name}")
+    if calibrate_all_experts and ray is not None:
+        raise InputError(None, "--calibrate-all-experts", "not with --ray (the distributed calibration lacks it)")
     ckpt = load_checkpoint(source, allow_pickle=allow_pickle, tokenizer_path=tokenizer)
     if bpw is not None:
         max_size = int(bpw * count_parameters(ckpt) / 8)
@@ -386,14 +432,35 @@ def convert(
             )
             # Per-layer checkpoints beside the output, keyed by every input, for convert --resume.
             tokens = np.asarray(data.ids)
-            fingerprint = calibration_fingerprint(ckpt.source_sha256(), recipe.to_dict(), tokens)
+            fingerprinted = {**recipe.to_dict(), **({"calibrate_all_experts": True} if calibrate_all_experts else {})}
+            fingerprint = calibration_fingerprint(ckpt.source_sha256(), fingerprinted, tokens)
             checkpoints = LayerCheckpoints(resume_folder(out), fingerprint, resume=resume)
-            calibration = calibrate(ckpt, recipe, tokens, progress=progress, checkpoints=checkpoints)
+            if ray is None:
+                calibration = calibrate(
+                    ckpt, recipe, tokens, progress=progress, checkpoints=checkpoints, all_experts=calibrate_all_experts
+                )
+            else:
+                from quantlab.distributed.calibrate import calibrate_on_cluster
+
+                calibration = calibrate_on_cluster(
+                    ckpt,
+                    recipe,
+                    tokens,
+                    source={"path": str(source_path), "allow_pickle": allow_pickle},
+                    address=ray,
+                    shards=shards,
+                    progress=progress,
+                    checkpoints=checkpoints,
+                )
             release_freed_memory()  # calibration's garbage, before the artifact is built
             extra["calibration"] = {
                 **data.describe(),
                 "layer_relative_errors": [round(e, 6) for e in calibration.layer_errors],
             }
+            if calibration.experts:  # tokens per expert of each sparse layer, and the experts rounded to nearest
+                from quantlab.calib.experts import manifest_entry
+
+                extra["calibration"]["experts"] = manifest_entry(ckpt.spec, calibration.experts, calibrate_all_experts)
             ckpt_for_build = with_overrides(ckpt, calibration.float_overrides)
         else:
             ckpt_for_build = ckpt
@@ -431,7 +498,22 @@ def convert(
         if max_size is not None:  # choose: per-tensor schemes from measured sensitivity, under the size
             from quantlab.fit.choose import choose_under_size
 
-            fit = choose_under_size(ckpt, baseline, max_size, recipe, seed=recipe.calibration.seed, options=options)
+            given = None
+            if calib is not None or calib_from_model is not None:
+                given = calibration_tokens(
+                    ckpt, recipe, calib=calib, calib_from_model=calib_from_model, baseline=baseline, progress=progress
+                )
+            fit = choose_under_size(
+                ckpt,
+                baseline,
+                max_size,
+                recipe,
+                seed=recipe.calibration.seed,
+                options=options,
+                calibration=given,
+                keep_source=not requantize,
+                measure=_sensitivity_measure(ray, shards, {"path": str(source_path), "allow_pickle": allow_pickle}),
+            )
         prequantized = ckpt.prequantized.weights if ckpt.prequantized is not None else None
         for attempt in itertools.count(1):
             if fit is not None:
@@ -472,6 +554,18 @@ def convert(
         if checkpoints is not None:
             checkpoints.discard()
         return written
+
+
+def _sensitivity_measure(ray: str | None, shards: int | None, source: dict):
+    """How the choose stage measures sensitivity: in this process, or on ``shards`` actors of the Ray
+    cluster at ``ray`` (the same figures), which load the checkpoint from ``source`` to make the weights."""
+    from quantlab.fit.sensitivity import measure_kld
+
+    if ray is None:
+        return measure_kld
+    from quantlab.distributed.sensitivity import measure_kld_on_cluster
+
+    return functools.partial(measure_kld_on_cluster, address=ray, meters=shards, source=source)
 
 
 def generate_ids(

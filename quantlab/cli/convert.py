@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="data-free calibration: N sequences sampled from the full-precision model itself",
     )
     p.add_argument(
+        "--calibrate-all-experts",
+        action="store_true",
+        help="MoE models: calibrate every expert on every calibration token (statistics only; each layer's "
+        "output still mixes the experts its router chose), not only on the tokens routed to it",
+    )
+    p.add_argument(
         "--max-kld", type=float, help="fail (exit 3, nothing written) if mean KL divergence to fp32 exceeds this"
     )
     p.add_argument(
@@ -86,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     size.add_argument(
         "--bpw", type=float, metavar="BITS", help="as --max-size, the size given in bits per source parameter"
+    )
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="with --max-size/--bpw: keep none of a GGUF's own codes, round every tensor afresh",
     )
     p.add_argument(
         "--eval-samples",
@@ -108,6 +119,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue an interrupted calibration from its per-layer checkpoints (.OUTPUT.resume/ beside the "
         "output); refused if the model, recipe, calibration data or quantlab version changed",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="calibrate, or measure --max-size / --bpw sensitivity, on a Ray cluster: auto (the cluster this "
+        "machine is in) or HEAD_IP:PORT; the artifact is the same bytes as without it (needs pip install "
+        "'quantlab[ray]'; the checkpoint, and for --max-size the output's folder, at the same path on every node)",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="with --ray: calibration shards (Ray actors), 1 to 8, or --max-size sensitivity meters, 1 or more "
+        "(default: one per CPU of the cluster, at most 8 shards)",
     )
 
 
@@ -151,8 +176,12 @@ def run(args: argparse.Namespace) -> int:
             dump_ir=args.dump_ir,
             progress=not args.no_progress,
             resume=args.resume,
+            calibrate_all_experts=args.calibrate_all_experts,
             max_size=parse_size(args.max_size) if args.max_size else None,
             bpw=args.bpw,
+            requantize=args.requantize,
+            ray=args.ray,
+            shards=args.shards,
         )
     manifest = read_manifest(out)
     size = sum(f["bytes"] for f in manifest["files"].values())

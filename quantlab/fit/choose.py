@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.errors import InputError, SizeOverrunError
+from quantlab.fit.codes import LinearCodes
 from quantlab.fit.sensitivity import (
     EMBEDDING_TENSOR,
     EMBEDDING_UNIT,
@@ -36,12 +37,12 @@ from quantlab.fit.sensitivity import (
     HEAD_UNIT,
     NO_PREPACKING,
     Sensitivity,
-    collect_input_moments,
+    collect_input_statistics,
     measure_kld,
     unit_of,
     unit_tensors,
 )
-from quantlab.quant.rtn import QuantizedWeight, dequantize, rtn_quantize, search_scales, weighted_error
+from quantlab.quant.rtn import QuantizedWeight, dequantize, rtn_quantize, weighted_error
 from quantlab.quant.scheme import QuantScheme, parse_scheme
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ MEASURED_RUNGS: tuple[str, ...] = ()
 # what a size budget asks for; sensitivities are measured at this level too.
 ACCURACY_LEVEL = 4
 SENSITIVITY_SAMPLES, SENSITIVITY_SEQ_LEN = 4, 64
+# the activation statistics and GPTQ Hessians, data-free: 2048 tokens sampled apart from the sensitivity's
+FIT_CALIB_SAMPLES, FIT_CALIB_SEQ_LEN = 16, 128
 # model.onnx itself beside the weights, estimated before writing as the fp32 graph's model.onnx plus
 # this much per initializer (name, shape, external-data location and offset), then checked on the real
 # files; an overshoot shrinks the budget and the choice is made again
@@ -192,12 +195,13 @@ def _override(pattern: str, scheme: QuantScheme | None):
 
 
 class SearchedWeights(Mapping):
-    """Linear name -> importance-searched codes for the 4-bit linears of a choice, computed when the
-    emitter asks (one weight in memory at a time); a ``precomputed`` mapping for QuantizeWeightsPass."""
+    """Linear name -> the codes (:class:`quantlab.fit.codes.LinearCodes`) of the 4-bit linears of a choice,
+    computed when the emitter asks (one weight in memory at a time); a ``precomputed`` mapping for
+    QuantizeWeightsPass."""
 
-    def __init__(self, ckpt, moments: dict[str, np.ndarray], schemes: dict[str, QuantScheme]):
-        self.ckpt, self.moments = ckpt, moments
-        self.schemes = {n: s for n, s in schemes.items() if s.bits == 4 and n in moments}
+    def __init__(self, ckpt, codes: LinearCodes, schemes: dict[str, QuantScheme]):
+        self.ckpt, self.codes = ckpt, codes
+        self.schemes = {n: s for n, s in schemes.items() if s.bits == 4 and n in codes.moments}
 
     def weight(self, linear: str) -> np.ndarray:
         return load_weight(self.ckpt, linear)
@@ -207,8 +211,7 @@ class SearchedWeights(Mapping):
         return tuple(self.ckpt.tensors.shape(name or f"{linear}.weight"))
 
     def __getitem__(self, linear: str) -> QuantizedWeight:
-        s = self.schemes[linear]
-        return search_scales(self.weight(linear), self.moments[linear], s.bits, s.group_size, s.symmetric)
+        return self.codes(linear, self.schemes[linear])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.schemes)
@@ -244,35 +247,48 @@ class FitChoice:
         written = sum((folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (folder / f).exists())
         if written > self.budget:
             raise SizeOverrunError(written, self.budget)
-        return {**self.report, "written_bytes": written}
+        chosen = {t: str(s) for t, s in self.quantized.schemes.items()}
+        return {**self.report, **self.quantized.codes.summary(chosen), "written_bytes": written}
 
 
-def _fake_quantizer(ckpt, moments, tied_shared: bool):
+class FakeQuantizer:
     """(unit, scheme) -> the fp32 graph's weights as the conversion will write them. ``tied_shared``:
-    the head's codes are the embedding's too (ShareTiedEmbeddingPass), so both are fed."""
+    the head's codes are the embedding's too (ShareTiedEmbeddingPass), so both are fed.
 
-    def dequantized(tensor: str, s: QuantScheme) -> np.ndarray:  # (out, in) or (vocab, hidden)
-        w = load_weight(ckpt, tensor)
+    :meth:`portable` is what another process needs besides the checkpoint to make the same weights
+    (the activation statistics and the Gram files' paths); :meth:`rebuild` makes it there."""
+
+    def __init__(self, ckpt, codes: LinearCodes, tied_shared: bool):
+        self.ckpt, self.codes, self.tied_shared = ckpt, codes, tied_shared
+
+    def portable(self) -> dict:
+        return {"moments": self.codes.moments, "grams": self.codes.grams, "tied_shared": self.tied_shared}
+
+    @classmethod
+    def rebuild(cls, ckpt, portable: dict) -> FakeQuantizer:
+        codes = LinearCodes(lambda t: load_weight(ckpt, t), portable["moments"], portable["grams"])
+        return cls(ckpt, codes, portable["tied_shared"])
+
+    def dequantized(self, tensor: str, s: QuantScheme) -> np.ndarray:  # (out, in) or (vocab, hidden)
+        w = load_weight(self.ckpt, tensor)
         if tensor == EMBEDDING_TENSOR:  # rows along hidden, plain RTN, as QuantizeEmbeddingPass writes them
             return dequantize(rtn_quantize(w, s.bits, s.group_size, s.symmetric))
-        if s.bits == 4:
-            return dequantize(search_scales(w, moments[tensor], s.bits, s.group_size, s.symmetric))
+        if s.bits == 4 and tensor in self.codes.moments:
+            return dequantize(self.codes(tensor, s))
         return dequantize(rtn_quantize(w, s.bits, s.group_size, s.symmetric))
 
-    def fake(unit: str, scheme: str) -> dict[str, np.ndarray]:
+    def __call__(self, unit: str, scheme: str) -> dict[str, np.ndarray]:
         s = parse_scheme(scheme)
         fed = {}
         for tensor in unit_tensors(unit):
-            w_hat = dequantized(tensor, s)
+            w_hat = self.dequantized(tensor, s)
             if tensor == EMBEDDING_TENSOR:
                 fed[f"{tensor}.weight"] = w_hat
                 continue
             fed[f"{tensor}.weight"] = np.ascontiguousarray(w_hat.T)  # (in, out) as the fp32 graph stores it
-            if tensor == HEAD_UNIT and tied_shared:
+            if tensor == HEAD_UNIT and self.tied_shared:
                 fed[f"{EMBEDDING_TENSOR}.weight"] = w_hat
         return fed
-
-    return fake
 
 
 def _rtn_errors(ckpt, moments, units: dict[str, tuple[str, ...]]) -> dict[str, dict[str, float]]:
@@ -302,13 +318,19 @@ def complete_ladder(measured: dict[str, float], errors: dict[str, float]) -> dic
     return out
 
 
+def _peak_mb() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def _bos(ckpt) -> int:
     spec = ckpt.spec
     return int(spec.bos_token_id if spec.bos_token_id is not None else min(spec.eos_token_ids or (0,)))
 
 
 def unit_costs(
-    ckpt, base_recipe, graph_proto_bytes: int, shared: bool | None = None, options=None
+    ckpt, base_recipe, graph_proto_bytes: int, shared: bool | None = None, options=None, keep_source: bool = True
 ) -> tuple[int, dict[str, dict[str, int]], bool]:
     """(bytes outside every unit, ``costs[unit][rung]``, shared) from one lazy build per rung;
     ``graph_proto_bytes``: the fp32 graph's model.onnx. ``shared``: a tied head and the embedding are
@@ -330,13 +352,13 @@ def unit_costs(
         total, per_unit, count = graph_bytes(ckpt, recipe, options=options)
         if shared:  # a table of its own (over a bit per entry) means this pipeline does not share: cost it apart
             if per_unit.get(EMBEDDING_UNIT, 0) * 8 >= ckpt.spec.vocab_size * ckpt.spec.hidden_size:
-                return unit_costs(ckpt, base_recipe, graph_proto_bytes, shared=False, options=options)
+                return unit_costs(ckpt, base_recipe, graph_proto_bytes, False, options, keep_source)
             per_unit.pop(EMBEDDING_UNIT, None)  # the shared table's shape constants: outside every unit
         outside = total - sum(per_unit.values()) + graph_proto_bytes + count * INITIALIZER_PROTO_BYTES
         fixed = outside if fixed is None else max(fixed, outside)
         for unit, size in per_unit.items():
             costs.setdefault(unit, {})[embedding if unit == EMBEDDING_UNIT else linear] = size
-    plan = source_plan(ckpt)
+    plan = source_plan(ckpt) if keep_source else None
     if plan is not None:  # the checkpoint's own codes, where every tensor of a unit can keep them
         recipe = dataclasses.replace(base_recipe, scheme=parse_scheme(LINEAR_LADDER[0]), overrides=(), embedding=None)
         # per linear on the plain graph: the fused one stacks kept q/k/v (gate/up) into one tensor, same bytes
@@ -369,15 +391,32 @@ def chosen_source(plan, choice: dict[str, str], shared: bool):
     return dataclasses.replace(plan, kept=kept, not_kept=not_kept)
 
 
-def choose_under_size(ckpt, baseline: Path, budget: int, base_recipe, *, seed: int = 0, options=None) -> FitChoice:
+def choose_under_size(
+    ckpt,
+    baseline: Path,
+    budget: int,
+    base_recipe,
+    *,
+    seed: int = 0,
+    options=None,
+    calibration=None,
+    keep_source: bool = True,
+    measure=measure_kld,
+) -> FitChoice:
     """The choose stage of ``convert --max-size``: sizes, statistics, sensitivity, greedy choice;
-    ``options`` the BuildOptions the artifact is built with.
+    ``options`` the BuildOptions the artifact is built with. ``calibration``: the user's calibration
+    data (:class:`quantlab.eval.data.TokenData`) for the activation statistics and GPTQ's Hessians, else
+    :data:`FIT_CALIB_SAMPLES` sequences sampled from the fp32 model. ``keep_source=False`` never keeps
+    a GGUF's own codes (every tensor rounded afresh). ``measure``: :func:`quantlab.fit.sensitivity.measure_kld`
+    or a function with its signature and results (``quantlab.distributed.sensitivity``: the same figures
+    measured on a Ray cluster).
     Raises InputError (exit 2, before anything is measured) when even the smallest rungs do not fit."""
-    from quantlab.eval.data import sample_from_model
+    from quantlab.eval.data import make_token_data, sample_from_model
     from quantlab.runtime.generate import OrtDecoder
 
     start = time.perf_counter()
-    fixed, costs, shared = unit_costs(ckpt, base_recipe, (baseline / "model.onnx").stat().st_size, options=options)
+    graph_proto = (baseline / "model.onnx").stat().st_size
+    fixed, costs, shared = unit_costs(ckpt, base_recipe, graph_proto, options=options, keep_source=keep_source)
     logger.info("fit: sizes of %d units in %.1f s", len(costs), time.perf_counter() - start)
     smallest = fixed + sum(min(c.values()) for c in costs.values())
     if smallest > budget:
@@ -392,21 +431,29 @@ def choose_under_size(ckpt, baseline: Path, budget: int, base_recipe, *, seed: i
         logger.info("fit: the source's own codes fit; no sensitivity measured")
         none = Sensitivity({u: {SOURCE_RUNG: 0.0} for u in costs}, {}, 0, "not measured: the source's own codes fit")
         kept = {u: {SOURCE_RUNG: c[SOURCE_RUNG]} for u, c in costs.items()}
-        return _choose(ckpt, base_recipe, budget, fixed, kept, none, {}, shared)
+        return _choose(ckpt, base_recipe, budget, fixed, kept, none, LinearCodes(None, {}), shared, {})
     data_seed = seed + FIT_SEED_OFFSET
     decoder = OrtDecoder(baseline, session_config=NO_PREPACKING)
     ids = sample_from_model(decoder, SENSITIVITY_SAMPLES, SENSITIVITY_SEQ_LEN, data_seed, _bos(ckpt))
+    if calibration is None:  # its own seed: the sensitivity is measured on other text than the codes fit
+        calib_ids = sample_from_model(decoder, FIT_CALIB_SAMPLES, FIT_CALIB_SEQ_LEN, data_seed + 1, _bos(ckpt))
+        calibration = make_token_data(
+            calib_ids, f"sampled from the fp32 model: {FIT_CALIB_SAMPLES} x {FIT_CALIB_SEQ_LEN}, seed {data_seed + 1}"
+        )
     del decoder
-    moments = collect_input_moments(baseline, ids)
-    logger.info("fit: sampled text and activation moments at %.1f s", time.perf_counter() - start)
+    moments, grams = collect_input_statistics(baseline, _rows(calibration), baseline / "fit-grams")
+    if shared:  # the head's codes are the embedding's too: rounded for both, not solved for the head alone
+        grams.pop(HEAD_UNIT, None)
+    codes = LinearCodes(lambda t: load_weight(ckpt, t), moments, grams)
+    logger.info("fit: text and activation statistics at %.1f s, peak %d MB", time.perf_counter() - start, _peak_mb())
     full = {u: tuple(r for r in c if r != SOURCE_RUNG) for u, c in costs.items()}
     to_measure = {
         u: ladder if u in (HEAD_UNIT, EMBEDDING_UNIT) else (*MEASURED_RUNGS, min(costs[u], key=costs[u].get))
         for u, ladder in full.items()
     }
     data = f"sampled from the fp32 model: {SENSITIVITY_SAMPLES} x {SENSITIVITY_SEQ_LEN}, seed {data_seed}"
-    measured = measure_kld(baseline, ids, to_measure, _fake_quantizer(ckpt, moments, shared), data=data)
-    logger.info("fit: sensitivity measured at %.1f s", time.perf_counter() - start)
+    measured = measure(baseline, ids, to_measure, FakeQuantizer(ckpt, codes, shared), data=data)
+    logger.info("fit: sensitivity measured at %.1f s, peak %d MB", time.perf_counter() - start, _peak_mb())
     errors = _rtn_errors(ckpt, moments, {u: full[u] for u in full if set(full[u]) != set(to_measure[u])})
     kld = {u: complete_ladder(measured.kld[u], errors.get(u, {})) for u in full}
     for unit, rungs in costs.items():
@@ -414,10 +461,19 @@ def choose_under_size(ckpt, baseline: Path, budget: int, base_recipe, *, seed: i
             kld[unit][SOURCE_RUNG] = 0.0
     sensitivity = dataclasses.replace(measured, kld=kld, measured=to_measure)
     logger.info("fit: ladders completed at %.1f s", time.perf_counter() - start)
-    return _choose(ckpt, base_recipe, budget, fixed, costs, sensitivity, moments, shared)
+    return _choose(ckpt, base_recipe, budget, fixed, costs, sensitivity, codes, shared, calibration.describe())
 
 
-def _choose(ckpt, base_recipe, budget, fixed, costs, sensitivity, moments, shared) -> FitChoice:
+def _rows(data) -> np.ndarray:
+    """TokenData -> (n, seq) ids of equal length: sequences cut to the shortest (at most FIT_CALIB_SEQ_LEN x 4)."""
+    ids = np.asarray(data.ids)
+    if ids.ndim == 2:
+        return ids
+    length = min(int(n) for n in data.lengths)
+    return np.stack([np.asarray(r[:length]) for r in data.ids])
+
+
+def _choose(ckpt, base_recipe, budget, fixed, costs, sensitivity, codes, shared, calibration) -> FitChoice:
     choice = choose_precisions(costs, sensitivity.kld, budget - fixed)
     if choice is None:
         raise InputError(None, "--max-size", f"nothing fits {budget / 1e6:.3f} MB; nothing written")
@@ -429,19 +485,20 @@ def _choose(ckpt, base_recipe, budget, fixed, costs, sensitivity, moments, share
     for u, s in choice.items():
         if u != EMBEDDING_UNIT:
             counts[s] = counts.get(s, 0) + len(unit_tensors(u))
+    quantized = SearchedWeights(ckpt, codes, schemes)
     report = {
         "max_bytes": budget,
         "predicted_bytes": predicted,
         "predicted_kld_mean": round(sum(sensitivity.kld[u][s] for u, s in choice.items()), 6),
         "accuracy_level": ACCURACY_LEVEL,
-        "scale_search": "importance-weighted (mean x^2 per input channel), 4-bit linears",
+        "codes": "4-bit linears: searched scales or GPTQ, the lower output error on the calibration data",
+        "calibration": calibration,
         "ladders": {"linear": [*LINEAR_LADDER, SOURCE_RUNG], "embedding": list(EMBEDDING_LADDER)},
         "linears_per_scheme": dict(sorted(counts.items())),
         "choice": dict(sorted(choice.items())),
         "head_shares_embedding": shared,
         "sensitivity": sensitivity.to_dict(),
     }
-    quantized = SearchedWeights(ckpt, moments, schemes)
     source = chosen_source(source_plan(ckpt), choice, shared)
     return FitChoice(recipe, quantized, report, budget, costs, sensitivity, fixed, shared, source)
 
@@ -450,4 +507,5 @@ def shrink(fit: FitChoice, written: int) -> FitChoice:
     """The choice again with the fixed allowance grown by what the last artifact overshot by."""
     fixed = fit.fixed + (written - fit.report["predicted_bytes"]) + (16 << 10)
     q = fit.quantized
-    return _choose(q.ckpt, fit.recipe, fit.budget, fixed, fit.costs, fit.sensitivity, q.moments, fit.shared)
+    calibration = fit.report["calibration"]
+    return _choose(q.ckpt, fit.recipe, fit.budget, fixed, fit.costs, fit.sensitivity, q.codes, fit.shared, calibration)

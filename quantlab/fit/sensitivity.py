@@ -14,10 +14,11 @@ was not measured (:func:`quantlab.fit.choose.complete_ladder`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ FIT_SEED_OFFSET = 2_000_029
 # onnxruntime would keep a second, pre-packed copy of every fp32 MatMul weight (540 MB for SmolLM2-135M);
 # the few forwards here do not pay that back
 NO_PREPACKING = {"session.disable_prepacking": "1"}
+# every linear's input exposed at once: SmolLM2-135M holds ~0.2 MB of them per token
+TOKENS_PER_FORWARD = 512
 
 
 def unit_of(tensor: str) -> str | None:
@@ -126,26 +129,97 @@ def _feeds(decoder, ids: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def collect_input_moments(baseline: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """``E[x_k^2]`` (K,) float32 of the input each linear sees, over the tokens ``ids`` (batch, seq),
-    in one forward of the fp32 ``baseline`` artifact: linear name -> moments (linears that share an
-    input share the array)."""
+def collect_input_statistics(
+    baseline: Path, ids: np.ndarray, gram_dir: Path | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """Statistics of the input each linear sees over the tokens ``ids`` (n, seq), from forwards of the
+    fp32 ``baseline`` artifact over :data:`TOKENS_PER_FORWARD` tokens at a time (whole sequences, at least
+    one; every linear's input is an output of that forward): ``E[x_k^2]`` (K,) float32 per linear
+    (linears that share an input share the array) and, when ``gram_dir`` is given, ``E[x x^T]`` (K, K)
+    float32 saved there as one ``.npy`` per distinct input (linear -> file; sums divided once)."""
     from quantlab.runtime.generate import OrtDecoder
 
     inputs = _linear_inputs(baseline)
     values = sorted(set(inputs.values()))
     model_file = "moments.onnx"
     _with_extra_io(baseline, [], values, model_file)
+    sums: dict[str, np.ndarray] = {}
+    grams: dict[str, np.ndarray] = {}
+    tokens, batch = 0, max(1, TOKENS_PER_FORWARD // ids.shape[1])
     try:
         decoder = OrtDecoder(baseline, model_file=model_file, session_config=NO_PREPACKING)
-        arrays = decoder.session.run(values, _feeds(decoder, ids))
+        for start in range(0, ids.shape[0], batch):
+            arrays = decoder.session.run(values, _feeds(decoder, ids[start : start + batch]))
+            for value, x in zip(values, arrays, strict=True):
+                x = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (tokens, K)
+                sums[value] = sums.get(value, 0.0) + np.sum(x * x, axis=0)
+                if gram_dir is not None:  # float32 products summed in float32: 400 MB for SmolLM2, not 800
+                    x32 = x.astype(np.float32)
+                    grams[value] = grams.get(value, np.float32(0.0)) + x32.T @ x32
+            tokens += arrays[0].shape[0] * arrays[0].shape[1]
+            del arrays
     finally:
         (baseline / model_file).unlink(missing_ok=True)
-    moments = {}
-    for value, x in zip(values, arrays, strict=True):
-        x = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (tokens, K)
-        moments[value] = np.mean(x * x, axis=0).astype(np.float32)
-    return {linear: moments[value] for linear, value in inputs.items()}
+    moments = {value: (s / tokens).astype(np.float32) for value, s in sums.items()}
+    files: dict[str, Path] = {}
+    if gram_dir is not None:
+        gram_dir.mkdir(parents=True, exist_ok=True)
+        for n, value in enumerate(values):
+            files[value] = gram_dir / f"gram{n:04d}.npy"
+            np.save(files[value], grams.pop(value) / np.float32(tokens))
+    return (
+        {linear: moments[value] for linear, value in inputs.items()},
+        {linear: files[value] for linear, value in inputs.items() if value in files},
+    )
+
+
+def collect_input_moments(baseline: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """``E[x_k^2]`` (K,) float32 of the input each linear sees over the tokens ``ids`` (batch, seq)."""
+    return collect_input_statistics(baseline, ids)[0]
+
+
+SENSITIVITY_MODEL = "sensitivity.onnx"
+
+
+def overridable_weights(units) -> list[str]:
+    """The fp32 initializers a measurement of ``units`` may replace (a tied head feeds the embedding too)."""
+    return sorted({f"{t}.weight" for u in units for t in unit_tensors(u)} | {f"{EMBEDDING_TENSOR}.weight"})
+
+
+@contextlib.contextmanager
+def sensitivity_model(baseline: Path, units) -> Iterator[str]:
+    """baseline/:data:`SENSITIVITY_MODEL` (the fp32 graph with ``units``' weights as overridable inputs)
+    while the block runs; yields its file name."""
+    _with_extra_io(baseline, overridable_weights(units), [], SENSITIVITY_MODEL)
+    try:
+        yield SENSITIVITY_MODEL
+    finally:
+        (baseline / SENSITIVITY_MODEL).unlink(missing_ok=True)
+
+
+class KldMeter:
+    """``KL(P_fp32 || P_overridden)`` over the tokens ``ids`` (batch, seq): one onnxruntime session over
+    ``baseline/model_file`` (:func:`sensitivity_model`), the reference's float64 log-softmax computed once.
+    A figure depends only on the overrides, not on what was measured before: every process that opens
+    the same baseline with the same ids gives the same float for the same weights."""
+
+    def __init__(self, baseline: Path, model_file: str, ids: np.ndarray):
+        from quantlab.quant.metrics import log_softmax
+        from quantlab.runtime.generate import OrtDecoder
+
+        self.log_softmax = log_softmax
+        decoder = OrtDecoder(baseline, model_file=model_file, session_config=NO_PREPACKING)
+        self.session, self.base = decoder.session, _feeds(decoder, ids)
+        self.log_p = log_softmax(self.logits({}))  # (batch, seq - 1, vocab)
+        self.p = np.exp(self.log_p)
+
+    def logits(self, overrides: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(["logits"], {**self.base, **overrides})[0][:, :-1]  # (batch, seq - 1, vocab)
+
+    def __call__(self, overrides: dict[str, np.ndarray]) -> float:
+        """Mean KL per position (nats) with the fp32 weights named in ``overrides`` replaced."""
+        log_q = self.log_softmax(self.logits(overrides))
+        return float(np.mean(np.maximum(np.sum(self.p * (self.log_p - log_q), axis=-1), 0.0)))
 
 
 def measure_kld(
@@ -156,37 +230,24 @@ def measure_kld(
     *,
     data: str,
 ) -> Sensitivity:
-    """KL divergence per (unit, scheme) in ``units`` over the tokens ``ids`` (batch, seq).
+    """KL divergence per (unit, scheme) in ``units`` over the tokens ``ids`` (batch, seq), in this process
+    (``quantlab.distributed.sensitivity.measure_kld_on_cluster`` fans the same figures out over Ray).
 
     ``fake_quantized(unit, scheme)`` gives the dequantized weights the conversion would write for a
     unit, by fp32 initializer name (``model.layers.0.mlp.up_proj.weight``) in the layout the fp32 graph
     stores them: linears (in, out), the embedding (vocab, hidden). A tied head shared with the
     embedding feeds both.
     """
-    from quantlab.quant.metrics import log_softmax
-    from quantlab.runtime.generate import OrtDecoder
-
-    model_file = "sensitivity.onnx"
-    weights = sorted({f"{t}.weight" for u in units for t in unit_tensors(u)} | {f"{EMBEDDING_TENSOR}.weight"})
-    _with_extra_io(baseline, weights, [], model_file)
-    try:
-        decoder = OrtDecoder(baseline, model_file=model_file, session_config=NO_PREPACKING)
-        base = _feeds(decoder, ids)
-
-        def logits(overrides: dict[str, np.ndarray]) -> np.ndarray:
-            return decoder.session.run(["logits"], {**base, **overrides})[0][:, :-1]  # (batch, seq - 1, vocab)
-
-        # KL(P_ref || P_cand) per position, the reference's float64 log-softmax computed once
-        log_p = log_softmax(logits({}))  # (batch, seq - 1, vocab)
-        p = np.exp(log_p)
+    with sensitivity_model(baseline, units) as model_file:
+        meter = KldMeter(baseline, model_file, ids)
         kld: dict[str, dict[str, float]] = {}
         for unit, schemes in sorted(units.items()):
-            kld[unit] = {}
-            for scheme in schemes:
-                log_q = log_softmax(logits(fake_quantized(unit, scheme)))
-                kld[unit][scheme] = float(np.mean(np.maximum(np.sum(p * (log_p - log_q), axis=-1), 0.0)))
+            kld[unit] = {scheme: meter(fake_quantized(unit, scheme)) for scheme in schemes}
             logger.info("sensitivity %s: %s", unit, kld[unit])
-    finally:
-        (baseline / model_file).unlink(missing_ok=True)
+    return sensitivity_of(kld, units, ids, data)
+
+
+def sensitivity_of(kld: dict[str, dict[str, float]], units: dict[str, tuple[str, ...]], ids, data: str) -> Sensitivity:
+    """The Sensitivity of measured figures ``kld`` (every rung of ``units``) over the tokens ``ids``."""
     measured = {u: tuple(s) for u, s in units.items()}
     return Sensitivity(kld, measured, int(ids.shape[0] * (ids.shape[1] - 1)), data)

@@ -116,8 +116,12 @@ def text_table(doc: dict) -> str:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
         blocks.append("\n".join([_header(doc, model, context), *lines, *_footnotes(notes)]))
     blocks += doc.get("notes", [])
-    roof = ", ".join(f"{t} thread{'s' if t != '1' else ''} {v:.1f} GB/s" for t, v in doc["roofline_GBps"].items())
-    blocks.append(f"roofline (fastest streaming read: onnxruntime sgemv, torch.mv, numpy sum): {roof}")
+    lines = [(None, doc["roofline_GBps"])] if doc["roofline_GBps"] else []
+    lines += [(n, n["roofline_GBps"]) for n in doc.get("nodes", {}).values()]  # --ray: each node's own
+    for node, roofline in lines:
+        roof = ", ".join(f"{t} thread{'s' if t != '1' else ''} {v:.1f} GB/s" for t, v in roofline.items())
+        where = f"node {node['name']} ({node['ip']}, {node['machine']['cpu']}) " if node else ""
+        blocks.append(f"{where}roofline (fastest streaming read: onnxruntime sgemv, torch.mv, numpy sum): {roof}")
     blocks += [f"warning: {w}" for w in doc["warnings"]]
     return "\n\n".join(blocks)
 

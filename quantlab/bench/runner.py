@@ -385,18 +385,22 @@ def quality_data(baseline: str, config: BenchConfig):
 # --- the whole benchmark ---------------------------------------------------------------------------------------
 
 
-def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
-    """Measure every (target, backend, threads[, context]) and return the JSON document."""
-    config.check()
-    targets = [describe_target(p, config.model_label) for p in paths]
-    if config.baseline is not None:
-        base = describe_target(config.baseline)
-        if base.kind != ARTIFACT:
-            raise InputError(config.baseline, None, "--baseline must be an artifact folder (quantlab convert)")
-    machine = machine_info()
-    witness = CpuWitness()
-    roofline = {str(t): measure_roofline(t, config.roofline_mib) for t in sorted(set(config.threads))}
-    rows, notes = [], []
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One measurement of the grid: a (target, backend, threads, context, batch), run in its own worker."""
+
+    target: Target
+    backend: str
+    threads: int
+    context: int | None
+    batch: int
+
+
+def plan_grid(targets: list[Target], config: BenchConfig) -> tuple[list[dict | Cell], list[str]]:
+    """The grid in the serial run's order: a Cell per measurement, a finished row where a backend cannot
+    run here; and the notes on optional backends left out."""
+    items: list[dict | Cell] = []
+    notes = []
     for name in config.backends or BACKENDS:
         backend = BACKENDS[name]
         if backend.optional and config.backends is None and (reason := backend.why_unavailable()) is not None:
@@ -410,15 +414,46 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
             if reason is not None and backend.optional and config.backends is None:
                 continue
             if reason is not None:
-                rows.append({**_row_base(target, name, None, None, config), "status": "unavailable", "reason": reason})
+                items.append({**_row_base(target, name, None, None, config), "status": "unavailable", "reason": reason})
                 continue
             for threads in config.threads:
                 for context in config.contexts or (None,):
                     for batch in config.batches:
-                        row = measured_row(target, name, threads, context, config, roofline, batch)
-                        rows.append(row)
-                        if progress:
-                            progress(row)
+                        items.append(Cell(target, name, threads, context, batch))
+    return items, notes
+
+
+def measure_here(cells: list[Cell], config: BenchConfig, progress=None) -> tuple[list[dict], dict]:
+    """Every cell on this machine, one after another: (rows in order, the doc's extra keys: roofline_GBps)."""
+    roofline = {str(t): measure_roofline(t, config.roofline_mib) for t in sorted(set(config.threads))}
+    rows = []
+    for cell in cells:
+        row = measured_row(cell.target, cell.backend, cell.threads, cell.context, config, roofline, cell.batch)
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows, {"roofline_GBps": roofline}
+
+
+def run_bench(paths: list[str], config: BenchConfig, *, progress=None, measure=measure_here) -> dict:
+    """Measure every (target, backend, threads[, context]) and return the JSON document.
+
+    ``measure(cells, config, progress) -> (rows, extra)`` runs the cells (:func:`measure_here`, or on a Ray
+    cluster: quantlab.distributed.bench); ``extra`` holds roofline_GBps, what it corrects in ``machine`` (this
+    one's), its warnings and any keys it adds to the document."""
+    config.check()
+    targets = [describe_target(p, config.model_label) for p in paths]
+    if config.baseline is not None:
+        base = describe_target(config.baseline)
+        if base.kind != ARTIFACT:
+            raise InputError(config.baseline, None, "--baseline must be an artifact folder (quantlab convert)")
+    machine = machine_info()
+    witness = CpuWitness()
+    items, notes = plan_grid(targets, config)
+    cells = [item for item in items if isinstance(item, Cell)]
+    measured, extra = measure(cells, config, progress)
+    done = iter(measured)
+    rows = [next(done) if isinstance(item, Cell) else item for item in items]
     if config.baseline is not None:
         data = quality_data(config.baseline, config)
         for target in targets:
@@ -430,6 +465,7 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
                     row["quality"] = quality
     machine["loadavg_end"] = list(os.getloadavg())
     machine["others_cpu_share"] = witness.others_share()
+    machine.update(extra.pop("machine", {}))
     return {
         "benchmark": "latency",
         "schema": SCHEMA,
@@ -453,11 +489,12 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None) -> dict:
             f"{NOISY_RUN_SPREAD}",
         },
         "machine": machine,
-        "roofline_GBps": roofline,
+        "roofline_GBps": extra.pop("roofline_GBps"),
         "targets": [t.to_dict() for t in targets],
         "results": rows,
         "notes": notes,
-        "warnings": noise_warnings(machine, rows),
+        "warnings": noise_warnings(machine, rows) + extra.pop("warnings", []),
+        **extra,
     }
 
 

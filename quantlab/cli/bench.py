@@ -19,6 +19,11 @@ attention_mask, position_ids, past_key_values.{i}.key|value -> logits, present.{
 genai_config.json runs, e.g. onnxruntime-genai's model builder output, which the onnxruntime-genai
 backend also runs in genai's own generation loop. --json FILE writes everything, machine and library
 versions included; --plot FILE draws TPOT (against context with --contexts).
+
+With --ray ADDRESS the cells run on a Ray cluster (:mod:`quantlab.distributed.bench`), at most one per node
+at a time, each still in its own fresh process on its node; every row names its node and that node's CPU,
+and the report says when rows come from different machines. The targets must be readable at the same
+paths on every node. --baseline's quality columns are computed here, as without --ray.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ def _progress(row: dict) -> None:
     """One line on stderr per finished measurement: full runs take hours."""
     where = f"context {row['context']}" if row["context"] is not None else f"prompt {row['prompt_len']}"
     where += f", batch {row['batch']}" if row.get("batch", 1) != 1 else ""
+    where += f", node {row['node']['name']} ({row['node']['ip']})" if "node" in row else ""
     what = f"TPOT {row['tpot_ms']['median']:.2f} ms" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
     print(f"bench: {row['variant']} on {row['backend']}, {row['threads']} threads, {where}: {what}", file=sys.stderr)
 
@@ -105,11 +111,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roofline-mib", type=int, default=512, help="array size for the roofline (default 512 MiB)")
     p.add_argument("--json", metavar="FILE", help="write every figure, the method and the machine as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: TPOT per target, or against context with --contexts")
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the cells on a Ray cluster, one per node at a time: auto or HEAD_IP:PORT (targets at the same "
+        "paths on every node; needs pip install 'quantlab[ray]')",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.bench import report
-    from quantlab.bench.runner import BenchConfig, run_bench
+    from quantlab.bench.runner import BenchConfig, measure_here, run_bench
 
     if args.roofline_mib < 1:
         raise InputError(None, "--roofline-mib", "must be >= 1")
@@ -136,7 +148,17 @@ def run(args: argparse.Namespace) -> int:
         roofline_mib=args.roofline_mib,
         model_label=args.model_label,
     )
-    doc = run_bench(args.targets, config, progress=_progress)
+    measure = measure_here
+    if args.ray is not None:
+        from quantlab.distributed import require_ray
+        from quantlab.distributed.calibrate import check_reachable
+
+        require_ray()
+        check_reachable(args.ray)
+        from quantlab.distributed.bench import bench_on_cluster
+
+        measure = bench_on_cluster(args.ray, args.targets)
+    doc = run_bench(args.targets, config, progress=_progress, measure=measure)
     if args.plot:
         report.plot(doc, args.plot)
         # relative to the JSON's folder, so results can move together (benchmarks/results/ in the repo)

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "generate": "quantlab.cli.generate",
     "inspect": "quantlab.cli.inspect",
     "package": "quantlab.cli.package",
+    "sweep": "quantlab.cli.sweep",
     "verify": "quantlab.cli.verify",
 }
 

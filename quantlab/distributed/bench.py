@@ -48,11 +48,11 @@ def _measure_cell(cell: Cell, config: BenchConfig, roofline: dict) -> tuple[dict
     return row, started, time.time()
 
 
-def _node_label(node: dict) -> str:
+def node_label(node: dict) -> str:
     return f"{node.get('NodeName') or node['NodeID'][:12]} ({node['NodeManagerAddress']})"
 
 
-def _on(node: dict, ray):
+def pinned_to(node: dict, ray):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # all of the node's CPUs: no other task of ours (or anyone's asking for CPUs) runs there meanwhile
@@ -70,14 +70,14 @@ def setup_nodes(ray, paths: list[str], config: BenchConfig) -> tuple[list[dict],
         raise InputError(None, "--ray", "the cluster has no alive node with CPUs")
     task = ray.remote(max_retries=0)(_setup_node)
     threads = sorted(set(config.threads))
-    refs = [task.options(**_on(n, ray)).remote(paths, threads, config.roofline_mib) for n in nodes]
+    refs = [task.options(**pinned_to(n, ray)).remote(paths, threads, config.roofline_mib) for n in nodes]
     info = {}
     for node, result in zip(nodes, ray.get(refs), strict=True):
         if result["missing"] is not None:
             raise InputError(
                 result["missing"],
                 "--ray",
-                f"not readable on node {_node_label(node)}: targets must be at the same path on every node",
+                f"not readable on node {node_label(node)}: targets must be at the same path on every node",
             )
         info[node["NodeID"]] = {
             "id": node["NodeID"],
@@ -106,7 +106,7 @@ def run_cells(ray, nodes: list[dict], info: dict[str, dict], cells: list[Cell], 
             absolute = dataclasses.replace(
                 cell, target=dataclasses.replace(cell.target, path=cell.target.path.absolute())
             )
-            running[task.options(**_on(node, ray)).remote(absolute, config_ref, roofline)] = (node, i)
+            running[task.options(**pinned_to(node, ray)).remote(absolute, config_ref, roofline)] = (node, i)
 
     for node in nodes:
         submit(node)

@@ -16,9 +16,8 @@ from quantlab.emit.artifact import genai_config, save_model, write_json  # noqa:
 from quantlab.graph_builder.decoder import BuildOptions, build_decoder  # noqa: E402
 from quantlab.io import load_checkpoint  # noqa: E402
 from quantlab.runtime.generate import OrtDecoder  # noqa: E402
+from tests.parity import LOGITS_ATOL, compare_prompt_and_decode  # noqa: E402
 
-# fp32 end to end; the two implementations sum in different orders.
-LOGITS_ATOL = 1e-4
 # fp16 weight storage: the oracle runs on the same fp16-rounded weights, so only arithmetic order differs.
 FP16_LOGITS_ATOL = 1e-4
 
@@ -63,9 +62,6 @@ CONFIGS = {
     ),
 }
 
-PROMPT = [[3, 17, 42, 99, 5, 120, 64]]
-DECODE = [11, 150, 7, 33]
-
 
 def _hf_model(name: str):
     config_cls, model_cls, extra = CONFIGS[name]
@@ -90,27 +86,11 @@ def _convert(hf_dir, out_dir, weight_dtype="fp32"):
     return OrtDecoder(out_dir)
 
 
-def _compare_prompt_and_decode(model, decoder, atol):
-    ids = np.array(PROMPT, dtype=np.int64)
-    logits, cache = decoder.forward(ids, decoder.empty_cache())
-    with torch.no_grad():
-        ref = model(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(logits, ref, atol=atol, rtol=0)
-    seq = list(PROMPT[0])
-    for token in DECODE:
-        seq.append(token)
-        logits, cache = decoder.forward(np.array([[token]], dtype=np.int64), cache)
-        with torch.no_grad():
-            ref = model(torch.tensor([seq])).logits.numpy()[:, -1:]
-        np.testing.assert_allclose(logits, ref, atol=atol, rtol=0)
-    assert cache["past_key_values.0.key"].shape[2] == len(seq)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name, tmp_path):
     model = _hf_model(name)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    _compare_prompt_and_decode(model, _convert(tmp_path / "hf", tmp_path / "onnx"), LOGITS_ATOL)
+    compare_prompt_and_decode(model, _convert(tmp_path / "hf", tmp_path / "onnx"), LOGITS_ATOL)
 
 
 def test_fp16_weights_match_transformers_on_rounded_weights(tmp_path):
@@ -121,7 +101,7 @@ def test_fp16_weights_match_transformers_on_rounded_weights(tmp_path):
         for p in model.parameters():
             if p.ndim == 2:
                 p.copy_(p.half().float())
-    _compare_prompt_and_decode(model, decoder, FP16_LOGITS_ATOL)
+    compare_prompt_and_decode(model, decoder, FP16_LOGITS_ATOL)
 
 
 def test_left_padding_matches_unpadded(tmp_path):

@@ -18,9 +18,8 @@ from quantlab.emit.artifact import genai_config, save_model, write_json  # noqa:
 from quantlab.graph_builder.decoder import BuildOptions, build_decoder  # noqa: E402
 from quantlab.io import load_checkpoint  # noqa: E402
 from quantlab.runtime.generate import OrtDecoder  # noqa: E402
+from tests.parity import PROMPT, compare_prompt_and_decode, greedy  # noqa: E402
 
-# fp32 end to end; the two implementations sum in different orders.
-LOGITS_ATOL = 1e-4
 GREEDY_TOKENS = 6
 
 COMMON = dict(
@@ -60,9 +59,6 @@ CASES = [
     for moe in (("op", "decomposed") if name in MOE_FAMILIES else ("auto",))
 ]
 
-PROMPT = [[3, 17, 42, 99, 5, 120, 64]]
-DECODE = [11, 150, 7, 33]
-
 
 def _hf_model(name: str):
     config_cls, model_cls, extra = CONFIGS[name]
@@ -100,32 +96,6 @@ def _convert(hf_dir, out_dir, **options) -> OrtDecoder:
     return OrtDecoder(out_dir), model
 
 
-def _compare_prompt_and_decode(model, decoder):
-    ids = np.array(PROMPT, dtype=np.int64)
-    logits, cache = decoder.forward(ids, decoder.empty_cache())
-    with torch.no_grad():
-        ref = model(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(logits, ref, atol=LOGITS_ATOL, rtol=0)
-    seq = list(PROMPT[0])
-    for token in DECODE:
-        seq.append(token)
-        logits, cache = decoder.forward(np.array([[token]], dtype=np.int64), cache)
-        with torch.no_grad():
-            ref = model(torch.tensor([seq])).logits.numpy()[:, -1:]
-        np.testing.assert_allclose(logits, ref, atol=LOGITS_ATOL, rtol=0)
-    assert cache["past_key_values.0.key"].shape[2] == len(seq)
-
-
-def _greedy(decoder, prompt: list[int], steps: int) -> list[int]:
-    logits, cache = decoder.forward(np.array([prompt], dtype=np.int64), decoder.empty_cache())
-    out = []
-    for _ in range(steps):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        logits, cache = decoder.forward(np.array([[token]], dtype=np.int64), cache)
-    return out
-
-
 @pytest.mark.parametrize(("name", "attention", "moe"), CASES)
 def test_logits_and_greedy_tokens_match_transformers(name, attention, moe, hf_folders, tmp_path):
     model, folder = hf_folders[name]
@@ -135,12 +105,12 @@ def test_logits_and_greedy_tokens_match_transformers(name, attention, moe, hf_fo
         assert ("MoE" in ops) == (moe == "op")
         assert ("TopK" in ops) == (moe == "decomposed")
     assert ("GroupQueryAttention" in ops) == (attention == "fused")
-    _compare_prompt_and_decode(model, decoder)
+    compare_prompt_and_decode(model, decoder)
     with torch.no_grad():
         want = model.generate(
             torch.tensor(PROMPT), max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None
         )[0, len(PROMPT[0]) :].tolist()
-    assert _greedy(decoder, PROMPT[0], GREEDY_TOKENS) == want
+    assert greedy(decoder, PROMPT[0], GREEDY_TOKENS) == want
 
 
 def test_fused_matches_plain_with_padding_softcap_and_windows(hf_folders, tmp_path):
@@ -195,4 +165,4 @@ def test_quantlab_convert_end_to_end(name, hf_folders, tmp_path, capsys):
     model, folder = hf_folders[name]
     assert main(["convert", str(folder), "-o", str(tmp_path / "out"), "--no-progress", "--no-eval"]) == 0
     decoder = OrtDecoder(tmp_path / "out")
-    _compare_prompt_and_decode(model, decoder)
+    compare_prompt_and_decode(model, decoder)

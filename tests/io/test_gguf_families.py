@@ -24,12 +24,9 @@ gguf = pytest.importorskip("gguf")
 from quantlab.io import load_checkpoint  # noqa: E402
 from quantlab.runtime.generate import OrtDecoder  # noqa: E402
 from tests.io.test_gguf import llama_cpp_permute  # noqa: E402
+from tests.parity import PROMPT, compare_prompt_and_decode, greedy  # noqa: E402
 
-# fp32 end to end; the two implementations sum in different orders.
-LOGITS_ATOL = 1e-4
 GREEDY_TOKENS = 6
-PROMPT = [[3, 17, 42, 99, 5, 120, 64]]
-DECODE = [11, 150, 7, 33]
 
 # (1 + w) - 1 in float32: Gemma's norms come back within an ulp of 1 of the Hugging Face weight
 NORM_ATOL = 2**-23
@@ -207,33 +204,6 @@ def write_gguf(name: str, hf_dir, path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _compare_prompt_and_decode(model, decoder):
-    """Prefill PROMPT, then decode DECODE one token at a time through the cache: transformers' logits."""
-    ids = np.array(PROMPT, dtype=np.int64)
-    logits, cache = decoder.forward(ids, decoder.empty_cache())
-    with torch.no_grad():
-        ref = model(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(logits, ref, atol=LOGITS_ATOL, rtol=0)
-    seq = list(PROMPT[0])
-    for token in DECODE:
-        seq.append(token)
-        logits, cache = decoder.forward(np.array([[token]], dtype=np.int64), cache)
-        with torch.no_grad():
-            ref = model(torch.tensor([seq])).logits.numpy()[:, -1:]
-        np.testing.assert_allclose(logits, ref, atol=LOGITS_ATOL, rtol=0)
-    assert cache["past_key_values.0.key"].shape[2] == len(seq)
-
-
-def _greedy(decoder, prompt: list[int], steps: int) -> list[int]:
-    logits, cache = decoder.forward(np.array([prompt], dtype=np.int64), decoder.empty_cache())
-    out = []
-    for _ in range(steps):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        logits, cache = decoder.forward(np.array([[token]], dtype=np.int64), cache)
-    return out
-
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     """name -> (transformers model, HF checkpoint, GGUF checkpoint, the HF reader's tensors)."""
@@ -276,12 +246,12 @@ def test_quantlab_convert_gguf_matches_transformers(name, families, tmp_path, ca
     path = ckpt.source_files[0]
     assert main(["convert", path, "-o", str(tmp_path / "out"), "--no-progress", "--no-eval"]) == 0
     decoder = OrtDecoder(tmp_path / "out")
-    _compare_prompt_and_decode(model, decoder)
+    compare_prompt_and_decode(model, decoder)
     with torch.no_grad():
         want = model.generate(
             torch.tensor(PROMPT), max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None
         )[0, len(PROMPT[0]) :].tolist()
-    assert _greedy(decoder, PROMPT[0], GREEDY_TOKENS) == want
+    assert greedy(decoder, PROMPT[0], GREEDY_TOKENS) == want
 
 
 # llama.cpp over the same F32 file: the SwiGLU families agree to float32 rounding; Gemma's logits differ by up

@@ -9,7 +9,6 @@ tokens: 4 canonical blocks.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -23,7 +22,8 @@ import numpy as np
 import pytest
 
 from quantlab.distributed.local import LocalCluster as Cluster
-from tests.models import model_path, require
+from tests.distributed.cluster import connected_cluster
+from tests.models import model_path
 
 RECIPE = 'scheme = "w4a16-g32-gptq"\n[calibration]\nsamples = 16\nseq_len = 256\n'
 # Ray's fault injection (RAY_testing_asio_delay_us): each task pushed to an actor waits 0-300 ms first.
@@ -39,33 +39,8 @@ def artifact_sha256(folder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    require(importlib.util.find_spec("ray") is not None, "ray is not installed (pip install 'quantlab[ray]')")
-    import ray
-    from ray._private.authentication_test_utils import reset_auth_token_state
-
-    c = Cluster(**{"RAY_testing_asio_delay_us": RANDOM_DELAYS})
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    try:
-        c.start_head()
-        c.add_worker("worker")
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=c.env["RAY_AUTH_TOKEN"])
-        reset_auth_token_state()  # Ray reads the token once per process: read it again
-        ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False)
-        deadline = time.monotonic() + 30
-        while sum(n["Alive"] for n in ray.nodes()) < 2:
-            assert time.monotonic() < deadline, "the worker node never joined"
-            time.sleep(0.2)
+    with connected_cluster(RAY_testing_asio_delay_us=RANDOM_DELAYS) as c:
         yield c
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        c.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_auth_token_state()
 
 
 @pytest.fixture(scope="module")

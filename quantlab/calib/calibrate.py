@@ -170,6 +170,17 @@ def _rtn_experts(result: CalibrationResult, i: int) -> set[int]:
     return set(experts.rtn_fallback) if experts is not None else set()
 
 
+def split_rows(qw, names, rows_of):
+    """(name, codes) for each linear of a stack solved as one (q/k/v, gate/up): ``qw``'s rows in ``names``'
+    order, ``rows_of(name)`` rows each."""
+    start = 0
+    for name in names:
+        rows = slice(start, start + rows_of(name))
+        start = rows.stop
+        zero_points = None if qw.zero_points is None else qw.zero_points[rows]
+        yield name, dataclasses.replace(qw, q=qw.q[rows], scales=qw.scales[rows], zero_points=zero_points)
+
+
 def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: CalibrationResult) -> dict:
     """GPTQ (arXiv 2210.17323) for every linear of layer i, from the Hessian of its input.
 
@@ -209,16 +220,7 @@ def _decide_gptq(fp: Checkpoint, i: int, stats, recipe: Recipe, result: Calibrat
             # Solved: down_proj's solve (the calibration's peak) then runs without the float weights of
             # q/k/v/o/gate/up (176 MB at 1B); the error report reads them again.
             forget(name + ".weight")
-        start = 0
-        for name in names:
-            rows = slice(start, start + fp.tensors.shape(name + ".weight")[0])
-            start = rows.stop
-            part = dataclasses.replace(
-                qw,
-                q=qw.q[rows],
-                scales=qw.scales[rows],
-                zero_points=None if qw.zero_points is None else qw.zero_points[rows],
-            )
+        for name, part in split_rows(qw, names, lambda n: fp.tensors.shape(n + ".weight")[0]):
             result.quantized[name] = part
             dequantized[name + ".weight"] = part  # dequantized one at a time by _linear_errors
     linalg.release()  # the GEMM sessions' arenas: a K = 8192 factor's inverse leaves ~0.2 GB in them

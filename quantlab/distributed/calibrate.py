@@ -229,8 +229,7 @@ def _gptq_on_shards(ray, actors, fp: Checkpoint, i: int, stats, recipe: Recipe, 
     """quantlab.calib.calibrate._decide_gptq for a dense layer, each stack of linears that share an input
     and a scheme (q/k/v, gate/up) solved on a shard, the largest first (down_proj's K^3 factorization
     leads); the same gptq_quantize calls, so the same codes (the probe checked every node's arithmetic)."""
-    import dataclasses
-
+    from quantlab.calib.calibrate import split_rows
     from quantlab.graph_builder.decoder import LINEAR_INPUTS
     from quantlab.quant.gptq import GPTQConfig
 
@@ -256,16 +255,7 @@ def _gptq_on_shards(ray, actors, fp: Checkpoint, i: int, stats, recipe: Recipe, 
     dequantized = {}
     for key, names in stacks.items():  # the single process's order of entries
         qw = ray.get(calls[key])
-        start = 0
-        for name in names:
-            rows = slice(start, start + shapes[name + ".weight"][0])
-            start = rows.stop
-            part = dataclasses.replace(
-                qw,
-                q=qw.q[rows],
-                scales=qw.scales[rows],
-                zero_points=None if qw.zero_points is None else qw.zero_points[rows],
-            )
+        for name, part in split_rows(qw, names, lambda n: shapes[n + ".weight"][0]):
             result.quantized[name] = part
             dequantized[name + ".weight"] = part
     return dequantized, {}

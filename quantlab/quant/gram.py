@@ -58,6 +58,20 @@ def release() -> None:
     _session.cache_clear()
 
 
+def symmetric_from_upper(k: int, blocks) -> np.ndarray:
+    """(k, k) float32 from ``((a, b), (c, d)), block`` pairs covering the upper triangle (rows a:b, columns
+    c:d, a <= c): each block written in place and mirrored, a diagonal block from its upper triangle."""
+    out = np.empty((k, k), np.float32)
+    for ((a, b), (c, d)), block in blocks:
+        out[a:b, c:d] = block
+        if (a, b) == (c, d):
+            lower = np.tril_indices(b - a, -1)
+            out[a:b, a:b][lower] = block.T[lower]
+        else:
+            out[c:d, a:b] = block.T
+    return out
+
+
 class UpperGram:
     """The running sum of ``x^T x`` over batches of rows, as its blocks on and above the diagonal.
 
@@ -101,14 +115,7 @@ class UpperGram:
     def total(self) -> np.ndarray:
         """The (k, k) sum, made exactly symmetric from its upper triangle; the blocks are dropped."""
         self._spare = None
-        out = np.empty((self.k, self.k), np.float32)
-        for ((a, b), (c, d)), block in zip(self.pairs, self.blocks, strict=True):
-            out[a:b, c:d] = block
-            if (a, b) == (c, d):
-                lower = np.tril_indices(b - a, -1)
-                out[a:b, a:b][lower] = block.T[lower]
-            else:
-                out[c:d, a:b] = block.T
+        out = symmetric_from_upper(self.k, zip(self.pairs, self.blocks, strict=True))
         self.blocks = []
         return out
 
@@ -162,15 +169,11 @@ class OrderedGramSum:
             raise ValueError("no calibration tokens")
         total, self._total = self._total, None
         total *= 2.0 / self.count
-        out = np.empty((self.k, self.k), np.float32)
-        at = 0
-        for (a, b), (c, d) in block_pairs(self.k):
-            block = total[at : at + (b - a) * (d - c)].reshape(b - a, d - c)
-            at += block.size
-            out[a:b, c:d] = block
-            if (a, b) == (c, d):
-                lower = np.tril_indices(b - a, -1)
-                out[a:b, a:b][lower] = block.T[lower]
-            else:
-                out[c:d, a:b] = block.T
-        return out
+
+        def blocks():
+            at = 0
+            for (a, b), (c, d) in block_pairs(self.k):
+                yield ((a, b), (c, d)), total[at : at + (b - a) * (d - c)].reshape(b - a, d - c)
+                at += (b - a) * (d - c)
+
+        return symmetric_from_upper(self.k, blocks())

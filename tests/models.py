@@ -8,22 +8,21 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# QUANTLAB_SHARED when set (.ci/run sets it for a clone made away from the checkout), else ../shared
+SHARED = Path(os.environ.get("QUANTLAB_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 MODELS = SHARED / "models"
 GOLDEN = SHARED / "golden"
 
 
 def model_path(name: str) -> Path:
     path = MODELS / name
-    if not path.exists():
-        pytest.skip(f"real checkpoint {path} is not present (see ../shared/models/README.md)")
+    require(path.exists(), f"real checkpoint {path} is not present (see ../shared/models/README.md)")
     return path
 
 
 def golden_path(name: str) -> Path:
     path = GOLDEN / name
-    if not path.exists():
-        pytest.skip(f"golden file {path} is not present")
+    require(path.exists(), f"golden file {path} is not present")
     return path
 
 

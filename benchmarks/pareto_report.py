@@ -24,7 +24,7 @@ def merge(old: dict | None, new: dict) -> dict:
         notes = new["notes"] + [n for n in old.get("notes", []) if n not in new["notes"]]
         commands = old.get("commands", [old.get("command")]) + new["commands"]
         new = {**new, "results": new["results"] + kept, "notes": notes, "commands": commands}
-        new["merged_from"] = old.get("created")
+        new["merged_from"] = old.get("merged_from") or old.get("created")  # where the oldest kept rows ran
         # a version the new run could not see (llama-cpp-python absent) is the one the kept rows ran with
         versions, old_versions = new["machine"]["versions"], old.get("machine", {}).get("versions", {})
         new["machine"]["versions"] = {k: v if v else old_versions.get(k) for k, v in versions.items()}

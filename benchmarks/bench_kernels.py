@@ -350,18 +350,49 @@ def bench_cuda(shapes, ms) -> list[dict]:
     return rows
 
 
+def write_cuda(out: Path, cells, ms) -> None:
+    """kernels_cuda_<gpu>.{json,md}: ours int4 x fp16 against cuBLAS fp16 on the dequantized weights."""
+    import torch
+
+    name = torch.cuda.get_device_name().replace(" ", "_")
+    shapes = sorted({c[:2] for c in cells})
+    rows = bench_cuda(shapes, [m for m in ms if m <= 64])
+    meta = {**machine(), "gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    (out / f"kernels_cuda_{name}.json").write_text(json.dumps({"meta": meta, "gpu": name, "rows": rows}, indent=1))
+    lines = [f"# int4 x fp16 on {name}", "", "| K | N | M | ours int4 ms | cuBLAS fp16 ms | speedup | ours GB/s |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    cublas = {(c["K"], c["N"], c["M"]): c["median_ms"] for c in rows if c["path"] == "cublas_fp16"}
+    for r in rows:
+        if r["path"] == "ours_int4":
+            base, ours = cublas[(r["K"], r["N"], r["M"])], r["median_ms"]
+            gbps = (r["K"] * r["N"] / 2 + r["K"] * r["N"] / BLOCK * 2) / ours / 1e6
+            lines.append(
+                f"| {r['K']} | {r['N']} | {r['M']} | {ours:.4f} | {base:.4f} | {base / ours:.2f}x | {gbps:.0f} |"
+            )
+    (out / f"kernels_cuda_{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="M in {1, 16}, (4096, 11008), blocks 128 and 32")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--budget", type=float, default=1.5, help="seconds per (shape, block, M, threads) cell")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--cuda-only", action="store_true", help="only the GPU table (ours int4 vs cuBLAS fp16)")
     args = ap.parse_args()
-    import onnxruntime
     import torch
 
     cells = QUICK_CELLS if args.quick else CELLS
     ms = [1, 16] if args.quick else MS
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.cuda_only:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_kernels: --cuda-only needs a CUDA device")
+        write_cuda(args.out, cells, ms)
+        return 0
+    import onnxruntime
+
     meta = {
         **cpu_info(),
         "quantlab_backend": kernels.backend(),
@@ -370,7 +401,6 @@ def main() -> int:
         "torch": torch.__version__,
         "blocks": sorted({c[2] for c in cells}),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     meta["loadavg_start"] = " ".join(open("/proc/loadavg").read().split()[:3])
     rows, roofline, accuracy = bench_cpu(cells, ms, args.threads, args.budget, meta["l3_bytes"])
     meta["loadavg_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
@@ -390,17 +420,7 @@ def main() -> int:
     write_markdown(args.out / f"kernels_cpu{suffix}.md", rows, roofline, accuracy, meta)
     plot(args.out / f"kernels_cpu{suffix}.png", rows, roofline)
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().replace(" ", "_")
-        cuda_rows = bench_cuda(sorted({c[:2] for c in cells}), [m for m in ms if m <= 64])
-        (args.out / f"kernels_cuda_{name}.json").write_text(json.dumps({"gpu": name, "rows": cuda_rows}, indent=1))
-        lines = [f"# int4 x fp16 on {name}", "", "| K | N | M | ours int4 ms | cuBLAS fp16 ms | speedup |"]
-        lines.append("|---|---|---|---|---|---|")
-        cublas = {(c["K"], c["N"], c["M"]): c["median_ms"] for c in cuda_rows if c["path"] == "cublas_fp16"}
-        for r in cuda_rows:
-            if r["path"] == "ours_int4":
-                base, ours = cublas[(r["K"], r["N"], r["M"])], r["median_ms"]
-                lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {ours:.4f} | {base:.4f} | {base / ours:.2f}x |")
-        (args.out / f"kernels_cuda_{name}.md").write_text("\n".join(lines) + "\n")
+        write_cuda(args.out, cells, ms)
     return 0
 
 

@@ -21,14 +21,17 @@ Full run (artifacts are kept in --work and reused on the next run unless --fresh
 
 Each file comes with a .png. Every figure is measured by `quantlab bench` (see quantlab/bench/).
 
---peers (issue 18): SmolLM2 as quantlab converts it (w4a16-g32-asym, plain and --attention fused), as
-onnxruntime-genai's model builder converts it (int4, from the HF folder transformers reads out of the
-GGUF) and as llama.cpp quantizes it (q4_0, q4_K_M from an f32 GGUF of the same weights), with the peers'
-own tools (quantlab/bench/peers.py), then two `quantlab bench` runs at 2 threads:
+--peers (issue 18): SmolLM2 as quantlab converts it (w4a16-g32-asym, the default fused graph, with the fp32
+cache and with --kv int4-static), as onnxruntime-genai's model builder converts it (int4, from the HF folder
+transformers reads out of the GGUF) and as llama.cpp quantizes it (q4_0, q4_K_M from an f32 GGUF of the
+same weights), with the peers' own tools (quantlab/bench/peers.py), then two `quantlab bench` runs at 2
+threads:
 
-    results/peers_smollm2.json   TPOT after prompts of --peer-contexts tokens (256,2048): every artifact in
-                                 onnxruntime and in onnxruntime-genai, every GGUF in llama.cpp
-    results/batch_smollm2.json   tokens/s decoding 1, 4, 16 sequences together (prompt 128 each)
+    results/peers_smollm2.json   TPOT after prompts of --peer-contexts tokens (256,2048,4096): every artifact
+                                 in onnxruntime-genai, quantlab's in its native runtime (torch-kernels), every
+                                 GGUF in llama.cpp
+    results/batch_smollm2.json   tokens/s decoding 1, 4, 16 sequences together (prompt 128 each), the
+                                 artifacts in onnxruntime, onnxruntime-genai and torch-kernels
 """
 
 from __future__ import annotations
@@ -116,7 +119,9 @@ def prepare_peers(work: Path, fresh: bool) -> dict[str, tuple[Path, str]]:
 
     work.mkdir(parents=True, exist_ok=True)
     made: dict[str, tuple[Path, str]] = {}
-    for name, extra in (("w4a16-g32-asym", []), ("w4a16-g32-asym-fused", ["--attention", "fused"])):
+    # the default graph (--attention auto: fused) with the fp32 cache, and with the int4 cache it reads in place
+    for name, extra in (("w4a16-g32-asym-fused", []), ("w4a16-g32-asym-fused-kv-int4", ["--kv", "int4-static"])):
+        extra = [*extra, "--attention", "fused"]
         folder = convert(SMOLLM2, work / name, "w4a16-g32-asym", fresh, extra)
         made[name] = folder, " ".join(["quantlab convert", SMOLLM2.name, "--recipe w4a16-g32-asym", *extra])
 
@@ -145,11 +150,15 @@ def run_peers(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) 
     made = prepare_peers(work / "peers", fresh)
     label = ["--model-label", "SmolLM2-135M-Instruct"]
     common = ["--threads", "2", "--runs", str(min(opts.runs, 3)), *label] + (["--pin", opts.pin] if opts.pin else [])
-    runtimes = ["--backend", "onnxruntime", "--backend", "onnxruntime-genai"]
+    # quantlab's artifacts in onnxruntime-genai (the runtime the builder's output is made for) and in quantlab's
+    # native runtime (torch-kernels: one C++ call per decoder layer); the builder's in onnxruntime-genai; the
+    # GGUFs in llama.cpp
+    runtimes = ["--backend", "onnxruntime-genai", "--backend", "torch-kernels"]
     every = [path for path, _ in made.values()]
     onnx = [path for path, _ in made.values() if path.is_dir()]
     sweep = [*common, "--contexts", opts.peer_contexts, "--gen", str(min(opts.gen, 64)), *runtimes]
     files = [bench("smollm2", every, out_dir, [*sweep, "--backend", "llama.cpp"], prefix="peers_")]
+    runtimes = ["--backend", "onnxruntime", *runtimes]
     batch = [*common, "--batch", "1,4,16", "--prompt-len", "128", "--gen", str(min(opts.gen, 32)), *runtimes]
     files.append(bench("smollm2", onnx, out_dir, batch, prefix="batch_"))
     for json_file in files:  # how each target was made, beside what was measured
@@ -226,7 +235,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="stories260K only, tiny runs, into results/quick/")
     ap.add_argument("--peers", action="store_true", help="quantlab against genai's builder and llama.cpp (SmolLM2)")
-    ap.add_argument("--peer-contexts", default="256,2048", help="prompt lengths of --peers (default 256,2048)")
+    ap.add_argument(
+        "--peer-contexts", default="256,2048,4096", help="prompt lengths of --peers (default 256,2048,4096)"
+    )
     ap.add_argument(
         "--work",
         type=Path,

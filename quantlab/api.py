@@ -577,15 +577,36 @@ def generate_ids(
     stop_ids: Sequence[int] | None = None,
     threads: int | None = None,
     bounded: BoundedCache | None = None,
+    draft: str | os.PathLike | None = None,
+    draft_tokens: int = 4,
 ) -> list[int]:
     """Generate from token ids; stops at the tokenizer's stop ids unless ``stop_ids`` is given.
 
-    ``bounded`` keeps the cache to attention sinks + a sliding window (see BoundedCache)."""
+    ``bounded`` keeps the cache to attention sinks + a sliding window (see BoundedCache). ``draft``, an
+    artifact of the same tokenizer, decodes speculatively with ``draft_tokens`` drafted a round
+    (:mod:`quantlab.runtime.speculative`, which also gives the acceptance statistics): greedy ids are the
+    same as without it."""
     if stop_ids is None:
         from quantlab.runtime.tokenizer import load_tokenizer
 
         stop_ids = sorted(load_tokenizer(artifact_dir).eos_token_ids)
     decoder = OrtDecoder(artifact_dir, threads=threads)
+    if draft is not None:
+        from quantlab.runtime.speculative import check_same_vocabulary, generate_speculative
+
+        if bounded is not None:
+            raise ValueError("a bounded cache and a draft do not go together")
+        check_same_vocabulary(artifact_dir, draft)
+        result = generate_speculative(
+            decoder,
+            OrtDecoder(draft, threads=threads),
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            k=draft_tokens,
+            sampling=sampling,
+            eos_ids=stop_ids,
+        )
+        return result.ids
     return list(
         generate(
             decoder, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, bounded=bounded

@@ -6,6 +6,8 @@
     worker.py    one measurement in a fresh process: load, warm up, time prefill and each decode step
     runner.py    the parent: one worker per (target, backend, threads, context), its peak RSS (VmHWM),
                  statistics, roofline, quality against a baseline, machine and library versions
+    speculative.py  --draft: plain against speculative decoding of each artifact in one worker, on a chat
+                 prompt (acceptance rate, effective TPOT of both and their ratio), rows of their own
     report.py    the text table, the README's markdown table and the plots
 
 Method (also written into every JSON): the prompt is ``prompt_len`` random token ids (seeded) and

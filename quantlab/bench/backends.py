@@ -10,6 +10,9 @@ A session does greedy decoding only and keeps its own KV cache:
                          times from one long prefill)
     info()               facts for the JSON (providers, loader, weight bytes, cache type)
 
+A backend marked ``speculates`` opens :class:`DecoderSession` s, whose ``decoder`` the speculative rows
+(``--draft``, :mod:`quantlab.bench.speculative`) drive directly.
+
 A backend marked ``batched`` opens sessions that also run B sequences through one cache (``--batch``):
 
     prefill_batch(prompts, chunk)  reset, run the prompts (left-padded), return each one's next id
@@ -64,6 +67,7 @@ class Backend:
     optional: bool = False
     batched: bool = False  # its sessions have prefill_batch / decode_batch (see the module docstring)
     rewinds: bool = True  # its sessions mark/rewind; else a context sweep prefills again for every run
+    speculates: bool = False  # its sessions are DecoderSessions: ``.decoder`` runs speculative decoding (--draft)
 
 
 # --- onnxruntime and anything with OrtDecoder's interface --------------------------------------------------
@@ -493,6 +497,7 @@ BACKENDS: dict[str, Backend] = {
             lambda: None,
             _open_ort,
             batched=True,
+            speculates=True,
         ),
         Backend(
             "onnxruntime-cuda",
@@ -501,6 +506,7 @@ BACKENDS: dict[str, Backend] = {
             _cuda_unavailable,
             _open_ort_cuda,
             optional=True,
+            speculates=True,
         ),
         Backend(
             "torch-kernels",
@@ -508,6 +514,7 @@ BACKENDS: dict[str, Backend] = {
             lambda t: t.kind == ARTIFACT and t.quantized and t.producer == "quantlab",
             _torch_kernels_unavailable,
             _open_torch_kernels,
+            speculates=True,
         ),
         Backend(
             "onnxruntime-genai",

@@ -1,5 +1,7 @@
 """The benchmark's outputs from its JSON: the text table, the README's markdown and the plots.
 
+Speculative rows (``--draft``, ``"mode": "speculative"``) get a table of their own after the main ones.
+
 The README's performance section is generated: :func:`replace_block` swaps what lies between
 ``<!-- bench:start -->`` and ``<!-- bench:end -->`` for :func:`markdown` of benchmarks/results/latency_*.json.
 """
@@ -29,6 +31,58 @@ COLUMNS = (
 )
 
 
+SPECULATIVE_COLUMNS = (
+    "variant",
+    "draft",
+    "backend",
+    "threads",
+    "k",
+    "prompt",
+    "acceptance",
+    "tok/target fwd",
+    "plain TPOT ms",
+    "spec TPOT ms",
+    "ratio",
+    "same ids",
+)
+
+
+def _plain(rows: list[dict]) -> list[dict]:
+    """The rows of the main tables: all but the speculative ones (``--draft``), which have a table of their own."""
+    return [r for r in rows if r.get("mode") != "speculative"]
+
+
+def _speculative(doc: dict) -> list[dict]:
+    return [r for r in doc["results"] if r.get("mode") == "speculative"]
+
+
+def speculative_cells(row: dict, notes: dict[str, int]) -> list[str]:
+    """One speculative row as SPECULATIVE_COLUMNS: effective TPOT (wall time after the first token / tokens)
+    of plain and speculative decoding, and their ratio."""
+    draft = os.path.basename(os.path.normpath(row["draft"])) if row.get("draft") else "-"
+    cells = [row["variant"], draft, row["backend"], _num(row.get("threads"), "d"), str(row.get("draft_tokens", "-"))]
+    if row["status"] != "ok":
+        number = notes.setdefault(f"{row['backend']}: {row['reason']}", len(notes) + 1)
+        return cells + [f"{row['status']} [{number}]"] + ["-"] * (len(SPECULATIVE_COLUMNS) - 6)
+    return cells + [
+        str(row["prompt_len"]),
+        "-" if row["acceptance_rate"] is None else f"{100 * row['acceptance_rate']:.1f}%",
+        _num(row["tokens_per_target_forward"], ".2f"),
+        _num(row["effective_tpot_ms"]["plain"], ".2f"),
+        _num(row["effective_tpot_ms"]["speculative"], ".2f"),
+        f"{row['tpot_ratio']:.2f}x",
+        "yes" if row["identical_to_plain"] else "NO",
+    ]
+
+
+def _speculative_header(doc: dict) -> str:
+    c = doc["config"]
+    return (
+        f"speculative decoding: chat prompt, {c['gen']} generated tokens, {c['runs']} runs (+{c['warmup']} warm-up); "
+        "TPOT = wall time after the first token / tokens"
+    )
+
+
 def _num(value, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -40,7 +94,7 @@ def _mb(value) -> str:
 def columns(doc: dict) -> tuple[str, ...]:
     """COLUMNS, with a "batch" column after "threads" when the run measured batches (``--batch``): then
     "tok/s" is the whole batch's, batch / TPOT."""
-    if any(r.get("batch", 1) != 1 for r in doc["results"]):
+    if any(r.get("batch", 1) != 1 for r in _plain(doc["results"])):
         return COLUMNS[:3] + ("batch",) + COLUMNS[3:]
     return COLUMNS
 
@@ -92,7 +146,7 @@ def _footnotes(notes: dict[str, int]) -> list[str]:
 def _groups(doc: dict) -> dict[tuple[str, int | None], list[dict]]:
     """Rows by (model, context): one table each."""
     out: dict[tuple[str, int | None], list[dict]] = {}
-    for row in doc["results"]:
+    for row in _plain(doc["results"]):
         out.setdefault((row["model"], row.get("context")), []).append(row)
     return out
 
@@ -115,6 +169,12 @@ def text_table(doc: dict) -> str:
         widths = [max(len(line[i]) for line in table) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
         blocks.append("\n".join([_header(doc, model, context), *lines, *_footnotes(notes)]))
+    if spec := _speculative(doc):
+        notes = {}
+        table = [list(SPECULATIVE_COLUMNS)] + [speculative_cells(r, notes) for r in spec]
+        widths = [max(len(line[i]) for line in table) for i in range(len(SPECULATIVE_COLUMNS))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
+        blocks.append("\n".join([_speculative_header(doc), *lines, *_footnotes(notes)]))
     blocks += doc.get("notes", [])
     lines = [(None, doc["roofline_GBps"])] if doc["roofline_GBps"] else []
     lines += [(n, n["roofline_GBps"]) for n in doc.get("nodes", {}).values()]  # --ray: each node's own
@@ -133,7 +193,7 @@ def _md_row(cells: list[str]) -> str:
 def goal_lines(doc: dict) -> list[str]:
     """w4 over fp32 TPOT per backend and thread count, where both were measured at the same prompt."""
     out = []
-    ok = [r for r in doc["results"] if r["status"] == "ok" and r.get("context") is None]
+    ok = [r for r in _plain(doc["results"]) if r["status"] == "ok" and r.get("context") is None]
     for fp32 in (r for r in ok if r["variant"] == "fp32"):
         for w4 in ok:
             if w4["variant"].startswith("w4") and w4["model"] == fp32["model"] and w4["threads"] == fp32["threads"]:
@@ -153,7 +213,7 @@ def markdown(docs: list[tuple[Path, dict]], readme_dir: Path) -> str:
     for json_path, doc in docs:
         name = Path(json_path).name
         m = doc["machine"]
-        sweep = any(r.get("context") is not None for r in doc["results"])
+        sweep = any(r.get("context") is not None for r in _plain(doc["results"]))
         roof = ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in doc["roofline_GBps"].items())
         others = m.get("others_cpu_share")
         quiet = (
@@ -177,6 +237,13 @@ def markdown(docs: list[tuple[Path, dict]], readme_dir: Path) -> str:
                 parts.append(f"{_header(doc, model, context)}\n\n" + "\n".join(table))
                 if notes:
                     parts.append("\n".join(f"- {n}" for n in _footnotes(notes)))
+        if spec := _speculative(doc):
+            notes = {}
+            table = [_md_row(list(SPECULATIVE_COLUMNS)), _md_row(["---"] * len(SPECULATIVE_COLUMNS))]
+            table += [_md_row(speculative_cells(r, notes)) for r in spec]
+            parts.append(f"{_speculative_header(doc)}\n\n" + "\n".join(table))
+            if notes:
+                parts.append("\n".join(f"- {n}" for n in _footnotes(notes)))
         if doc.get("plot"):  # stored relative to the JSON's folder
             link = os.path.relpath(Path(json_path).absolute().parent / doc["plot"], Path(readme_dir).absolute())
             parts.append(f"![TPOT, {name}]({Path(link).as_posix()})")
@@ -187,10 +254,10 @@ def markdown(docs: list[tuple[Path, dict]], readme_dir: Path) -> str:
 
 
 def _sweep_markdown(doc: dict) -> str:
-    contexts = sorted({r["context"] for r in doc["results"] if r.get("context") is not None})
+    contexts = sorted({r["context"] for r in _plain(doc["results"]) if r.get("context") is not None})
     series: dict[tuple, dict] = {}
     notes: dict[str, int] = {}
-    for r in doc["results"]:
+    for r in _plain(doc["results"]):
         key = (r["model"], _variant(r, mixes_attention(doc)), r["backend"], r.get("threads"), r.get("batch", 1))
         cell = row_cells(r, notes)[3] if r["status"] != "ok" else f"{r['tpot_ms']['median']:.2f}"
         series.setdefault(key, {})[r.get("context")] = cell
@@ -226,7 +293,7 @@ def plot(doc: dict, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    ok = [r for r in _plain(doc["results"]) if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     models = sorted({r["model"] for r in ok})
     if any(r.get("context") is not None for r in ok):

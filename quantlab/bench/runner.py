@@ -58,6 +58,15 @@ ROOFLINE_METHOD = (
     "bytes / wall time, median of 5 after a warm-up"
 )
 
+# a chat request whose answer runs long: a few paragraphs of ordinary prose
+DRAFT_PROMPT = "Write a short story about a robot who learns to paint. Tell it in three paragraphs."
+SPECULATIVE_METHOD = (
+    "rows with mode speculative: in one worker, on the chat prompt, alternately plain greedy decoding of the "
+    "target and speculative decoding with the draft (draft_tokens a round), gen tokens each, no stop at EOS; "
+    "effective TPOT = wall time after the first token / (gen - 1), median over the measured runs; tpot_ratio = "
+    "speculative / plain; acceptance_rate = accepted / drafted tokens"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -77,6 +86,9 @@ class BenchConfig:
     quality_seq_len: int = 128
     roofline_mib: int = 512
     model_label: str | None = None
+    draft: str | None = None  # an artifact: also measure speculative decoding (quantlab.bench.speculative)
+    draft_tokens: int = 4
+    draft_prompt: str = DRAFT_PROMPT  # the chat prompt of the speculative rows
 
     def check(self) -> None:
         if self.gen < 2:
@@ -95,6 +107,8 @@ class BenchConfig:
             raise InputError(None, "--threads", "must be one or more counts >= 1")
         if self.contexts and min(self.contexts) < 1:
             raise InputError(None, "--contexts", "must be positive token counts")
+        if self.draft_tokens < 1:
+            raise InputError(None, "--draft-tokens", "must be >= 1")
         if not self.batches or min(self.batches) < 1:
             raise InputError(None, "--batch", "must be one or more batch sizes >= 1")
         unknown = set(self.backends or ()) - set(BACKENDS)
@@ -447,6 +461,10 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None, measure=m
         base = describe_target(config.baseline)
         if base.kind != ARTIFACT:
             raise InputError(config.baseline, None, "--baseline must be an artifact folder (quantlab convert)")
+    if config.draft is not None:
+        from quantlab.bench import speculative
+
+        speculative.check_draft(targets, config)  # before an hour of measuring
     machine = machine_info()
     witness = CpuWitness()
     items, notes = plan_grid(targets, config)
@@ -454,6 +472,8 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None, measure=m
     measured, extra = measure(cells, config, progress)
     done = iter(measured)
     rows = [next(done) if isinstance(item, Cell) else item for item in items]
+    if config.draft is not None:
+        rows += speculative.measure_speculative_rows(targets, config, progress)
     if config.baseline is not None:
         data = quality_data(config.baseline, config)
         for target in targets:
@@ -461,7 +481,8 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None, measure=m
                 continue
             quality = quality_columns(target, config.baseline, config, data)
             for row in rows:
-                if row["target"] == os.fspath(target.path) and row["backend"].startswith("onnxruntime"):
+                plain = row.get("mode") is None  # a speculative row (--draft) has no quality columns
+                if plain and row["target"] == os.fspath(target.path) and row["backend"].startswith("onnxruntime"):
                     row["quality"] = quality
     machine["loadavg_end"] = list(os.getloadavg())
     machine["others_cpu_share"] = witness.others_share()
@@ -487,6 +508,7 @@ def run_bench(paths: list[str], config: BenchConfig, *, progress=None, measure=m
             "roofline": ROOFLINE_METHOD.format(mib=config.roofline_mib),
             "noisy": f"(p90 - median) / median of the steps > {NOISY_SPREAD} or spread of run medians > "
             f"{NOISY_RUN_SPREAD}",
+            **({"speculative": SPECULATIVE_METHOD} if config.draft is not None else {}),
         },
         "machine": machine,
         "roofline_GBps": extra.pop("roofline_GBps"),

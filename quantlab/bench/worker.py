@@ -8,7 +8,8 @@ Job keys: path, backend, threads, prompt_len, gen, runs, warmup, seed, prefill_c
 pin (CPU ids or null), batch (sequences decoded together, each with its own random prompt; default 1).
 The result holds peak_rss_bytes (see :func:`peak_rss_bytes`), load_s, ttft_s (list), steps_s (one list
 of decode-step times per measured run), generated_ids (of the last run; a batch's first sequence),
-prompt_ids_head, affinity and the backend's info.
+prompt_ids_head, affinity and the backend's info. A job with ``"mode": "speculative"`` is
+:func:`quantlab.bench.speculative.run_speculative_job`'s.
 """
 
 from __future__ import annotations
@@ -144,7 +145,13 @@ def run_job(job: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     job_file, result_file = argv
-    result = run_job(json.loads(Path(job_file).read_text(encoding="utf-8")))
+    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    if job.get("mode") == "speculative":  # plain against speculative decoding (quantlab.bench.speculative)
+        from quantlab.bench.speculative import run_speculative_job
+
+        result = run_speculative_job(job)
+    else:
+        result = run_job(job)
     Path(result_file).write_text(json.dumps(result), encoding="utf-8")
     return 0
 

@@ -24,6 +24,11 @@ With --ray ADDRESS the cells run on a Ray cluster (:mod:`quantlab.distributed.be
 at a time, each still in its own fresh process on its node; every row names its node and that node's CPU,
 and the report says when rows come from different machines. The targets must be readable at the same
 paths on every node. --baseline's quality columns are computed here, as without --ray.
+
+--draft DRAFT_ART adds speculative rows (:mod:`quantlab.bench.speculative`): for each artifact target on
+onnxruntime and torch-kernels, plain and speculative decoding (--draft-tokens a round) on the same chat
+prompt in one worker, with the acceptance rate, tokens per target forward and the effective TPOT of both
+(wall time after the first token / tokens) and their ratio.
 """
 
 from __future__ import annotations
@@ -54,6 +59,15 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _progress(row: dict) -> None:
     """One line on stderr per finished measurement: full runs take hours."""
+    if row.get("mode") == "speculative":
+        what = (
+            f"acceptance {row['acceptance_rate']:.2f}, TPOT {row['effective_tpot_ms']['speculative']:.2f} ms against "
+            f"{row['effective_tpot_ms']['plain']:.2f} ms plain ({row['tpot_ratio']:.2f}x)"
+            if row["status"] == "ok"
+            else f"{row['status']}: {row['reason']}"
+        )
+        print(f"bench: {row['variant']} speculative with {row['draft']} on {row['backend']}: {what}", file=sys.stderr)
+        return
     where = f"context {row['context']}" if row["context"] is not None else f"prompt {row['prompt_len']}"
     where += f", batch {row['batch']}" if row.get("batch", 1) != 1 else ""
     where += f", node {row['node']['name']} ({row['node']['ip']})" if "node" in row else ""
@@ -109,6 +123,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and quality samples (default 0)")
     p.add_argument("--model-label", help='name of the model in tables and plots, e.g. "1B-shaped (random weights)"')
     p.add_argument("--roofline-mib", type=int, default=512, help="array size for the roofline (default 512 MiB)")
+    p.add_argument(
+        "--draft",
+        metavar="DRAFT_ART",
+        help="also measure speculative decoding with this draft artifact (same tokenizer) against plain decoding, "
+        "on a chat prompt: acceptance rate and effective TPOT",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=4, metavar="K", help="with --draft: tokens drafted a round (default 4)"
+    )
+    p.add_argument(
+        "--draft-prompt", metavar="TEXT", help="with --draft: the chat prompt (default: a short-story request)"
+    )
     p.add_argument("--json", metavar="FILE", help="write every figure, the method and the machine as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: TPOT per target, or against context with --contexts")
     p.add_argument(
@@ -147,9 +173,14 @@ def run(args: argparse.Namespace) -> int:
         quality_samples=args.quality_samples,
         roofline_mib=args.roofline_mib,
         model_label=args.model_label,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
+        **({"draft_prompt": args.draft_prompt} if args.draft_prompt else {}),
     )
     measure = measure_here
     if args.ray is not None:
+        if args.draft is not None:
+            raise InputError(None, "--draft", "the speculative rows are measured on this machine: not with --ray")
         from quantlab.distributed import require_ray
         from quantlab.distributed.calibrate import check_reachable
 

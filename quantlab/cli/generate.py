@@ -2,6 +2,11 @@
 
 Greedy with --greedy; otherwise seeded sampling (--temperature, --top-k, --top-p, --seed), which
 gives the same tokens for the same seed. --json prints one object with the ids and the text.
+
+--draft DRAFT_ART decodes speculatively (:mod:`quantlab.runtime.speculative`): the draft, a smaller
+artifact of the same tokenizer (`quantlab distill --mode shrink`, then `quantlab convert`), proposes
+--draft-tokens tokens and the target checks them in one forward. Greedy output is the target's own; sampled
+output follows the target's distribution. --json adds the acceptance statistics.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=4,
         help="with --kv-window: first tokens always kept (attention sinks, default 4)",
     )
+    p.add_argument(
+        "--draft",
+        metavar="DRAFT_ART",
+        help="speculative decoding: an artifact of the same tokenizer (e.g. a shrunk student) drafts tokens",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=4, metavar="K", help="with --draft: tokens drafted per round (default 4)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -75,11 +88,57 @@ def continuation_text(tok, prompt: list[int], ids: list[int]) -> str:
     return full[len(base) :] if full.startswith(base) else tok.decode(ids)
 
 
+def _open_decoder(folder, args):
+    if args.backend == "torch":
+        from quantlab.runtime.torch_decoder import TorchDecoder
+
+        return TorchDecoder(folder, threads=args.threads)
+    from quantlab.runtime.generate import OrtDecoder
+
+    return OrtDecoder(folder, threads=args.threads)
+
+
+def _check_draft(folder, args) -> None:
+    """Before any model loads: --draft's flags and its tokenizer against the target's."""
+    from pathlib import Path
+
+    from quantlab.runtime.speculative import check_same_vocabulary
+
+    if args.draft_tokens < 1:
+        raise InputError(None, "--draft-tokens", "must be >= 1")
+    if args.kv_window is not None:
+        raise InputError(None, "--kv-window", "a bounded cache and --draft do not go together")
+    check_same_vocabulary(folder, Path(args.draft))
+
+
+def _speculate(target, args, prompt, sampling, stop, show):
+    """Speculative decoding with --draft over the same backend; the statistics."""
+    from pathlib import Path
+
+    from quantlab.runtime.speculative import generate_speculative
+
+    draft = _open_decoder(Path(args.draft), args)
+    try:
+        result = generate_speculative(
+            target,
+            draft,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            k=args.draft_tokens,
+            sampling=sampling,
+            eos_ids=stop,
+            on_tokens=show,
+        )
+    except ValueError as e:  # a cache that cannot be cut back after a round
+        raise InputError(None, "--draft", str(e)) from e
+    return result.stats
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from quantlab.graph_builder.kv_cache import TAIL_SUFFIX
-    from quantlab.runtime.generate import BOUNDED_CHANNEL_KEYS, BoundedCache, OrtDecoder, SamplingConfig, generate
+    from quantlab.runtime.generate import BOUNDED_CHANNEL_KEYS, BoundedCache, SamplingConfig, generate
     from quantlab.runtime.tokenizer import load_tokenizer
 
     folder = Path(args.artifact)
@@ -100,49 +159,54 @@ def run(args: argparse.Namespace) -> int:
         if args.kv_sinks < 0:
             raise InputError(None, "--kv-sinks", "must be >= 0")
         bounded = BoundedCache(window=args.kv_window, sinks=args.kv_sinks)
+    if args.draft is not None:
+        _check_draft(folder, args)
     tok = load_tokenizer(folder)
     prompt = _prompt_ids(args, tok)
     vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
     if any(not 0 <= t < vocab for t in prompt):
         raise InputError(None, "--prompt-ids", f"token ids must be in [0, {vocab})")
-    if args.backend == "torch":
-        from quantlab.runtime.torch_decoder import TorchDecoder
-
-        decoder = TorchDecoder(folder, threads=args.threads)
-    else:
-        decoder = OrtDecoder(folder, threads=args.threads)
-        if bounded is not None and any(n.endswith(TAIL_SUFFIX) for n in decoder.cache_names):
-            raise InputError(None, "--kv-window", BOUNDED_CHANNEL_KEYS)
+    decoder = _open_decoder(folder, args)
+    if bounded is not None and any(n.endswith(TAIL_SUFFIX) for n in getattr(decoder, "cache_names", ())):
+        raise InputError(None, "--kv-window", BOUNDED_CHANNEL_KEYS)
     stop = () if args.ignore_eos else sorted(tok.eos_token_ids)
     ids: list[int] = []
     start = time.perf_counter()
     first = None
     printed = ""
-    for token in generate(
-        decoder, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop, bounded=bounded
-    ):
+
+    def show(tokens: list[int]) -> None:
+        nonlocal first, printed
         first = first or time.perf_counter()
-        ids.append(token)
-        if not args.json:  # stream: print what the new token adds to the decoded text
+        ids.extend(tokens)
+        if not args.json:  # stream: print what the new tokens add to the decoded text
             text = continuation_text(tok, prompt, ids)
             sys.stdout.write(text[len(printed) :])
             sys.stdout.flush()
             printed = text
+
+    stats = None
+    if args.draft is not None:
+        stats = _speculate(decoder, args, prompt, sampling, stop, show)
+    else:
+        for token in generate(
+            decoder, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop, bounded=bounded
+        ):
+            show([token])
     end = time.perf_counter()
     text = continuation_text(tok, prompt, ids)
     if args.json:
         tpot = (end - first) / (len(ids) - 1) if len(ids) > 1 else None
-        print(
-            json.dumps(
-                {
-                    "prompt_ids": prompt,
-                    "ids": ids,
-                    "text": text,
-                    "ttft_s": round(first - start, 6) if first else None,
-                    "tpot_s": round(tpot, 6) if tpot else None,
-                }
-            )
-        )
+        doc = {
+            "prompt_ids": prompt,
+            "ids": ids,
+            "text": text,
+            "ttft_s": round(first - start, 6) if first else None,
+            "tpot_s": round(tpot, 6) if tpot else None,
+        }
+        if stats is not None:
+            doc["speculative"] = {"draft": args.draft, "draft_tokens": args.draft_tokens, **stats.to_dict()}
+        print(json.dumps(doc))
     else:
         sys.stdout.write("\n")
     return 0

@@ -316,59 +316,137 @@ def bench_cpu(cells, ms, threads_list, budget_s: float, l3_bytes: int | None) ->
     return rows, {str(t): {"wall": v[0], "cpu": v[1]} for t, v in roofline.items()}, accuracy
 
 
+# GPU timing: medians over CUDA_REPS repetitions of CUDA events around a run of at least CUDA_CALLS
+# back-to-back calls, divided by the calls.
+CUDA_REPS, CUDA_CALLS = 30, 20
+MODES = ("eager", "graph")
+
+
+def cuda_weight_copies(nbytes: int, l2_bytes: int) -> int:
+    """Copies of `nbytes` of weights to rotate through so that each call reads them from HBM (a
+    decode step streams every weight once), not from the L2 cache the previous call left them in."""
+    return max(2, -(-2 * l2_bytes // nbytes))
+
+
+def time_cuda(fns: list, graph: bool) -> float:
+    """Median ms per call of a run of max(CUDA_CALLS, len(fns)) calls rotating through `fns`.
+    Eager: events around the run, so the host's launch overhead counts wherever it exceeds the
+    kernel's time (what a Python decode loop sees). Graph: the run captured once in a CUDA graph
+    and replayed, which leaves the kernels' own time (and the GPU's gaps between them)."""
+    import torch
+
+    calls = max(CUDA_CALLS, len(fns))
+
+    def run():
+        for i in range(calls):
+            fns[i % len(fns)]()
+
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on the capture stream (cuBLAS workspaces, allocator)
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            run()
+        run = g.replay
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(CUDA_REPS):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def bench_cuda(shapes, ms) -> list[dict]:
+    """Rows per (K, N, M, path, mode): ours int4 (through torch.ops.quantlab.matmul_nbits) and
+    cuBLAS fp16 (F.linear on the dequantized weights), eager and under a CUDA graph, each rotating
+    through enough weight copies to stream from HBM; GB/s = the bytes a call must read (its weights
+    in its own format + activations) and write, over the median time."""
     import torch
 
     from quantlab.kernels import torch_ops  # noqa: F401  (registers the op)
 
     rows = []
     dev = torch.device("cuda")
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 * 2**20
     rng = np.random.default_rng(0)
     for k, n in shapes:
         b, scales = make_weights(k, n, BLOCK, rng)
-        bt = torch.from_numpy(b).to(dev)
-        st = torch.from_numpy(scales).half().to(dev)
         w16 = torch.from_numpy(dequantize_nbits(b, scales, k=k, n=n, block_size=BLOCK)).half().to(dev)
+        bt, st = torch.from_numpy(b).to(dev), torch.from_numpy(scales).half().to(dev)
+        int4_bytes = b.nbytes + scales.size * 2
+        bts = [bt] + [bt.clone() for _ in range(cuda_weight_copies(int4_bytes, l2) - 1)]
+        w16s = [w16] + [w16.clone() for _ in range(cuda_weight_copies(w16.numel() * 2, l2) - 1)]
         for m in ms:
             x = torch.randn(m, k, dtype=torch.float16, device=dev)
-            fns = {
-                "ours_int4": functools.partial(torch.ops.quantlab.matmul_nbits, x, bt, st, K=k, N=n, block_size=BLOCK),
-                "cublas_fp16": functools.partial(torch.nn.functional.linear, x, w16),
+            io_bytes = m * k * 2 + m * n * 2
+            ours = functools.partial(torch.ops.quantlab.matmul_nbits, K=k, N=n, block_size=BLOCK)
+            paths = {
+                "ours_int4": ([functools.partial(ours, x, c, st) for c in bts], int4_bytes),
+                "cublas_fp16": ([functools.partial(torch.nn.functional.linear, x, c) for c in w16s], n * k * 2),
             }
-            for name, fn in fns.items():
-                for _ in range(10):
-                    fn()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                times = []
-                for _ in range(50):
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                rows.append({"K": k, "N": n, "M": m, "path": name, "median_ms": statistics.median(times)})
+            for path, (fns, weight_bytes) in paths.items():
+                for mode in MODES:
+                    try:
+                        ms_per_call = time_cuda(fns, graph=mode == "graph")
+                    except Exception as err:  # a capture that fails must not lose the eager table
+                        print(f"K={k} N={n} M={m} {path} {mode}: {type(err).__name__}: {err}", flush=True)
+                        continue
+                    rows.append({
+                        "K": k, "N": n, "M": m, "path": path, "mode": mode, "median_ms": ms_per_call,
+                        "GBps": (weight_bytes + io_bytes) / ms_per_call / 1e6,
+                        "weight_copies": len(fns), "calls_per_run": max(CUDA_CALLS, len(fns)),
+                    })  # fmt: skip
+        del bts, w16s, w16
+        torch.cuda.empty_cache()
     return rows
 
 
 def write_cuda(out: Path, cells, ms) -> None:
-    """kernels_cuda_<gpu>.{json,md}: ours int4 x fp16 against cuBLAS fp16 on the dequantized weights."""
+    """kernels_cuda_<gpu>.{json,md}: ours int4 x fp16 against cuBLAS fp16 on the dequantized weights,
+    per call from Python (eager) and under a CUDA graph (the kernels' own time)."""
     import torch
 
     name = torch.cuda.get_device_name().replace(" ", "_")
     shapes = sorted({c[:2] for c in cells})
     rows = bench_cuda(shapes, [m for m in ms if m <= 64])
-    meta = {**machine(), "gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    meta = {
+        **machine(), "gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "method": f"median over {CUDA_REPS} runs of events around >= {CUDA_CALLS} calls / calls; weights rotate "
+        "through copies totalling >= 2x L2 (HBM, as in decode); graph = the run replayed as one CUDA graph",
+    }  # fmt: skip
     (out / f"kernels_cuda_{name}.json").write_text(json.dumps({"meta": meta, "gpu": name, "rows": rows}, indent=1))
-    lines = [f"# int4 x fp16 on {name}", "", "| K | N | M | ours int4 ms | cuBLAS fp16 ms | speedup | ours GB/s |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    cublas = {(c["K"], c["N"], c["M"]): c["median_ms"] for c in rows if c["path"] == "cublas_fp16"}
-    for r in rows:
-        if r["path"] == "ours_int4":
-            base, ours = cublas[(r["K"], r["N"], r["M"])], r["median_ms"]
-            gbps = (r["K"] * r["N"] / 2 + r["K"] * r["N"] / BLOCK * 2) / ours / 1e6
-            lines.append(
-                f"| {r['K']} | {r['N']} | {r['M']} | {ours:.4f} | {base:.4f} | {base / ours:.2f}x | {gbps:.0f} |"
-            )
+    by = {(r["K"], r["N"], r["M"], r["path"], r["mode"]): r for r in rows}
+    lines = [
+        f"# int4 x fp16 on {name}",
+        "",
+        f"ms per call: median over {CUDA_REPS} runs of >= {CUDA_CALLS} back-to-back calls, weights streamed from HBM "
+        "(rotating copies). Eager: called from Python, launch overhead included; graph: the same calls replayed as a "
+        "CUDA graph (kernel time). Speedup and GB/s (bytes read and written per call) from the graph times.",
+        "",
+        "| K | N | M | ours eager ms | cuBLAS eager ms | ours graph ms | cuBLAS graph ms | speedup (graph) "
+        "| ours GB/s | cuBLAS GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, n, m in sorted({(r["K"], r["N"], r["M"]) for r in rows}):
+        got = {(p, mode): by.get((k, n, m, p, mode)) for p in ("ours_int4", "cublas_fp16") for mode in MODES}
+        ms_ = {key: f"{r['median_ms']:.4f}" if r else "-" for key, r in got.items()}
+        gbps = {key: f"{r['GBps']:.0f}" if r else "-" for key, r in got.items()}
+        ours, base = got["ours_int4", "graph"], got["cublas_fp16", "graph"]
+        speedup = f"{base['median_ms'] / ours['median_ms']:.2f}x" if ours and base else "-"
+        lines.append(
+            f"| {k} | {n} | {m} | {ms_['ours_int4', 'eager']} | {ms_['cublas_fp16', 'eager']} "
+            f"| {ms_['ours_int4', 'graph']} | {ms_['cublas_fp16', 'graph']} | {speedup} "
+            f"| {gbps['ours_int4', 'graph']} | {gbps['cublas_fp16', 'graph']} |"
+        )
     (out / f"kernels_cuda_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -68,21 +68,46 @@ def _(x, B, scales, zero_points=None, bias=None, *, K, N, bits=4, block_size=32,
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
+    """`t` itself when it is contiguous and 16-byte aligned (the kernel's vector loads); a copy
+    otherwise."""
+    if not t.is_contiguous():
+        t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _current_stream(device: torch.device) -> int:
+    """The raw cudaStream_t of `device`'s current stream (the capture stream under a CUDA graph)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object: ~1 us cheaper
+    if raw is not None:
+        return raw(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def _matmul_nbits_cuda(x, B, scales, zero_points, bias, *, K, N, bits, block_size) -> torch.Tensor:
+    # Per call this costs the checks, the output allocation and one ctypes call: inputs that are
+    # already contiguous, aligned float16 are passed as they are (decode runs this once per
+    # projection per token).
     lib = _cuda()
     if lib is None:
         raise RuntimeError("quantlab: the CUDA kernels were not built (install with QUANTLAB_CUDA=ON)")
     if bits != 4 or x.dtype != torch.float16:
         raise ValueError("quantlab CUDA matmul_nbits supports bits=4 with float16 activations")
+    k_blocks = (K + block_size - 1) // block_size
+    if B.numel() != N * k_blocks * block_size // 2 or scales.numel() != N * k_blocks:
+        raise ValueError(f"matmul_nbits: B or scales do not match K={K}, N={N}, block_size={block_size}")
+    if zero_points is not None and zero_points.numel() != N * ((k_blocks + 1) // 2):
+        raise ValueError(f"matmul_nbits: zero_points do not match K={K}, N={N}, block_size={block_size}")
+    if not (B.is_cuda and scales.is_cuda and (zero_points is None or zero_points.is_cuda)):
+        raise ValueError("matmul_nbits: x is on a CUDA device, B, scales and zero_points must be too")
     lead = x.shape[:-1]
     # The kernel reads x and B with 16-byte vector loads: contiguous and 16-byte aligned.
     x2, B = _aligned(x.reshape(-1, K)), _aligned(B)
-    s = scales.to(torch.float16).contiguous()
-    zp = zero_points.contiguous() if zero_points is not None else None
+    s = scales if scales.dtype == torch.float16 else scales.to(torch.float16)
+    if not s.is_contiguous():
+        s = s.contiguous()
+    zp = zero_points
+    if zp is not None and not zp.is_contiguous():
+        zp = zp.contiguous()
     y = torch.empty((x2.shape[0], N), dtype=torch.float16, device=x.device)
     status = lib.qlc_matmul_nbits_f16(
         x2.data_ptr(),
@@ -94,10 +119,10 @@ def _matmul_nbits_cuda(x, B, scales, zero_points, bias, *, K, N, bits, block_siz
         K,
         N,
         block_size,
-        torch.cuda.current_stream(x.device).cuda_stream,
+        _current_stream(x.device),
     )
     if status != 0:
         raise RuntimeError(f"quantlab CUDA matmul_nbits failed with status {status}")
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))
     return y.reshape(*lead, N)

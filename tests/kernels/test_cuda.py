@@ -43,7 +43,20 @@ def test_cuda_kernel_compiles_for_sm80_sm90(cuda_lib_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     "m,k,n,block_size,zp",
-    [(1, 4096, 11008, 128, False), (3, 1000, 33, 32, True), (17, 320, 7, 64, True), (64, 576, 1536, 128, False)],
+    [
+        (1, 4096, 11008, 128, False),
+        (3, 1000, 33, 32, True),
+        (17, 320, 7, 64, True),
+        (64, 576, 1536, 128, False),
+        # The kernel's tile choices on a 132-SM H200 (MT = 16-row tiles, NT = 8-column groups per block):
+        (16, 4096, 2048, 32, True),  # decode-sized M = 16 with NT = 2, block 32, zero points
+        (1, 4096, 4096, 256, False),  # NT = 2 (m <= 4), block 256
+        (65, 4096, 4096, 256, True),  # MT = 4, NT = 4, a second grid row of tiles with one real row
+        (5, 1001, 4100, 32, True),  # K % 8 != 0 (scalar activation loads), last NT = 4 block part-filled
+        (1, 11008, 4096, 128, True),  # three batches of chunks per warp, the last one partial
+        (40, 2000, 300, 64, False),  # MT = 3
+        (32, 576, 3000, 128, True),  # MT = 2, NT = 2
+    ],
 )
 def test_cuda_matches_reference(cuda_lib_path, monkeypatch, m, k, n, block_size, zp):
     torch = pytest.importorskip("torch")

@@ -110,7 +110,55 @@ typedef struct ql_gptq_columns_args {
 
 QL_API int ql_gptq_columns(const ql_gptq_columns_args* args);
 
-#define QL_ABI_VERSION 3
+// One Llama-family decoder layer in one call (csrc/decoder_layer.cpp), fp32, in place on the
+// residual stream x (rows = batch * seq, hidden): row r is new token r % seq of sequence r / seq.
+//
+//   h = rmsnorm(x) * input_norm                    q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv)
+//   q, k = rmsnorm per head * q_norm, k_norm (optional)        q, k = rope(q, k, cos, sin)
+//   cache[b, kv_head, past + t] = k, v             o = softmax(q k^T / sqrt(head_dim) + mask) v
+//   x += o Wo                                      h = rmsnorm(x) * post_norm
+//   x += (silu(h Wgate) * h Wup) Wdown
+//
+// Each W is a MatMulNBits weight run by ql_matmul_nbits (its layout above); q/k/v may be one fused
+// linear with output [q | k | v] and gate/up one with output [gate | up] (b != NULL selects it).
+// Attention: query head h reads kv head h / (heads / kv_heads); query t sees cache positions
+// 0 .. past + t whose key_mask is non-zero; a query that sees none gets the mean of v over
+// 0 .. past + seq - 1 (what an additive float32-min mask gives in fp32 softmax).
+typedef struct ql_linear {
+  const uint8_t* b;            // (n, k_blocks, blob); NULL: this linear is absent
+  const float* scales;         // (n, k_blocks)
+  const uint8_t* zero_points;  // optional, packed as for ql_matmul_nbits
+  const float* bias;           // optional (n,)
+  int64_t k, n;
+  int32_t bits;        // 4 or 8
+  int32_t block_size;  // power of two, 16..256
+  int32_t accuracy;    // ql_accuracy
+  int32_t reserved;    // 0
+} ql_linear;
+
+typedef struct ql_decoder_layer_args {
+  float* x;          // (rows, hidden) in/out
+  float* k_cache;    // (batch, kv_heads, capacity, head_dim); rows past .. past + seq written
+  float* v_cache;    // (batch, kv_heads, capacity, head_dim)
+  const float* cos;  // (rows, head_dim / 2)
+  const float* sin;  // (rows, head_dim / 2)
+  const int64_t* key_mask;  // optional (batch, past + seq), 0 = masked
+  const float* input_norm;  // (hidden,)
+  const float* post_norm;   // (hidden,)
+  const float* q_norm;      // optional (head_dim,), with k_norm
+  const float* k_norm;      // optional (head_dim,)
+  ql_linear qkv, q, k, v, o, gate_up, gate, up, down;
+  int64_t batch, seq, past, capacity;
+  int64_t hidden, heads, kv_heads, head_dim, intermediate;
+  float eps;                 // rmsnorm epsilon
+  int32_t rope_interleaved;  // 0: rotate x[i] with x[i + head_dim/2]; 1: x[2i] with x[2i + 1]
+  int32_t path;              // ql_path of the linears
+  int32_t threads;           // <= 0: hardware concurrency
+} ql_decoder_layer_args;
+
+QL_API int ql_decoder_layer(const ql_decoder_layer_args* args);
+
+#define QL_ABI_VERSION 4
 
 #ifdef __cplusplus
 }

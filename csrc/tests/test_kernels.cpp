@@ -1,6 +1,7 @@
 // Every compiled path against the scalar reference (and the scalar reference against a float64
 // dequantize-then-multiply oracle) on awkward shapes. Prints "N passed, M failed"; exit 1 on any
 // failure. Usage: quantlab_kernels_test [--quick | --path-features]
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -149,6 +150,94 @@ void check(bool ok, const std::string& what) {
   }
 }
 
+// ql_decoder_layer: a prompt of 3 tokens in one call and token by token give the same residual
+// stream and cache (causal mask, cache offsets, RoPE per position), fp32 accuracy so that only the
+// summation order of the M = 3 and M = 1 tiles differs; and bad arguments are refused.
+void test_decoder_layer(std::mt19937& rng) {
+  const int64_t hidden = 64, heads = 4, kv_heads = 2, hd = 16, ff = 96, seq = 3, cap = 8;
+  const int bs = 32;
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  struct Lin {
+    std::vector<uint8_t> b;
+    std::vector<float> s;
+  };
+  auto make = [&](int64_t k, int64_t n) {
+    Lin l;
+    l.b.resize(static_cast<size_t>(n * (k / bs) * bs / 2));
+    for (auto& v : l.b) v = static_cast<uint8_t>(byte(rng));
+    l.s.assign(static_cast<size_t>(n * (k / bs)), 0.02f);
+    return l;
+  };
+  auto bind = [&](const Lin& l, int64_t k, int64_t n) {
+    ql_linear q{};
+    q.b = l.b.data();
+    q.scales = l.s.data();
+    q.k = k;
+    q.n = n;
+    q.bits = 4;
+    q.block_size = bs;
+    q.accuracy = QL_ACC_FP32;
+    return q;
+  };
+  const Lin qkv = make(hidden, (heads + 2 * kv_heads) * hd), o = make(heads * hd, hidden);
+  const Lin gate_up = make(hidden, 2 * ff), down = make(ff, hidden);
+  std::vector<float> ones(hidden, 1.f), x0(seq * hidden), cos(seq * hd / 2), sin(seq * hd / 2);
+  for (auto& v : x0) v = uni(rng);
+  for (int64_t t = 0; t < seq; ++t)
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      const double angle = static_cast<double>(t) * std::pow(10000.0, -2.0 * i / hd);
+      cos[t * hd / 2 + i] = static_cast<float>(std::cos(angle));
+      sin[t * hd / 2 + i] = static_cast<float>(std::sin(angle));
+    }
+  auto args = [&](float* x, float* kc, float* vc, int64_t past, int64_t n) {
+    ql_decoder_layer_args a{};
+    a.x = x;
+    a.k_cache = kc;
+    a.v_cache = vc;
+    a.cos = cos.data() + past * hd / 2;
+    a.sin = sin.data() + past * hd / 2;
+    a.input_norm = a.post_norm = ones.data();
+    a.qkv = bind(qkv, hidden, (heads + 2 * kv_heads) * hd);
+    a.o = bind(o, heads * hd, hidden);
+    a.gate_up = bind(gate_up, hidden, 2 * ff);
+    a.down = bind(down, ff, hidden);
+    a.batch = 1;
+    a.seq = n;
+    a.past = past;
+    a.capacity = cap;
+    a.hidden = hidden;
+    a.heads = heads;
+    a.kv_heads = kv_heads;
+    a.head_dim = hd;
+    a.intermediate = ff;
+    a.eps = 1e-5f;
+    a.threads = 2;
+    return a;
+  };
+  const size_t cache_size = static_cast<size_t>(kv_heads * cap * hd);
+  std::vector<float> x1 = x0, k1(cache_size), v1(cache_size), x2 = x0, k2(cache_size),
+                     v2(cache_size);
+  ql_decoder_layer_args a = args(x1.data(), k1.data(), v1.data(), 0, seq);
+  check(ql_decoder_layer(&a) == QL_OK, "decoder layer: prompt");
+  for (int64_t t = 0; t < seq; ++t) {
+    a = args(x2.data() + t * hidden, k2.data(), v2.data(), t, 1);
+    check(ql_decoder_layer(&a) == QL_OK, "decoder layer: step");
+  }
+  double worst = 0.0;
+  for (size_t i = 0; i < x1.size(); ++i) worst = std::max(worst, std::fabs(double(x1[i]) - x2[i]));
+  for (size_t i = 0; i < k1.size(); ++i)
+    worst = std::max({worst, std::fabs(double(k1[i]) - k2[i]), std::fabs(double(v1[i]) - v2[i])});
+  check(worst < 1e-4, "decoder layer: prompt == steps (" + std::to_string(worst) + ")");
+
+  a = args(x1.data(), k1.data(), v1.data(), 6, seq);  // 6 + 3 > capacity 8
+  check(ql_decoder_layer(&a) == QL_ERR_ARGUMENT, "decoder layer: no room in the cache");
+  a = args(x1.data(), k1.data(), v1.data(), 0, seq);
+  a.o.n = hidden + 1;
+  check(ql_decoder_layer(&a) == QL_ERR_ARGUMENT, "decoder layer: o_proj shape");
+  check(ql_decoder_layer(nullptr) == QL_ERR_ARGUMENT, "decoder layer: null pointer");
+}
+
 std::string describe(const Case& c, int path, int acc) {
   char buf[200];
   std::snprintf(buf, sizeof buf,
@@ -244,6 +333,7 @@ int main(int argc, char** argv) {
     check(ql_matmul_nbits(&a) == QL_ERR_ARGUMENT, "null args");
     check(ql_matmul_nbits(nullptr) == QL_ERR_ARGUMENT, "null pointer");
   }
+  test_decoder_layer(rng);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -26,6 +26,7 @@ from quantlab.kernels.reference import dequantize_nbits, k_blocks, matmul_nbits_
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DecoderLayer",
     "available_paths",
     "backend",
     "build_info",
@@ -195,6 +196,170 @@ def matmul_nbits(
             f"(K={K}, N={N}, bits={bits}, block_size={block_size}, path={path})"
         )
     return y
+
+
+def _ptr(t: Any) -> int | None:
+    """The address of a C-contiguous numpy array or CPU torch tensor (None for None), without a copy."""
+    if t is None:
+        return None
+    if type(t) is np.ndarray:
+        if not t.flags.c_contiguous:
+            raise ValueError("decoder_layer: buffers must be C-contiguous")
+        return t.__array_interface__["data"][0]
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("decoder_layer: buffers must be contiguous CPU tensors")
+    return t.data_ptr()
+
+
+def _size(t: Any) -> int:
+    return t.size if type(t) is np.ndarray else t.numel()
+
+
+def _linear_args(name: str, w: dict) -> _native.LinearArgs:
+    """One linear's ``ql_linear``, its tensors checked against the MatMulNBits contract."""
+    K, N, bits, bs = w["K"], w["N"], w["bits"], w["block_size"]
+    kb = k_blocks(K, bs)
+    zp, bias = w.get("zero_points"), w.get("bias")
+    expected = {
+        "B": (w["B"], "uint8", N * kb * bs * bits // 8),
+        "scales": (w["scales"], "float32", N * kb),
+        "zero_points": (zp, "uint8", N * ((kb + 1) // 2 if bits == 4 else kb)),
+        "bias": (bias, "float32", N),
+    }
+    if bits not in (4, 8):
+        raise ValueError(f"decoder_layer: {name} has bits={bits}; 4 or 8 only")
+    for what, (t, dtype, size) in expected.items():
+        if t is not None and (_dtype_name(t) != dtype or _size(t) != size):
+            raise ValueError(f"decoder_layer: {name}.{what} must be {size} {dtype} values")
+    return _native.LinearArgs(
+        b=_ptr(w["B"]),
+        scales=_ptr(w["scales"]),
+        zero_points=_ptr(zp),
+        bias=_ptr(bias),
+        k=K,
+        n=N,
+        bits=bits,
+        block_size=bs,
+        accuracy=4 if w.get("accuracy_level", 4) == 4 else 0,
+    )
+
+
+class DecoderLayer:
+    """One Llama-family decoder layer run by a single ``ql_decoder_layer`` call (csrc/decoder_layer.cpp).
+
+    The weights are bound once: ``linears`` maps ``qkv`` or ``q``/``k``/``v``, ``o``, ``gate_up`` or
+    ``gate``/``up``, and ``down`` to dicts of MatMulNBits tensors and attributes (``B``, ``scales``,
+    ``zero_points``, ``bias``, ``K``, ``N``, ``bits``, ``block_size``, ``accuracy_level``); scales,
+    bias and norm weights are float32. The caller keeps every tensor alive and unchanged. A call
+    binds the step's buffers and updates ``x`` and the caches in place; nothing is copied.
+    """
+
+    def __init__(
+        self,
+        *,
+        linears: dict[str, dict],
+        input_norm: Any,
+        post_norm: Any,
+        q_norm: Any = None,
+        k_norm: Any = None,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        intermediate: int,
+        eps: float,
+        rope_interleaved: bool = False,
+        threads: int | None = None,
+        path: str = "auto",
+    ):
+        if _lib is None:
+            raise RuntimeError(f"decoder_layer needs the C++ kernels ({_why_not})")
+        args = _native.DecoderLayerArgs(
+            input_norm=_ptr(input_norm),
+            post_norm=_ptr(post_norm),
+            q_norm=_ptr(q_norm),
+            k_norm=_ptr(k_norm),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate=intermediate,
+            eps=eps,
+            rope_interleaved=int(rope_interleaved),
+            path=_native.PATHS[path],
+            threads=0 if threads is None else int(threads),
+        )
+        self._keep = [input_norm, post_norm, q_norm, k_norm]
+        for name, w in linears.items():
+            if name not in _native.LAYER_LINEARS:
+                raise ValueError(f"decoder_layer: unknown linear {name!r}")
+            setattr(args, name, _linear_args(name, w))
+            self._keep.append(w)
+        for name, t in (("input_norm", input_norm), ("post_norm", post_norm), ("q_norm", q_norm), ("k_norm", k_norm)):
+            size = head_dim if name in ("q_norm", "k_norm") else hidden
+            if t is not None and (_dtype_name(t) != "float32" or _size(t) != size):
+                raise ValueError(f"decoder_layer: {name} must be {size} float32 values")
+        self.args = args
+        self._ref = ctypes.byref(args)
+
+    def __call__(
+        self,
+        x: Any,
+        k_cache: Any,
+        v_cache: Any,
+        cos: Any,
+        sin: Any,
+        key_mask: Any = None,
+        *,
+        past: int,
+        check: bool = True,
+    ) -> None:
+        """Runs the layer on ``x`` (batch, seq, hidden) float32, in place.
+
+        ``k_cache``/``v_cache``: (batch, kv_heads, capacity, head_dim) float32 buffers; positions
+        ``past .. past + seq - 1`` are written. ``cos``/``sin``: (batch, seq, head_dim / 2) float32;
+        ``key_mask``: None or (batch, past + seq) int64, 0 = masked. ``check=False`` (torch tensors only)
+        skips the shape, dtype and layout checks (several microseconds, per layer and step) for
+        buffers the caller has already checked, e.g. those an earlier layer of the same step took; a
+        wrong buffer then corrupts memory.
+        """
+        batch, seq, hidden = x.shape
+        a = self.args
+        if not check:
+            a.x, a.k_cache, a.v_cache = x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+            a.cos, a.sin = cos.data_ptr(), sin.data_ptr()
+            a.key_mask = None if key_mask is None else key_mask.data_ptr()
+            a.batch, a.seq, a.past, a.capacity = batch, seq, past, k_cache.shape[2]
+            status = _lib.ql_decoder_layer(self._ref)
+            if status != 0:
+                raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
+            return
+        cache_shape = (batch, a.kv_heads, k_cache.shape[2], a.head_dim)
+        rope_shape = (batch, seq, a.head_dim // 2)
+        if (
+            hidden != a.hidden
+            or tuple(k_cache.shape) != cache_shape
+            or tuple(v_cache.shape) != cache_shape
+            or tuple(cos.shape) != rope_shape
+            or tuple(sin.shape) != rope_shape
+            or (key_mask is not None and tuple(key_mask.shape) != (batch, past + seq))
+        ):
+            raise ValueError(
+                f"decoder_layer: x {tuple(x.shape)}, caches {tuple(k_cache.shape)} {tuple(v_cache.shape)}, "
+                f"cos/sin {tuple(cos.shape)} {tuple(sin.shape)}, key_mask "
+                f"{None if key_mask is None else tuple(key_mask.shape)} do not fit past={past}"
+            )
+        for t in (x, k_cache, v_cache, cos, sin):
+            if _dtype_name(t) != "float32":
+                raise TypeError(f"decoder_layer: float32 buffers only, got {t.dtype}")
+        if key_mask is not None and _dtype_name(key_mask) != "int64":
+            raise TypeError(f"decoder_layer: key_mask must be int64, got {key_mask.dtype}")
+        a.x, a.k_cache, a.v_cache = _ptr(x), _ptr(k_cache), _ptr(v_cache)
+        a.cos, a.sin, a.key_mask = _ptr(cos), _ptr(sin), _ptr(key_mask)
+        a.batch, a.seq, a.past, a.capacity = batch, seq, past, k_cache.shape[2]
+        status = _lib.ql_decoder_layer(self._ref)
+        if status != 0:
+            raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
 
 
 def _cast_like(t: Any, x: Any) -> Any:

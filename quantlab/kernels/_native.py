@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 LIB_NAME = "_libquantlab_kernels.so"
 CUDA_LIB_NAME = "_libquantlab_cuda.so"
 # Overrides the library location (a build directory's copy, for example).
@@ -68,6 +68,57 @@ class GPTQColumnsArgs(ctypes.Structure):
     ]
 
 
+class LinearArgs(ctypes.Structure):
+    """Mirror of ``ql_linear`` (one MatMulNBits weight of a decoder layer; ``b`` None: absent)."""
+
+    _fields_ = [
+        ("b", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zero_points", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("k", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+        ("block_size", ctypes.c_int32),
+        ("accuracy", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+LAYER_LINEARS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
+
+
+class DecoderLayerArgs(ctypes.Structure):
+    """Mirror of ``ql_decoder_layer_args``."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("key_mask", ctypes.c_void_p),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
+        *[(name, LinearArgs) for name in LAYER_LINEARS],
+        ("batch", ctypes.c_int64),
+        ("seq", ctypes.c_int64),
+        ("past", ctypes.c_int64),
+        ("capacity", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("intermediate", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("rope_interleaved", ctypes.c_int32),
+        ("path", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
 def _candidates(name: str) -> list[Path]:
     here = Path(__file__).resolve().parent
     found = [here / name]
@@ -97,6 +148,8 @@ def load_core() -> tuple[ctypes.CDLL | None, str]:
             continue
         lib.ql_matmul_nbits.argtypes = [ctypes.POINTER(MatMulNBitsArgs)]
         lib.ql_matmul_nbits.restype = ctypes.c_int
+        lib.ql_decoder_layer.argtypes = [ctypes.POINTER(DecoderLayerArgs)]
+        lib.ql_decoder_layer.restype = ctypes.c_int
         lib.ql_gptq_columns.argtypes = [ctypes.POINTER(GPTQColumnsArgs)]
         lib.ql_gptq_columns.restype = ctypes.c_int
         lib.ql_path_available.argtypes = [ctypes.c_int32]

@@ -3,7 +3,9 @@
 `quantlab generate --backend torch` and `quantlab bench` use it beside onnxruntime: the same
 artifact (the same packed MatMulNBits bytes, read from model.onnx.data without repacking), the same
 interface as :class:`quantlab.runtime.generate.OrtDecoder`, but every quantized linear is
-``torch.ops.quantlab.matmul_nbits`` (csrc/, AVX2/NEON C++ or CUDA).
+quantlab's matmul_nbits kernel (csrc/, AVX2/NEON C++), called directly rather than through
+``torch.ops.quantlab.matmul_nbits``: the custom op's dispatch costs ~40 us a call, more than a
+small linear.
 
 The graph is read for its weights and for which op each linear became (MatMul, MatMulNBits,
 DequantizeLinear -> MatMul, DynamicQuantizeMatMul); the computation follows the artifact's model
@@ -14,6 +16,16 @@ intra-op pool is set to one thread. Two pools on the same cores fight: OpenMP's 
 each small torch op while ours wait to be scheduled, and on 2 cores that made SmolLM2-135M w4 decode
 ~1.7x slower (43 ms -> 25 ms per token when torch keeps one thread). What torch still computes
 (norms, RoPE, attention over the cache) is small next to the linears at decode time.
+
+Native layers: when every linear of the decoder layers is MatMulNBits and the spec is the plain Llama
+family (``_NATIVE_SPEC``), each layer is one ``ql_decoder_layer`` call (csrc/decoder_layer.cpp) instead
+of ~20 torch ops and 4-7 ctypes calls, because a small model's decode step is mostly dispatch
+(SmolLM2-135M: 211 linears per token). ``native`` says which path runs, ``native_reason`` why not.
+The cache then lives in preallocated buffers (batch, kv_heads, capacity, head_dim): the dict values
+are the views ``buf[:, :, :length]``, a forward writes the new positions in place after them and
+returns longer views of the same buffer. An old dict stays valid for rewinding (positions below its
+length are never overwritten) and slicing ``t[:, :, :n]`` trims; anything else (a copy, no room
+left) is copied once into a new, larger buffer.
 """
 
 from __future__ import annotations
@@ -25,8 +37,32 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from quantlab import kernels
 from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.io.spec import ModelSpec
+
+# What csrc/decoder_layer.cpp computes, as the spec fields' values: RMSNorm, SwiGLU, full RoPE, full
+# attention scaled by 1/sqrt(head_dim), no softcaps. Any other value keeps the torch path.
+_NATIVE_SPEC = {
+    "norm_kind": "rms",
+    "norm_weight_offset": 0.0,
+    "sandwich_norms": False,
+    "mlp_activation": "silu",
+    "mlp_gated": True,
+    "num_experts": 0,
+    "moe_layers": (),
+    "rope_fraction": 1.0,
+    "sliding_window": 0,
+    "sliding_layers": (),
+    "attention_scale": None,
+    "attention_softcap": 0.0,
+    "final_softcap": 0.0,
+    "embedding_scale": 1.0,
+}
+# A layer's linears in either form the artifact may hold: fused (passes/fuse_matmul_nbits.py) or not.
+_ATTN_FORMS = {"qkv": ("qkv_proj",), "separate": ("q_proj", "k_proj", "v_proj")}
+_MLP_FORMS = {"gate_up": ("gate_up_proj",), "separate": ("gate_proj", "up_proj")}
+MIN_CACHE_CAPACITY = 256
 
 
 def _np(value: ir.Value) -> np.ndarray:
@@ -67,8 +103,6 @@ class _Linear:
         self.threads = threads  # for our kernels; 0: every core
         self.kind = node.op_type
         if node.op_type == "MatMulNBits":
-            import quantlab.kernels.torch_ops  # noqa: F401  (registers torch.ops.quantlab.matmul_nbits)
-
             attrs = {k: a.value for k, a in node.attributes.items()}
             self.K, self.N, self.bits = attrs["K"], attrs["N"], attrs["bits"]
             self.block, self.level = attrs["block_size"], attrs.get("accuracy_level", 0)
@@ -81,7 +115,7 @@ class _Linear:
 
     def __call__(self, x):
         if self.kind == "MatMulNBits":
-            return self.torch.ops.quantlab.matmul_nbits(
+            return kernels.matmul_nbits(
                 x,
                 self.B,
                 self.scales,
@@ -91,7 +125,7 @@ class _Linear:
                 bits=self.bits,
                 block_size=self.block,
                 accuracy_level=self.level,
-                threads=self.threads,
+                threads=self.threads or None,
             )
         return x @ self.W
 
@@ -121,7 +155,8 @@ def _weight_of(node: ir.Node) -> np.ndarray:
 class TorchDecoder:
     """An artifact's decoder in PyTorch: ``forward(ids, cache) -> (logits, cache)`` like OrtDecoder."""
 
-    def __init__(self, artifact_dir: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, artifact_dir: str | os.PathLike, *, threads: int | None = None, native: bool = True):
+        """``native=False`` keeps the torch ops even where the native layers could run (tests, debugging)."""
         import torch
 
         self.torch = torch
@@ -144,17 +179,107 @@ class TorchDecoder:
             if (name.endswith("norm.weight") or name.endswith(".bias")) and value.const_value is not None:
                 self.vectors[name] = torch.from_numpy(np.asarray(value.const_value.numpy(), np.float32).copy())
         self.inv_freq = torch.from_numpy(rope_inv_freq(s.head_dim, s.rope_theta, s.rope_scaling))
+        self._cos = self._sin = None  # _rope_tables
         self.num_layers, self.kv_heads, self.head_dim = s.num_layers, s.num_kv_heads, s.head_dim
         self.past_key_names = [f"past_key_values.{i}.key" for i in range(s.num_layers)]
         self.past_value_names = [f"past_key_values.{i}.value" for i in range(s.num_layers)]
+        self.cache_allocations = 0  # cache buffers allocated by the native path (tests count them)
+        self._cache_names = [n for pair in zip(self.past_key_names, self.past_value_names, strict=True) for n in pair]
+        self._last = None  # (the cache dict the last native forward returned, its views, their buffers)
+        self.native_reason = self._native_unsupported() if native else "native=False"
+        self.native = self.native_reason is None
+        self.layers = [self._native_layer(i, kernel_threads) for i in range(s.num_layers)] if self.native else []
+
+    def _native_unsupported(self) -> str | None:
+        """Why the native layers cannot run this artifact, or None when they can."""
+        if kernels.backend() == "numpy":
+            return "the C++ kernels are not built"
+        for field, value in _NATIVE_SPEC.items():
+            if getattr(self.spec, field) != value:
+                return f"spec.{field} = {getattr(self.spec, field)!r}"
+        for i in range(self.spec.num_layers):
+            p = f"model.layers.{i}"
+            names = [f"{p}.self_attn.o_proj", f"{p}.mlp.down_proj"]
+            for group, forms in ((f"{p}.self_attn", _ATTN_FORMS), (f"{p}.mlp", _MLP_FORMS)):
+                form = next((f for f in forms.values() if f"{group}.{f[0]}" in self.linears), forms["separate"])
+                names += [f"{group}.{n}" for n in form]
+            for name in names:
+                linear = self.linears.get(name)
+                if linear is None or linear.kind != "MatMulNBits":
+                    return f"{name} is {'missing' if linear is None else linear.kind}"
+        return None
+
+    def _native_layer(self, i: int, threads: int):
+        from quantlab.kernels import DecoderLayer
+
+        s, p = self.spec, f"model.layers.{i}"
+
+        def weights(name: str, bias_of: tuple[str, ...]) -> dict:
+            linear = self.linears[name]
+            biases = [self.vectors.get(f"{b}.bias") for b in bias_of]
+            bias = self.torch.cat(biases).contiguous() if biases and all(b is not None for b in biases) else None
+            return {
+                "B": linear.B,
+                "scales": linear.scales,
+                "zero_points": linear.zp,
+                "bias": bias,
+                "K": linear.K,
+                "N": linear.N,
+                "bits": linear.bits,
+                "block_size": linear.block,
+                "accuracy_level": linear.level,
+            }
+
+        attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+        projections = [f"{attn}.{n}" for n in _ATTN_FORMS["separate"]]
+        if f"{attn}.qkv_proj" in self.linears:
+            linears = {"qkv": weights(f"{attn}.qkv_proj", tuple(projections))}
+        else:
+            linears = {key: weights(name, (name,)) for key, name in zip("qkv", projections, strict=True)}
+        linears["o"] = weights(f"{attn}.o_proj", ())
+        if f"{mlp}.gate_up_proj" in self.linears:
+            linears["gate_up"] = weights(f"{mlp}.gate_up_proj", ())
+        else:
+            linears["gate"], linears["up"] = weights(f"{mlp}.gate_proj", ()), weights(f"{mlp}.up_proj", ())
+        linears["down"] = weights(f"{mlp}.down_proj", ())
+        return DecoderLayer(
+            linears=linears,
+            input_norm=self.vectors[f"{p}.input_layernorm.weight"],
+            post_norm=self.vectors[f"{p}.post_attention_layernorm.weight"],
+            q_norm=self.vectors[f"{attn}.q_norm.weight"] if s.qk_norm else None,
+            k_norm=self.vectors[f"{attn}.k_norm.weight"] if s.qk_norm else None,
+            hidden=s.hidden_size,
+            heads=s.num_heads,
+            kv_heads=s.num_kv_heads,
+            head_dim=s.head_dim,
+            intermediate=s.intermediate_size,
+            eps=s.rms_norm_eps,
+            rope_interleaved=s.rope_interleaved,
+            threads=threads,
+        )
+
+    def trim_cache(self, cache: dict, length: int) -> dict:
+        """The first ``length`` positions of ``cache``, as views (no copy; a later forward writes after them)."""
+        return {name: t[:, :, :length] for name, t in cache.items()}
 
     def empty_cache(self, batch: int = 1) -> dict:
         shape = (batch, self.kv_heads, 0, self.head_dim)  # (batch, kv_heads, seq, head_dim)
         return {n: self.torch.zeros(shape) for n in self.past_key_names + self.past_value_names}
 
     def _norm(self, x, name):
-        var = (x * x).mean(-1, keepdim=True)
-        return x * self.torch.rsqrt(var + self.spec.rms_norm_eps) * self.vectors[name]
+        # one op (not five): after a decode step's layers have streamed the weights through the caches,
+        # each small torch op costs tens of microseconds
+        w = self.vectors[name]
+        return self.torch.nn.functional.rms_norm(x, w.shape, w, eps=self.spec.rms_norm_eps)
+
+    def _rope_tables(self, positions: int):
+        """cos and sin of every position below ``positions`` (positions, head_dim / 2), grown by doubling:
+        the same float32 products as per step, looked up instead of recomputed."""
+        if self._cos is None or self._cos.shape[0] < positions:
+            n = max(positions, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
+            freqs = self.torch.arange(n).float()[:, None] * self.inv_freq  # (positions, head_dim / 2)
+            self._cos, self._sin = self.torch.cos(freqs), self.torch.sin(freqs)
+        return self._cos, self._sin
 
     def _rope(self, x, cos, sin):
         d = self.spec.head_dim
@@ -180,7 +305,11 @@ class TorchDecoder:
 
         if f"{p}.qkv_proj" in self.linears:  # one fused linear (passes/fuse_matmul_nbits.py): one call, then views
             sizes = [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
-            parts = self.linears[f"{p}.qkv_proj"](h).split(sizes, dim=-1)
+            y = self.linears[f"{p}.qkv_proj"](h)
+            biases = [self.vectors.get(f"{p}.{name}.bias") for name in ("q_proj", "k_proj", "v_proj")]
+            if all(b is not None for b in biases):  # the fused node leaves the biases as they were
+                y = y + torch.cat(biases)
+            parts = y.split(sizes, dim=-1)
             q, k, v = (
                 y.reshape(b, t, heads, s.head_dim).transpose(1, 2)
                 for y, heads in zip(parts, (s.num_heads, s.num_kv_heads, s.num_kv_heads), strict=True)
@@ -199,46 +328,120 @@ class TorchDecoder:
         return self.linears[f"{p}.o_proj"](ctx), k, v
 
     def forward(self, input_ids, cache, *, attention_mask=None, position_ids=None):
-        torch, s = self.torch, self.spec
+        torch = self.torch
         with torch.inference_mode():
             ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
             batch, seq = ids.shape
             past = next(iter(cache.values())).shape[2] if cache else 0
             total = past + seq
-            mask = (
-                torch.ones(batch, total, dtype=torch.bool)
-                if attention_mask is None
-                else torch.as_tensor(np.asarray(attention_mask)).bool()
-            )
-            pos = (
-                torch.arange(past, total).expand(batch, seq)
-                if position_ids is None
-                else torch.as_tensor(np.asarray(position_ids), dtype=torch.long)
-            )
-            freqs = pos[..., None].float() * self.inv_freq  # (batch, seq, head_dim / 2)
-            cos, sin = torch.cos(freqs)[:, None], torch.sin(freqs)[:, None]
-            causal = torch.arange(total)[None, :] <= torch.arange(past, total)[:, None]  # (seq, total)
-            allowed = causal[None, None] & mask[:, None, None, :]  # (batch, 1, seq, total)
-            allowed = torch.zeros(allowed.shape).masked_fill(~allowed, float(np.finfo(np.float32).min))
-            x = self.embed[ids]
-            new_cache = {}
-            for i in range(s.num_layers):
-                h = self._norm(x, f"model.layers.{i}.input_layernorm.weight")
-                attn, k, v = self._attention(
-                    h, i, cos, sin, allowed, cache[self.past_key_names[i]], cache[self.past_value_names[i]]
-                )
-                x = x + attn
-                h = self._norm(x, f"model.layers.{i}.post_attention_layernorm.weight")
-                mlp = f"model.layers.{i}.mlp"
-                if f"{mlp}.gate_up_proj" in self.linears:
-                    gate, up = self.linears[f"{mlp}.gate_up_proj"](h).chunk(2, dim=-1)
-                else:
-                    gate, up = self.linears[f"{mlp}.gate_proj"](h), self.linears[f"{mlp}.up_proj"](h)
-                act = torch.nn.functional.silu(gate) * up
-                x = x + self.linears[f"{mlp}.down_proj"](act)
-                new_cache[self.past_key_names[i]], new_cache[self.past_value_names[i]] = k, v
+            if position_ids is None:
+                cos, sin = self._rope_tables(total)
+                cos, sin = cos[past:total].expand(batch, seq, -1), sin[past:total].expand(batch, seq, -1)
+            else:
+                pos = torch.as_tensor(np.asarray(position_ids), dtype=torch.long).expand(batch, seq)
+                cos, sin = self._rope_tables(max(total, int(pos.max()) + 1))
+                cos, sin = cos[pos], sin[pos]  # (batch, seq, head_dim / 2)
+            if self.native:
+                x, new_cache = self._layers_native(ids, cache, cos.contiguous(), sin.contiguous(), attention_mask, past)
+            else:
+                x, new_cache = self._layers_torch(ids, cache, cos[:, None], sin[:, None], attention_mask, past)
             logits = self.linears["lm_head"](self._norm(x, "model.norm.weight"))
         return logits.numpy(), new_cache
+
+    def _layers_native(self, ids, cache, cos, sin, attention_mask, past):
+        """The decoder layers as one ql_decoder_layer call each, the cache written in place (module docstring)."""
+        torch = self.torch
+        batch, seq = ids.shape
+        total = past + seq
+        key_mask = (
+            None
+            if attention_mask is None
+            else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long).contiguous()  # (batch, total)
+        )
+        x = self.embed[ids]  # (batch, seq, hidden), a fresh tensor the layers update in place
+        buffers = self._last_buffers(cache, batch, total)
+        if buffers is None:
+            buffers = [
+                (self._cache_buffer(cache[k], batch, past, total), self._cache_buffer(cache[v], batch, past, total))
+                for k, v in zip(self.past_key_names, self.past_value_names, strict=True)
+            ]
+        view = (batch, self.kv_heads, total, self.head_dim)  # (batch, kv_heads, seq, head_dim)
+        views = []
+        for i, (layer, (k_buf, v_buf)) in enumerate(zip(self.layers, buffers, strict=True)):
+            # the first layer checks the step's buffers; the caches are _cache_buffer's (batch, kv, capacity, d)
+            layer(x, k_buf, v_buf, cos, sin, key_mask, past=past, check=i == 0)
+            views += (k_buf.as_strided(view, k_buf.stride()), v_buf.as_strided(view, v_buf.stride()))
+        new_cache = dict(zip(self._cache_names, views, strict=True))
+        self._last = (new_cache, views, buffers)
+        return x, new_cache
+
+    def _last_buffers(self, cache, batch: int, needed: int):
+        """The buffers behind the cache the last forward returned when ``cache`` is that very dict, unchanged,
+        with room for ``needed`` positions: the decode loop's case, without _cache_buffer's checks per tensor
+        (~0.2 ms a step for 30 layers). None otherwise."""
+        last = self._last
+        if last is None or cache is not last[0]:
+            return None
+        _, views, buffers = last
+        k_buf = buffers[0][0]
+        if k_buf.shape[0] != batch or k_buf.shape[2] < needed:
+            return None
+        if not all(cache.get(name) is t for name, t in zip(self._cache_names, views, strict=True)):
+            return None
+        return buffers
+
+    def _cache_buffer(self, t, batch: int, past: int, needed: int):
+        """The whole (batch, kv_heads, capacity, head_dim) buffer that cache entry ``t`` is a prefix view of,
+        when it has room for ``needed`` positions; else a new buffer holding a copy of ``t``."""
+        torch, kv, d = self.torch, self.kv_heads, self.head_dim
+        if type(t) is torch.Tensor and t.dtype == torch.float32 and t.storage_offset() == 0:
+            s0, s1, s2, s3 = t.stride()
+            capacity = s1 // d
+            if (
+                t.shape == (batch, kv, past, d)
+                and s3 == 1
+                and s2 == d
+                and s1 == capacity * d
+                and s0 == kv * s1
+                and capacity >= needed
+                and t.untyped_storage().nbytes() >= batch * s0 * 4
+            ):
+                return t.as_strided((batch, kv, capacity, d), (s0, s1, s2, s3))
+        buf = torch.empty(batch, kv, max(MIN_CACHE_CAPACITY, 2 * needed), d)  # (batch, kv_heads, capacity, head_dim)
+        buf[:, :, :past] = torch.as_tensor(np.asarray(t)) if type(t) is not torch.Tensor else t
+        self.cache_allocations += 1
+        return buf
+
+    def _layers_torch(self, ids, cache, cos, sin, attention_mask, past):
+        torch, s = self.torch, self.spec
+        batch, seq = ids.shape
+        total = past + seq
+        mask = (
+            torch.ones(batch, total, dtype=torch.bool)
+            if attention_mask is None
+            else torch.as_tensor(np.asarray(attention_mask)).bool()
+        )
+        causal = torch.arange(total)[None, :] <= torch.arange(past, total)[:, None]  # (seq, total)
+        allowed = causal[None, None] & mask[:, None, None, :]  # (batch, 1, seq, total)
+        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, float(np.finfo(np.float32).min))
+        x = self.embed[ids]
+        new_cache = {}
+        for i in range(s.num_layers):
+            h = self._norm(x, f"model.layers.{i}.input_layernorm.weight")
+            attn, k, v = self._attention(
+                h, i, cos, sin, allowed, cache[self.past_key_names[i]], cache[self.past_value_names[i]]
+            )
+            x = x + attn
+            h = self._norm(x, f"model.layers.{i}.post_attention_layernorm.weight")
+            mlp = f"model.layers.{i}.mlp"
+            if f"{mlp}.gate_up_proj" in self.linears:
+                gate, up = self.linears[f"{mlp}.gate_up_proj"](h).chunk(2, dim=-1)
+            else:
+                gate, up = self.linears[f"{mlp}.gate_proj"](h), self.linears[f"{mlp}.up_proj"](h)
+            act = torch.nn.functional.silu(gate) * up
+            x = x + self.linears[f"{mlp}.down_proj"](act)
+            new_cache[self.past_key_names[i]], new_cache[self.past_value_names[i]] = k, v
+        return x, new_cache
 
 
 def _linear_name(node: ir.Node) -> str | None:

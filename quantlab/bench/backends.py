@@ -510,10 +510,11 @@ BACKENDS: dict[str, Backend] = {
         ),
         Backend(
             "torch-kernels",
-            "torch with quantlab's matmul_nbits kernels, on quantized artifacts",
+            "quantlab's native runtime: one C++ call per decoder layer (torch for the rest), on quantized artifacts",
             lambda t: t.kind == ARTIFACT and t.quantized and t.producer == "quantlab",
             _torch_kernels_unavailable,
             _open_torch_kernels,
+            batched=True,  # DecoderSession's batch path: the native layers take the mask and positions
             speculates=True,
         ),
         Backend(

@@ -13,8 +13,10 @@ Everything between them is replaced; without them this script fails and changes 
 
 It also renders benchmarks/results/pareto_smollm2.json (benchmarks/bench_pareto.py) into the block between
 ``<!-- pareto:start -->`` and ``<!-- pareto:end -->`` when the README has those markers and the file exists,
-and benchmarks/results/kernels_cpu.json (benchmarks/bench_kernels.py) into the block between
-``<!-- kernels:start -->`` and ``<!-- kernels:end -->`` likewise.
+benchmarks/results/kernels_cpu.json (benchmarks/bench_kernels.py) into the block between
+``<!-- kernels:start -->`` and ``<!-- kernels:end -->`` likewise, and benchmarks/results/peers_smollm2.json,
+batch_smollm2.json and speculative_smollm2.json (bench_latency.py --peers) into ``<!-- peers:start -->`` ...
+``<!-- peers:end -->`` with issue 18's bars (benchmarks/peers_report.py).
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ def with_kernels_block(text: str, results: Path) -> str:
     return kernels_report.replace_readme_block(text, kernels_report.readme_block(json.loads(path.read_text("utf-8"))))
 
 
+def with_peers_block(text: str, results: Path, readme_dir: Path) -> str:
+    """``text`` with its "Against the peers" block rendered from peers_smollm2.json (and batch, speculative)."""
+    import peers_report  # beside this script
+
+    if not peers_report.existing(results) or peers_report.README_START not in text:
+        return text
+    return peers_report.replace_readme_block(text, peers_report.readme_block(results, readme_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     new = with_pareto_block(new, args.results)
     new = with_kernels_block(new, args.results)
+    new = with_peers_block(new, args.results, args.readme.parent)
     if args.check:
         if new != text:
             print(

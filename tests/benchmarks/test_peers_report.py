@@ -1,0 +1,63 @@
+"""benchmarks/peers_report.py: issue 18's bars computed from bench rows (hand-made rows, figures checked by hand)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the report imports common.py from its own folder
+import peers_report as report  # noqa: E402
+
+TARGETS = [
+    {"path": "/w/w4a16-g32-asym-fused", "producer": "quantlab"},
+    {"path": "/w/w4a16-g32-asym-fused-kv-int4", "producer": "quantlab"},
+    {"path": "/w/genai-builder-int4", "producer": "onnxruntime-genai"},
+    {"path": "/w/m.q4_0.gguf", "format": "gguf"},
+]
+
+
+def _row(target, backend, context, tpot, batch=1, tokens_per_s=None):
+    return {
+        "target": f"/w/{target}",
+        "backend": backend,
+        "context": context,
+        "batch": batch,
+        "status": "ok",
+        "tpot_ms": {"median": tpot},
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+def test_tpot_bar_against_the_best_peer_and_the_int4_cache():
+    doc = {
+        "targets": TARGETS,
+        "results": [
+            _row("w4a16-g32-asym-fused", "onnxruntime-genai", 256, 6.0),
+            _row("w4a16-g32-asym-fused", "torch-kernels", 256, 4.0),
+            _row("genai-builder-int4", "onnxruntime-genai", 256, 5.5),
+            _row("m.q4_0.gguf", "llama.cpp", 256, 5.0),
+            _row("w4a16-g32-asym-fused", "torch-kernels", 4096, 12.0),
+            _row("w4a16-g32-asym-fused-kv-int4", "torch-kernels", 4096, 13.0),
+            _row("genai-builder-int4", "onnxruntime-genai", 4096, 14.0),
+            {**_row("m.q4_0.gguf", "llama.cpp", 4096, 1.0), "status": "failed"},  # a failed row is no peer
+        ],
+    }
+    lines = report.peer_bars(doc)
+    assert lines[0].startswith("- context 256: quantlab default w4 4.00 ms (torch-kernels; onnxruntime-genai 6.00 ms)")
+    assert "best peer llama.cpp q4_0 5.00 ms: 0.80x (bar <= 0.8: met)" in lines[0]
+    assert "best peer onnxruntime-genai builder int4 14.00 ms: 0.86x (bar <= 0.8: not met)" in lines[1]
+    assert lines[2] == "- int4 KV at 4096 tokens in torch-kernels: 13.00 ms vs fp32 cache 12.00 ms (bar <=: not met)"
+
+
+def test_batch_bar():
+    doc = {
+        "targets": TARGETS,
+        "results": [
+            _row("w4a16-g32-asym-fused", "torch-kernels", None, 5.0, batch=1, tokens_per_s=100.0),
+            _row("w4a16-g32-asym-fused", "torch-kernels", None, 9.0, batch=16, tokens_per_s=650.0),
+        ],
+    }
+    assert report.batch_bars(doc) == [
+        "- batch 16 / batch 1 tokens/s, w4a16-g32-asym-fused in torch-kernels: 650 / 100 = 6.5x (bar >= 6: met)"
+    ]

@@ -17,7 +17,8 @@ PEERS, BATCH, SPECULATIVE = "peers_smollm2.json", "batch_smollm2.json", "specula
 README_START, README_END = "<!-- peers:start -->", "<!-- peers:end -->"
 BAR_TPOT = 0.8  # quantlab's default w4 artifact: TPOT <= 0.8 x the best peer
 BAR_BATCH = 6.0  # batch 16: >= 6 x the tokens/s of batch 1
-BAR_SPECULATIVE = 0.65  # effective TPOT with a draft <= 0.65 x plain decoding
+BAR_SPECULATIVE = 0.65
+CACHE_FORMAT_RUNTIMES = {"onnxruntime", "onnxruntime-genai"}  # effective TPOT with a draft <= 0.65 x plain decoding
 
 
 def _rows(doc: dict) -> list[dict]:
@@ -67,7 +68,8 @@ def peer_bars(doc: dict) -> list[str]:
         )
     longest = max((r["context"] for r in rows if r.get("context")), default=None)
     if longest is not None:
-        for backend in sorted({r["backend"] for r in rows}):
+        # the runtimes that read the artifact's own int4 cache (the native runtime keeps its own cache formats)
+        for backend in sorted({r["backend"] for r in rows} & CACHE_FORMAT_RUNTIMES):
             pair = {
                 kv: next(
                     (

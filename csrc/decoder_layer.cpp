@@ -3,14 +3,17 @@
 // Why one call: a 135M-parameter model's decode step is ~30 layers of ~20 small operations each;
 // dispatched one by one from Python (torch ops, ctypes) the dispatch costs more than the maths.
 // Here the linears go to the same driver and thread pool as ql_matmul_nbits, attention runs over
-// (batch, head) pairs on the pool, and the elementwise parts (hidden ~576..2048) stay on the
-// calling thread. Baseline-compiled: plain loops written so the compiler vectorizes them to the
-// baseline ISA (SSE2 / NEON), e.g. dot products with independent partial sums.
+// (batch, kv head, query rows) tasks on the pool (a kv head's query heads together, so that each
+// cache row is read once per step, not once per query head), and the elementwise parts (hidden
+// ~576..2048) stay on the calling thread. Baseline-compiled: plain loops written so the compiler
+// vectorizes them to the baseline ISA (SSE2 / NEON), e.g. dot products with independent partial
+// sums, and one loop in the compilers' generic vector types (f4 below), no intrinsics.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "quantlab_kernels.h"
@@ -67,13 +70,15 @@ inline float reduce(float* acc) {
   return acc[0];
 }
 
-float dot(const float* a, const float* b, int64_t n) {
+// dot(a, b) with b float or int8 (converted to float, exactly): the same loop for both caches.
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * static_cast<float>(b[i + l]);
   float s = reduce(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
@@ -143,6 +148,9 @@ int validate(const ql_decoder_layer_args* a) {
   if (a == nullptr || a->x == nullptr || a->k_cache == nullptr || a->v_cache == nullptr ||
       a->cos == nullptr || a->sin == nullptr || a->input_norm == nullptr || a->post_norm == nullptr)
     return QL_ERR_ARGUMENT;
+  if (a->cache_dtype != QL_CACHE_F32 &&
+      (a->cache_dtype != QL_CACHE_INT8 || a->k_scale == nullptr || a->v_scale == nullptr))
+    return QL_ERR_ARGUMENT;
   if ((a->q_norm == nullptr) != (a->k_norm == nullptr)) return QL_ERR_ARGUMENT;
   if (a->batch <= 0 || a->seq <= 0 || a->past < 0 || a->capacity < a->past + a->seq)
     return QL_ERR_ARGUMENT;
@@ -170,56 +178,151 @@ struct Qkv {
   int64_t ldq, ldkv;
 };
 
-// out (hd) = scale * sum_j p[j] * v[j] over n rows v (n, hd), in column chunks of kLanes whose
-// sums can stay in registers for the whole walk over the rows (instead of a load and a store of
-// all of out per row).
-void weighted_sum(const float* p, const float* v, int64_t n, int64_t hd, float scale, float* out) {
-  int64_t d0 = 0;
-  for (; d0 + kLanes <= hd; d0 += kLanes) {
-    float acc[kLanes] = {};
-    for (int64_t j = 0; j < n; ++j)
-      for (int l = 0; l < kLanes; ++l) acc[l] += p[j] * v[j * hd + d0 + l];
-    for (int l = 0; l < kLanes; ++l) out[d0 + l] = acc[l] * scale;
+// Four floats as one baseline vector register (SSE2 / NEON), through GCC's and Clang's vector
+// extensions rather than intrinsics: written as plain loops, the grouped weighted sum below was
+// vectorized across rows j (strided loads) and ran ~1.5x slower than one head at a time.
+#if defined(__GNUC__)  // GCC and Clang
+typedef float f4 __attribute__((vector_size(16)));
+#else
+struct f4 {
+  float v[4];
+  f4& operator+=(const f4& o) {
+    for (int l = 0; l < 4; ++l) v[l] += o.v[l];
+    return *this;
   }
-  for (; d0 < hd; ++d0) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * v[j * hd + d0];
-    out[d0] = acc * scale;
-  }
+};
+inline f4 operator*(const f4& x, float w) {
+  f4 r;
+  for (int l = 0; l < 4; ++l) r.v[l] = x.v[l] * w;
+  return r;
+}
+inline f4 operator*(float w, const f4& x) { return x * w; }
+#endif
+
+// V vectors of 4 values from v (4 * V floats or int8 codes, converted exactly).
+template <int V>
+inline void load_row(const float* v, f4* row) {
+  std::memcpy(row, v, sizeof(f4) * V);
+}
+template <int V>
+inline void load_row(const int8_t* v, f4* row) {
+  float f[4 * V];
+  for (int l = 0; l < 4 * V; ++l) f[l] = static_cast<float>(v[l]);  // exact
+  std::memcpy(row, f, sizeof(f));
 }
 
-// Attention of query head `head` of batch row `b` over its kv head's cache; ctx row stride nq.
-// Three passes over the visible keys (scores, exponentials, weighted values), each a loop that
-// vectorizes.
-void attend(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t head, float* ctx,
-            float* s) {
+// out_h (hd) = inv[h] * sum_j p_h[j] * v[j] over n rows v (n, hd) for G heads at once (p_h = p +
+// h * ldp, out_h = out + h * hd), in column chunks whose G sums stay in registers for the whole
+// walk over the rows; each chunk of a value row is loaded once for the G heads. Per head and
+// column the sum runs over j in order, as for one head alone.
+template <int G, typename T>
+void weighted_sum(const float* p, int64_t ldp, const T* v, int64_t n, int64_t hd, const float* inv,
+                  float* out) {
+  constexpr int V = G <= 2 ? 4 : 2;  // vectors per chunk: G * V sums and V values in 16 registers
+  int64_t d0 = 0;
+  for (; d0 + 4 * V <= hd; d0 += 4 * V) {
+    f4 acc[G][V] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      f4 row[V];
+      load_row<V>(v + j * hd + d0, row);
+      for (int h = 0; h < G; ++h) {
+        const float w = p[h * ldp + j];
+        for (int c = 0; c < V; ++c) acc[h][c] += w * row[c];
+      }
+    }
+    for (int h = 0; h < G; ++h)
+      for (int c = 0; c < V; ++c) {
+        const f4 o = acc[h][c] * inv[h];
+        std::memcpy(out + h * hd + d0 + 4 * c, &o, sizeof(o));
+      }
+  }
+  for (; d0 < hd; ++d0)
+    for (int h = 0; h < G; ++h) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < n; ++j) acc += p[h * ldp + j] * static_cast<float>(v[j * hd + d0]);
+      out[h * hd + d0] = acc * inv[h];
+    }
+}
+
+// A key row as floats: a float row as it is, an int8 row converted (exactly) into buf.
+inline const float* key_row(const float* k, int64_t, float*) { return k; }
+inline const float* key_row(const int8_t* k, int64_t hd, float* buf) {
+  for (int64_t d = 0; d < hd; ++d) buf[d] = static_cast<float>(k[d]);
+  return buf;
+}
+
+// Heads per weighted_sum pass: its G * V running sums must fit the vector registers.
+constexpr int kMaxGroupPass = 4;
+// Query rows per attention task in a prompt (a decode step has one row, one task per kv head).
+constexpr int64_t kRowsPerTask = 8;
+
+// The query rows t0 .. t1 - 1 of batch row `b`, for the query heads h0 .. h1 - 1 of kv head `kvh`
+// (all of them unless too few tasks) together: the group of heads / kv_heads heads reads the same
+// cache rows, so each key and value row is read from memory once per query row instead of once per
+// head. ctx row stride heads * hd; s holds heads / kv_heads * (past + seq + 1) + hd floats. Three
+// passes over the visible keys: the group's scores (key row j outer, heads inner: the row stays in
+// L1), each head's exponentials, the weighted values.
+// T is the cache's element type: float, or int8_t with a scale per (token, kv head) row folded into
+// the score (scale_j * dot(q, k8_j)) and into the weight (p_j * scale_j) of v8_j.
+template <typename T>
+void attend(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t kvh, int64_t h0,
+            int64_t h1, int64_t t0, int64_t t1, float* ctx, float* s) {
+  constexpr bool kInt8 = std::is_same<T, int8_t>::value;
   const int64_t hd = a->head_dim, seq = a->seq, past = a->past, total = past + seq;
-  const int64_t kvh = head / (a->heads / a->kv_heads);
-  const float* kc = a->k_cache + (b * a->kv_heads + kvh) * a->capacity * hd;  // (capacity, hd)
-  const float* vc = a->v_cache + (b * a->kv_heads + kvh) * a->capacity * hd;
+  const int64_t group = h1 - h0, row0 = (b * a->kv_heads + kvh) * a->capacity;
+  const int64_t head0 = kvh * (a->heads / a->kv_heads) + h0;  // the first query head
+  const T* kc = static_cast<const T*>(a->k_cache) + row0 * hd;  // (capacity, hd)
+  const T* vc = static_cast<const T*>(a->v_cache) + row0 * hd;
+  const float* ks = kInt8 ? a->k_scale + row0 : nullptr;  // (capacity,)
+  const float* vs = kInt8 ? a->v_scale + row0 : nullptr;
   const int64_t* mask = a->key_mask != nullptr ? a->key_mask + b * total : nullptr;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  for (int64_t t = 0; t < seq; ++t) {
+  float* inv = s + group * total;  // (group,) 1 / each head's sum of exponentials
+  float* krow = inv + group;       // (hd,) an int8 key row as floats, converted once for the group
+  for (int64_t t = t0; t < t1; ++t) {
     const int64_t r = b * seq + t;
-    const float* q = p.q + r * p.ldq + head * hd;
-    float* out = ctx + r * a->heads * hd + head * hd;
+    const float* q = p.q + r * p.ldq + head0 * hd;     // (group, hd)
+    float* out = ctx + r * a->heads * hd + head0 * hd;  // (group, hd)
     const int64_t visible = past + t + 1;  // causal: cache positions 0 .. past + t
-    float max = -INFINITY;
+    bool seen = false;
     for (int64_t j = 0; j < visible; ++j) {
-      s[j] = mask != nullptr && mask[j] == 0 ? -INFINITY : dot(q, kc + j * hd, hd) * scale;
-      max = std::max(max, s[j]);
+      if (mask != nullptr && mask[j] == 0) {
+        for (int64_t h = 0; h < group; ++h) s[h * total + j] = -INFINITY;
+        continue;
+      }
+      seen = true;
+      const float f = kInt8 ? ks[j] * scale : scale;
+      const float* k = key_row(kc + j * hd, hd, krow);
+      for (int64_t h = 0; h < group; ++h) s[h * total + j] = dot(q + h * hd, k, hd) * f;
     }
-    std::fill(out, out + hd, 0.f);
-    if (max == -INFINITY) {
+    if (!seen) {
       // Nothing visible (a padding row): the additive-mask softmax puts equal weight on every key.
+      std::fill(out, out + group * hd, 0.f);
       for (int64_t j = 0; j < total; ++j)
-        for (int64_t d = 0; d < hd; ++d) out[d] += vc[j * hd + d];
+        for (int64_t d = 0; d < hd; ++d)
+          out[d] += kInt8 ? vs[j] * static_cast<float>(vc[j * hd + d]) : vc[j * hd + d];
       for (int64_t d = 0; d < hd; ++d) out[d] /= static_cast<float>(total);
+      for (int64_t h = 1; h < group; ++h) std::copy(out, out + hd, out + h * hd);
       continue;
     }
-    for (int64_t j = 0; j < visible; ++j) s[j] = fast_exp(s[j] - max);  // masked: exp(-inf) = 0
-    const float sum = total_of(s, visible);
-    weighted_sum(s, vc, visible, hd, 1.f / sum, out);
+    for (int64_t h = 0; h < group; ++h) {
+      float* sh = s + h * total;
+      float max = -INFINITY;
+      for (int64_t j = 0; j < visible; ++j) max = std::max(max, sh[j]);
+      for (int64_t j = 0; j < visible; ++j) sh[j] = fast_exp(sh[j] - max);  // masked: exp(-inf) = 0
+      inv[h] = 1.f / total_of(sh, visible);
+      if (kInt8)
+        for (int64_t j = 0; j < visible; ++j) sh[j] *= vs[j];
+    }
+    for (int64_t h = 0; h < group; h += kMaxGroupPass) {
+      const float* ph = s + h * total;
+      switch (std::min<int64_t>(kMaxGroupPass, group - h)) {
+        case 1: weighted_sum<1>(ph, total, vc, visible, hd, inv + h, out + h * hd); break;
+        case 2: weighted_sum<2>(ph, total, vc, visible, hd, inv + h, out + h * hd); break;
+        case 3: weighted_sum<3>(ph, total, vc, visible, hd, inv + h, out + h * hd); break;
+        default: weighted_sum<4>(ph, total, vc, visible, hd, inv + h, out + h * hd); break;
+      }
+    }
   }
 }
 
@@ -228,22 +331,68 @@ void swiglu(const float* gate, const float* up, int64_t n, float* act) {
   for (int64_t e = 0; e < n; ++e) act[e] = gate[e] / (1.f + fast_exp(-gate[e])) * up[e];
 }
 
+// Tasks (batch row, kv head, block of kRowsPerTask query rows), the blocks of a prompt's last rows
+// (the most keys) handed out first so that the pool's threads finish together. When that makes
+// fewer than two tasks per thread (a decode step of a model with few kv heads: SmolLM2's 3 on 2
+// threads would run 2 + 1), each kv head's query heads are split into `parts` tasks instead: the
+// cache is then read once per part, but no thread waits for another's whole group.
+template <typename T>
 void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads) {
-  const int64_t tasks = a->batch * a->heads;
-  const int64_t work = tasks * a->seq * (a->past + a->seq) * a->head_dim;
-  if (threads <= 1 || work < kParallelAttentionWork) {
+  const int64_t blocks = (a->seq + kRowsPerTask - 1) / kRowsPerTask, group = a->heads / a->kv_heads;
+  const int64_t groups = a->batch * a->kv_heads;
+  const int64_t work = a->batch * a->heads * a->seq * (a->past + a->seq) * a->head_dim;
+  const bool serial = threads <= 1 || work < kParallelAttentionWork;
+  const int64_t parts =
+      serial ? 1 : std::min(group, (2 * threads + groups * blocks - 1) / (groups * blocks));
+  const int64_t tasks = groups * blocks * parts;
+  const int64_t scratch = group * (a->past + a->seq + 1) + a->head_dim;
+  auto task = [&](int64_t i, float* s) {
+    const int64_t block = blocks - 1 - i / (groups * parts), g = i % (groups * parts) / parts;
+    const int64_t part = i % parts, h0 = part * group / parts, h1 = (part + 1) * group / parts;
+    const int64_t t0 = block * kRowsPerTask, t1 = std::min(a->seq, t0 + kRowsPerTask);
+    attend<T>(a, p, g / a->kv_heads, g % a->kv_heads, h0, h1, t0, t1, ctx, s);
+  };
+  if (serial || tasks == 1) {
     thread_local std::vector<float> scores;
-    float* s = grow(scores, a->past + a->seq);
-    for (int64_t i = 0; i < tasks; ++i) attend(a, p, i / a->heads, i % a->heads, ctx, s);
+    float* s = grow(scores, scratch);
+    for (int64_t i = 0; i < tasks; ++i) task(i, s);
     return;
   }
   std::atomic<int64_t> next{0};
   ThreadPool::global().run(static_cast<int>(std::min<int64_t>(threads, tasks)), [&] {
     thread_local std::vector<float> scores;
-    float* s = grow(scores, a->past + a->seq);
-    for (int64_t i; (i = next.fetch_add(1)) < tasks;)
-      attend(a, p, i / a->heads, i % a->heads, ctx, s);
+    float* s = grow(scores, scratch);
+    for (int64_t i; (i = next.fetch_add(1)) < tasks;) task(i, s);
   });
+}
+
+// Symmetric int8 codes of one row x (n) into q, its scale returned: scale = max|x| / 127,
+// q = round_half_even(x / scale) in [-127, 127] (all zero when x is: scale 0).
+float quantize_row(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = scale > 0.f ? std::nearbyint(x[i] / scale) : 0.f;
+    q[i] = static_cast<int8_t>(std::min(std::max(c, -127.f), 127.f));
+  }
+  return scale;
+}
+
+// Row `pos` of kv head `i` of batch row `b` in the cache: k and v (hd) stored as they are, or as
+// int8 codes with their scales.
+void store_kv(const ql_decoder_layer_args* a, int64_t b, int64_t i, int64_t pos, const float* k,
+              const float* v) {
+  const int64_t row = (b * a->kv_heads + i) * a->capacity + pos;  // (batch, kv_heads, capacity)
+  const int64_t hd = a->head_dim;
+  if (a->cache_dtype == QL_CACHE_INT8) {
+    a->k_scale[row] = quantize_row(k, hd, static_cast<int8_t*>(a->k_cache) + row * hd);
+    a->v_scale[row] = quantize_row(v, hd, static_cast<int8_t*>(a->v_cache) + row * hd);
+    return;
+  }
+  const size_t bytes = static_cast<size_t>(hd) * sizeof(float);
+  std::memcpy(static_cast<float*>(a->k_cache) + row * hd, k, bytes);
+  std::memcpy(static_cast<float*>(a->v_cache) + row * hd, v, bytes);
 }
 
 int decoder_layer(const ql_decoder_layer_args* a) {
@@ -287,14 +436,13 @@ int decoder_layer(const ql_decoder_layer_args* a) {
       float* k = p.k + r * p.ldkv + i * hd;
       if (a->k_norm != nullptr) rms_norm(k, a->k_norm, hd, a->eps, k);
       rope(k, cos, sin, hd, a->rope_interleaved != 0);
-      const int64_t at =
-          ((b * a->kv_heads + i) * a->capacity + pos) * hd;  // (batch, kv_heads, capacity, hd)
-      std::memcpy(a->k_cache + at, k, static_cast<size_t>(hd) * sizeof(float));
-      std::memcpy(a->v_cache + at, p.v + r * p.ldkv + i * hd,
-                  static_cast<size_t>(hd) * sizeof(float));
+      store_kv(a, b, i, pos, k, p.v + r * p.ldkv + i * hd);
     }
   }
-  attention(a, p, ctx, threads);
+  if (a->cache_dtype == QL_CACHE_INT8)
+    attention<int8_t>(a, p, ctx, threads);
+  else
+    attention<float>(a, p, ctx, threads);
   if ((status = run_linear(a->o, ctx, rows, proj, a->path, threads)) != QL_OK) return status;
   for (int64_t e = 0; e < rows * hidden; ++e) a->x[e] += proj[e];
 

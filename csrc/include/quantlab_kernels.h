@@ -124,6 +124,13 @@ QL_API int ql_gptq_columns(const ql_gptq_columns_args* args);
 // Attention: query head h reads kv head h / (heads / kv_heads); query t sees cache positions
 // 0 .. past + t whose key_mask is non-zero; a query that sees none gets the mean of v over
 // 0 .. past + seq - 1 (what an additive float32-min mask gives in fp32 softmax).
+// Cache (cache_dtype): QL_CACHE_F32 stores k and v as they are; QL_CACHE_INT8 stores each row
+// (token, kv head) as symmetric int8 codes with one float scale: scale = max|x| / 127,
+// code = round_half_even(x / scale) in [-127, 127] (0 when scale is 0), k after RoPE; attention
+// reads the codes directly: score_j = scale_j * (q . k8_j) / sqrt(head_dim),
+// o = sum_j p_j * scale_j * v8_j.
+enum ql_cache_dtype { QL_CACHE_F32 = 0, QL_CACHE_INT8 = 1 };
+
 typedef struct ql_linear {
   const uint8_t* b;            // (n, k_blocks, blob); NULL: this linear is absent
   const float* scales;         // (n, k_blocks)
@@ -138,8 +145,11 @@ typedef struct ql_linear {
 
 typedef struct ql_decoder_layer_args {
   float* x;          // (rows, hidden) in/out
-  float* k_cache;    // (batch, kv_heads, capacity, head_dim); rows past .. past + seq written
-  float* v_cache;    // (batch, kv_heads, capacity, head_dim)
+  void* k_cache;     // (batch, kv_heads, capacity, head_dim) float or int8 (cache_dtype); rows
+                     // past .. past + seq written
+  void* v_cache;     // (batch, kv_heads, capacity, head_dim) float or int8
+  float* k_scale;    // QL_CACHE_INT8: (batch, kv_heads, capacity), else unused
+  float* v_scale;    // QL_CACHE_INT8: (batch, kv_heads, capacity)
   const float* cos;  // (rows, head_dim / 2)
   const float* sin;  // (rows, head_dim / 2)
   const int64_t* key_mask;  // optional (batch, past + seq), 0 = masked
@@ -154,11 +164,12 @@ typedef struct ql_decoder_layer_args {
   int32_t rope_interleaved;  // 0: rotate x[i] with x[i + head_dim/2]; 1: x[2i] with x[2i + 1]
   int32_t path;              // ql_path of the linears
   int32_t threads;           // <= 0: hardware concurrency
+  int32_t cache_dtype;       // ql_cache_dtype
 } ql_decoder_layer_args;
 
 QL_API int ql_decoder_layer(const ql_decoder_layer_args* args);
 
-#define QL_ABI_VERSION 4
+#define QL_ABI_VERSION 5
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "dtype.h"
@@ -229,6 +230,64 @@ void test_decoder_layer(std::mt19937& rng) {
   for (size_t i = 0; i < k1.size(); ++i)
     worst = std::max({worst, std::fabs(double(k1[i]) - k2[i]), std::fabs(double(v1[i]) - v2[i])});
   check(worst < 1e-4, "decoder layer: prompt == steps (" + std::to_string(worst) + ")");
+
+  // The int8 cache: prompt == steps again (the codes of a row may differ by one where the M = 3
+  // and M = 1 sums of a key straddle a rounding boundary), the codes and scales are those of the
+  // fp32 cache's rows (quantlab_kernels.h), and the output stays near the fp32 cache's.
+  const size_t rows = static_cast<size_t>(kv_heads * cap);
+  std::vector<int8_t> k8a(cache_size), v8a(cache_size), k8b(cache_size), v8b(cache_size);
+  std::vector<float> ksa(rows), vsa(rows), ksb(rows), vsb(rows), x3 = x0, x4 = x0;
+  auto int8_args = [&](float* x, int8_t* kc, int8_t* vc, float* ks, float* vs, int64_t past,
+                       int64_t n) {
+    ql_decoder_layer_args q = args(x, nullptr, nullptr, past, n);
+    q.k_cache = kc;
+    q.v_cache = vc;
+    q.k_scale = ks;
+    q.v_scale = vs;
+    q.cache_dtype = QL_CACHE_INT8;
+    return q;
+  };
+  a = int8_args(x3.data(), k8a.data(), v8a.data(), ksa.data(), vsa.data(), 0, seq);
+  check(ql_decoder_layer(&a) == QL_OK, "decoder layer int8: prompt");
+  for (int64_t t = 0; t < seq; ++t) {
+    a = int8_args(x4.data() + t * hidden, k8b.data(), v8b.data(), ksb.data(), vsb.data(), t, 1);
+    check(ql_decoder_layer(&a) == QL_OK, "decoder layer int8: step");
+  }
+  double worst8 = 0.0, near_f32 = 0.0;
+  int code_diff = 0;
+  for (size_t i = 0; i < x3.size(); ++i) {
+    worst8 = std::max(worst8, std::fabs(double(x3[i]) - x4[i]));
+    near_f32 = std::max(near_f32, std::fabs(double(x3[i]) - x1[i]));
+  }
+  check(worst8 < 1e-3, "decoder layer int8: prompt == steps (" + std::to_string(worst8) + ")");
+  for (int64_t h = 0; h < kv_heads; ++h)
+    for (int64_t t = 0; t < seq; ++t) {
+      const size_t row = static_cast<size_t>(h * cap + t);
+      for (const auto& [f, q8, sc] :
+           {std::make_tuple(&k1, &k8a, &ksa), std::make_tuple(&v1, &v8a, &vsa)}) {
+        float amax = 0.f;
+        for (int64_t d = 0; d < hd; ++d) amax = std::max(amax, std::fabs((*f)[row * hd + d]));
+        check(std::fabs((*sc)[row] - amax / 127.f) <= 1e-5f * amax, "decoder layer int8: scale");
+        for (int64_t d = 0; d < hd; ++d) {
+          const float want = std::nearbyint((*f)[row * hd + d] / (amax / 127.f));
+          code_diff = std::max(code_diff, static_cast<int>(std::fabs(want - (*q8)[row * hd + d])));
+        }
+      }
+      for (int64_t d = 0; d < hd; ++d) {
+        const size_t e = row * hd + d;
+        code_diff = std::max({code_diff, std::abs(k8a[e] - k8b[e]), std::abs(v8a[e] - v8b[e])});
+      }
+    }
+  check(code_diff <= 1, "decoder layer int8: codes (" + std::to_string(code_diff) + ")");
+  // int8 rounding moves each cached value by <= scale / 2 = max|row| / 254: the residual stream
+  // moves by a few 1e-3 here; 0.05 fails if the scales were dropped (codes up to 127x the values).
+  check(near_f32 > 0.0 && near_f32 < 0.05,
+        "decoder layer int8: near the fp32 cache (" + std::to_string(near_f32) + ")");
+  a = int8_args(x3.data(), k8a.data(), v8a.data(), nullptr, vsa.data(), 0, seq);
+  check(ql_decoder_layer(&a) == QL_ERR_ARGUMENT, "decoder layer int8: no key scales");
+  a.k_scale = ksa.data();
+  a.cache_dtype = 7;
+  check(ql_decoder_layer(&a) == QL_ERR_ARGUMENT, "decoder layer: unknown cache dtype");
 
   a = args(x1.data(), k1.data(), v1.data(), 6, seq);  // 6 + 3 > capacity 8
   check(ql_decoder_layer(&a) == QL_ERR_ARGUMENT, "decoder layer: no room in the cache");

@@ -312,21 +312,28 @@ class DecoderLayer:
         key_mask: Any = None,
         *,
         past: int,
+        k_scale: Any = None,
+        v_scale: Any = None,
         check: bool = True,
     ) -> None:
         """Runs the layer on ``x`` (batch, seq, hidden) float32, in place.
 
-        ``k_cache``/``v_cache``: (batch, kv_heads, capacity, head_dim) float32 buffers; positions
-        ``past .. past + seq - 1`` are written. ``cos``/``sin``: (batch, seq, head_dim / 2) float32;
-        ``key_mask``: None or (batch, past + seq) int64, 0 = masked. ``check=False`` (torch tensors only)
-        skips the shape, dtype and layout checks (several microseconds, per layer and step) for
-        buffers the caller has already checked, e.g. those an earlier layer of the same step took; a
-        wrong buffer then corrupts memory.
+        ``k_cache``/``v_cache``: (batch, kv_heads, capacity, head_dim) buffers, float32, or int8 with
+        ``k_scale``/``v_scale`` (batch, kv_heads, capacity) float32 (one symmetric scale per token and kv
+        head, quantlab_kernels.h); positions ``past .. past + seq - 1`` are written. ``cos``/``sin``:
+        (batch, seq, head_dim / 2) float32; ``key_mask``: None or (batch, past + seq) int64, 0 = masked.
+        ``check=False`` (torch tensors only) skips the shape, dtype and layout checks (several
+        microseconds, per layer and step) for buffers the caller has already checked, e.g. those an
+        earlier layer of the same step took; a wrong buffer then corrupts memory.
         """
         batch, seq, hidden = x.shape
         a = self.args
         if not check:
             a.x, a.k_cache, a.v_cache = x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+            if k_scale is None:
+                a.cache_dtype, a.k_scale, a.v_scale = 0, None, None
+            else:
+                a.cache_dtype, a.k_scale, a.v_scale = 1, k_scale.data_ptr(), v_scale.data_ptr()
             a.cos, a.sin = cos.data_ptr(), sin.data_ptr()
             a.key_mask = None if key_mask is None else key_mask.data_ptr()
             a.batch, a.seq, a.past, a.capacity = batch, seq, past, k_cache.shape[2]
@@ -334,8 +341,10 @@ class DecoderLayer:
             if status != 0:
                 raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
             return
-        cache_shape = (batch, a.kv_heads, k_cache.shape[2], a.head_dim)
+        capacity = k_cache.shape[2]
+        cache_shape = (batch, a.kv_heads, capacity, a.head_dim)
         rope_shape = (batch, seq, a.head_dim // 2)
+        scales = (k_scale, v_scale)
         if (
             hidden != a.hidden
             or tuple(k_cache.shape) != cache_shape
@@ -343,20 +352,28 @@ class DecoderLayer:
             or tuple(cos.shape) != rope_shape
             or tuple(sin.shape) != rope_shape
             or (key_mask is not None and tuple(key_mask.shape) != (batch, past + seq))
+            or any(t is not None and tuple(t.shape) != cache_shape[:3] for t in scales)
         ):
             raise ValueError(
                 f"decoder_layer: x {tuple(x.shape)}, caches {tuple(k_cache.shape)} {tuple(v_cache.shape)}, "
                 f"cos/sin {tuple(cos.shape)} {tuple(sin.shape)}, key_mask "
-                f"{None if key_mask is None else tuple(key_mask.shape)} do not fit past={past}"
+                f"{None if key_mask is None else tuple(key_mask.shape)}, scales "
+                f"{[None if t is None else tuple(t.shape) for t in scales]} do not fit past={past}"
             )
-        for t in (x, k_cache, v_cache, cos, sin):
+        cache_dtype = _dtype_name(k_cache)
+        if cache_dtype not in _native.CACHE_DTYPES or _dtype_name(v_cache) != cache_dtype:
+            raise TypeError(f"decoder_layer: float32 or int8 caches only, got {k_cache.dtype} {v_cache.dtype}")
+        if (cache_dtype == "int8") != (k_scale is not None and v_scale is not None):
+            raise TypeError("decoder_layer: int8 caches take k_scale and v_scale, float32 caches neither")
+        for t in (x, cos, sin, *(t for t in scales if t is not None)):
             if _dtype_name(t) != "float32":
                 raise TypeError(f"decoder_layer: float32 buffers only, got {t.dtype}")
         if key_mask is not None and _dtype_name(key_mask) != "int64":
             raise TypeError(f"decoder_layer: key_mask must be int64, got {key_mask.dtype}")
         a.x, a.k_cache, a.v_cache = _ptr(x), _ptr(k_cache), _ptr(v_cache)
+        a.k_scale, a.v_scale, a.cache_dtype = _ptr(k_scale), _ptr(v_scale), _native.CACHE_DTYPES[cache_dtype]
         a.cos, a.sin, a.key_mask = _ptr(cos), _ptr(sin), _ptr(key_mask)
-        a.batch, a.seq, a.past, a.capacity = batch, seq, past, k_cache.shape[2]
+        a.batch, a.seq, a.past, a.capacity = batch, seq, past, capacity
         status = _lib.ql_decoder_layer(self._ref)
         if status != 0:
             raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 LIB_NAME = "_libquantlab_kernels.so"
 CUDA_LIB_NAME = "_libquantlab_cuda.so"
 # Overrides the library location (a build directory's copy, for example).
@@ -95,6 +95,8 @@ class DecoderLayerArgs(ctypes.Structure):
         ("x", ctypes.c_void_p),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        ("k_scale", ctypes.c_void_p),
+        ("v_scale", ctypes.c_void_p),
         ("cos", ctypes.c_void_p),
         ("sin", ctypes.c_void_p),
         ("key_mask", ctypes.c_void_p),
@@ -116,7 +118,11 @@ class DecoderLayerArgs(ctypes.Structure):
         ("rope_interleaved", ctypes.c_int32),
         ("path", ctypes.c_int32),
         ("threads", ctypes.c_int32),
+        ("cache_dtype", ctypes.c_int32),
     ]
+
+
+CACHE_DTYPES = {"float32": 0, "int8": 1}  # ql_cache_dtype, by the cache tensors' dtype
 
 
 def _candidates(name: str) -> list[Path]:

@@ -26,6 +26,15 @@ are the views ``buf[:, :, :length]``, a forward writes the new positions in plac
 returns longer views of the same buffer. An old dict stays valid for rewinding (positions below its
 length are never overwritten) and slicing ``t[:, :, :n]`` trims; anything else (a copy, no room
 left) is copied once into a new, larger buffer.
+
+KV cache (``kv_cache``): ``"f32"``, or ``"int8"`` on the native path (the default when the artifact's manifest
+says its cache is an int8 format): each (token, kv head) row of keys and values is stored as symmetric int8
+codes with one float32 scale, quantized when written (keys after RoPE), and the attention kernel reads the
+codes directly (csrc/include/quantlab_kernels.h), a quarter of the f32 cache's bytes per step. The dict then
+holds per layer the int8 views ``past_key_values.{i}.key`` / ``.value`` (batch, kv_heads, seq, head_dim) and
+the float32 views ``past_key_values.{i}.key_scale`` / ``.value_scale`` (batch, kv_heads, seq) beside them:
+every tensor is batch-first with the sequence on axis 2, so generic code (trimming, row selection) works on
+it as on the f32 cache. The torch path keeps an f32 cache.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantlab import kernels
+from quantlab.graph_builder.kv_cache import SCALE_SUFFIX, parse_kv_cache
 from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.io.spec import ModelSpec
 
@@ -63,6 +73,7 @@ _NATIVE_SPEC = {
 _ATTN_FORMS = {"qkv": ("qkv_proj",), "separate": ("q_proj", "k_proj", "v_proj")}
 _MLP_FORMS = {"gate_up": ("gate_up_proj",), "separate": ("gate_proj", "up_proj")}
 MIN_CACHE_CAPACITY = 256
+KV_CACHE_KINDS = ("f32", "int8")
 
 
 def _np(value: ir.Value) -> np.ndarray:
@@ -155,8 +166,17 @@ def _weight_of(node: ir.Node) -> np.ndarray:
 class TorchDecoder:
     """An artifact's decoder in PyTorch: ``forward(ids, cache) -> (logits, cache)`` like OrtDecoder."""
 
-    def __init__(self, artifact_dir: str | os.PathLike, *, threads: int | None = None, native: bool = True):
-        """``native=False`` keeps the torch ops even where the native layers could run (tests, debugging)."""
+    def __init__(
+        self,
+        artifact_dir: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        native: bool = True,
+        kv_cache: str | None = None,
+    ):
+        """``native=False`` keeps the torch ops even where the native layers could run (tests, debugging).
+        ``kv_cache``: ``"f32"`` or ``"int8"`` (module docstring); None: ``"int8"`` when the manifest's cache
+        format is int8, else ``"f32"``. The torch path always keeps an f32 cache."""
         import torch
 
         self.torch = torch
@@ -165,6 +185,11 @@ class TorchDecoder:
         self.dir = Path(artifact_dir)
         manifest = json.loads((self.dir / "manifest.json").read_text(encoding="utf-8"))
         self.spec = s = ModelSpec.from_dict(manifest["spec"])
+        if kv_cache is None:
+            stored = parse_kv_cache(manifest.get("kv_cache", {}).get("format", "fp32"))
+            kv_cache = "int8" if stored.kind == "int8" else "f32"
+        if kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
         model = ir.load(self.dir / "model.onnx")
         self.linears: dict[str, _Linear] = {}
         self.vectors: dict[str, torch.Tensor] = {}
@@ -184,10 +209,16 @@ class TorchDecoder:
         self.past_key_names = [f"past_key_values.{i}.key" for i in range(s.num_layers)]
         self.past_value_names = [f"past_key_values.{i}.value" for i in range(s.num_layers)]
         self.cache_allocations = 0  # cache buffers allocated by the native path (tests count them)
-        self._cache_names = [n for pair in zip(self.past_key_names, self.past_value_names, strict=True) for n in pair]
         self._last = None  # (the cache dict the last native forward returned, its views, their buffers)
         self.native_reason = self._native_unsupported() if native else "native=False"
         self.native = self.native_reason is None
+        self.kv_cache = kv_cache if self.native else "f32"
+        # each layer's cache tensors in the dict's order: key, value (and key_scale, value_scale for int8)
+        self._layer_names = [
+            (k, v, k + SCALE_SUFFIX, v + SCALE_SUFFIX) if self.kv_cache == "int8" else (k, v)
+            for k, v in zip(self.past_key_names, self.past_value_names, strict=True)
+        ]
+        self._cache_names = [n for names in self._layer_names for n in names]
         self.layers = [self._native_layer(i, kernel_threads) for i in range(s.num_layers)] if self.native else []
 
     def _native_unsupported(self) -> str | None:
@@ -263,8 +294,15 @@ class TorchDecoder:
         return {name: t[:, :, :length] for name, t in cache.items()}
 
     def empty_cache(self, batch: int = 1) -> dict:
+        torch = self.torch
         shape = (batch, self.kv_heads, 0, self.head_dim)  # (batch, kv_heads, seq, head_dim)
-        return {n: self.torch.zeros(shape) for n in self.past_key_names + self.past_value_names}
+        if self.kv_cache == "f32":
+            return {n: torch.zeros(shape) for n in self.past_key_names + self.past_value_names}
+        cache = {}
+        for k, v, k_scale, v_scale in self._layer_names:
+            cache[k], cache[v] = torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8)
+            cache[k_scale], cache[v_scale] = torch.zeros(shape[:3]), torch.zeros(shape[:3])  # (batch, kv_heads, seq)
+        return cache
 
     def _norm(self, x, name):
         # one op (not five): after a decode step's layers have streamed the weights through the caches,
@@ -362,15 +400,15 @@ class TorchDecoder:
         buffers = self._last_buffers(cache, batch, total)
         if buffers is None:
             buffers = [
-                (self._cache_buffer(cache[k], batch, past, total), self._cache_buffer(cache[v], batch, past, total))
-                for k, v in zip(self.past_key_names, self.past_value_names, strict=True)
+                self._layer_buffers([cache[n] for n in names], batch, past, total) for names in self._layer_names
             ]
-        view = (batch, self.kv_heads, total, self.head_dim)  # (batch, kv_heads, seq, head_dim)
+        code_view = (batch, self.kv_heads, total, self.head_dim)  # (batch, kv_heads, seq, head_dim)
         views = []
-        for i, (layer, (k_buf, v_buf)) in enumerate(zip(self.layers, buffers, strict=True)):
-            # the first layer checks the step's buffers; the caches are _cache_buffer's (batch, kv, capacity, d)
-            layer(x, k_buf, v_buf, cos, sin, key_mask, past=past, check=i == 0)
-            views += (k_buf.as_strided(view, k_buf.stride()), v_buf.as_strided(view, v_buf.stride()))
+        for i, (layer, bufs) in enumerate(zip(self.layers, buffers, strict=True)):
+            # the first layer checks the step's buffers; the caches are _layer_buffers' (batch, kv, capacity[, d])
+            k_scale, v_scale = bufs[2:] if len(bufs) == 4 else (None, None)
+            layer(x, bufs[0], bufs[1], cos, sin, key_mask, past=past, k_scale=k_scale, v_scale=v_scale, check=i == 0)
+            views += (b.as_strided(code_view[: b.dim()], b.stride()) for b in bufs)
         new_cache = dict(zip(self._cache_names, views, strict=True))
         self._last = (new_cache, views, buffers)
         return x, new_cache
@@ -383,34 +421,59 @@ class TorchDecoder:
         if last is None or cache is not last[0]:
             return None
         _, views, buffers = last
-        k_buf = buffers[0][0]
+        k_buf = buffers[0][0]  # every buffer has the same batch and capacity
         if k_buf.shape[0] != batch or k_buf.shape[2] < needed:
             return None
         if not all(cache.get(name) is t for name, t in zip(self._cache_names, views, strict=True)):
             return None
         return buffers
 
+    def _layer_buffers(self, tensors: list, batch: int, past: int, needed: int) -> list:
+        """One layer's whole buffers (batch, kv_heads, capacity[, head_dim]) behind its cache entries (key, value
+        and for int8 their scales), when each entry is a prefix view of one with room for ``needed`` positions and
+        all share a capacity (the kernel takes one); else new buffers holding copies of the entries."""
+        found = [self._cache_buffer(t, batch, past, needed) for t in tensors]
+        if all(b is not None for b in found) and len({b.shape[2] for b in found}) == 1:
+            return found
+        torch, capacity = self.torch, max(MIN_CACHE_CAPACITY, 2 * needed)
+        new = []
+        for i, t in enumerate(tensors):
+            code = i < 2  # key, value; then their scales (batch, kv_heads, capacity)
+            t = t if type(t) is torch.Tensor else torch.as_tensor(np.asarray(t))
+            dtype = torch.int8 if code and self.kv_cache == "int8" else torch.float32
+            if t.dtype != dtype:  # a copy would cast: an f32 cache's values are no int8 codes
+                raise TypeError(f"a {self.kv_cache} cache holds {dtype} keys, values and scales, got {t.dtype}")
+            shape = (batch, self.kv_heads, capacity, self.head_dim)[: 4 if code else 3]
+            buf = torch.empty(shape, dtype=dtype)
+            buf[:, :, :past] = t
+            new.append(buf)
+        self.cache_allocations += len(new)
+        return new
+
     def _cache_buffer(self, t, batch: int, past: int, needed: int):
-        """The whole (batch, kv_heads, capacity, head_dim) buffer that cache entry ``t`` is a prefix view of,
-        when it has room for ``needed`` positions; else a new buffer holding a copy of ``t``."""
-        torch, kv, d = self.torch, self.kv_heads, self.head_dim
-        if type(t) is torch.Tensor and t.dtype == torch.float32 and t.storage_offset() == 0:
-            s0, s1, s2, s3 = t.stride()
-            capacity = s1 // d
-            if (
-                t.shape == (batch, kv, past, d)
-                and s3 == 1
-                and s2 == d
-                and s1 == capacity * d
-                and s0 == kv * s1
-                and capacity >= needed
-                and t.untyped_storage().nbytes() >= batch * s0 * 4
-            ):
-                return t.as_strided((batch, kv, capacity, d), (s0, s1, s2, s3))
-        buf = torch.empty(batch, kv, max(MIN_CACHE_CAPACITY, 2 * needed), d)  # (batch, kv_heads, capacity, head_dim)
-        buf[:, :, :past] = torch.as_tensor(np.asarray(t)) if type(t) is not torch.Tensor else t
-        self.cache_allocations += 1
-        return buf
+        """The whole (batch, kv_heads, capacity[, head_dim]) buffer that cache entry ``t`` (a key or value of the
+        cache's dtype, or an int8 cache's float32 scales) is a prefix view of, when it has room for ``needed``
+        positions; else None."""
+        torch, kv = self.torch, self.kv_heads
+        if type(t) is not torch.Tensor or t.storage_offset() != 0:
+            return None
+        code = t.dim() == 4
+        d = self.head_dim if code else 1
+        dtype = torch.int8 if code and self.kv_cache == "int8" else torch.float32
+        if t.dtype != dtype or t.shape != (batch, kv, past, self.head_dim)[: t.dim()] or t.dim() not in (3, 4):
+            return None
+        strides = t.stride()
+        s0, s1 = strides[0], strides[1]
+        capacity = s1 // d
+        if (
+            strides[2:] == ((d, 1) if code else (1,))
+            and s1 == capacity * d
+            and s0 == kv * s1
+            and capacity >= needed
+            and t.untyped_storage().nbytes() >= batch * s0 * t.element_size()
+        ):
+            return t.as_strided((batch, kv, capacity, d)[: t.dim()], strides)
+        return None
 
     def _layers_torch(self, ids, cache, cos, sin, attention_mask, past):
         torch, s = self.torch, self.spec

@@ -2,7 +2,9 @@
 
 One ``ql_decoder_layer`` call per layer replaces the torch ops and per-linear kernel calls; the oracle
 is onnxruntime on the same artifact. The cache is a preallocated buffer behind views: rewinding to an
-old dict, trimming and batch rows leaving must all still give onnxruntime's answers.
+old dict, trimming and batch rows leaving must all still give onnxruntime's answers. The int8 cache
+(``kv_cache="int8"``) is held to the fp32 cache's logits within its rounding, to the reference quantization
+(quantlab.graph_builder.kv_cache.quantize) for its codes, and to the same cache handling.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from quantlab import kernels  # noqa: E402
 from quantlab.cli.main import main  # noqa: E402
+from quantlab.graph_builder.kv_cache import KvCacheFormat, quantize  # noqa: E402
 from quantlab.runtime.generate import OrtDecoder, generate_batch, left_pad  # noqa: E402
 from quantlab.runtime.torch_decoder import TorchDecoder  # noqa: E402
 from tests.models import model_path  # noqa: E402
@@ -24,6 +27,13 @@ pytestmark = pytest.mark.skipif(kernels.backend() == "numpy", reason="the C++ ke
 LOGITS_ATOL = 1e-3
 PROMPT = [1, 403, 407, 261, 378, 432, 383]
 QUANTIZED = ("w4a16-g32-asym", "w4a16-g32-sym", "w8a16-g32")
+# int8 cache vs fp32 cache, mean KL divergence (nats) of the next-token distributions over a 64-token greedy
+# run. int8 rounding moves each cached value by at most max|row| / 254; measured: 0.0024 (stories260K w4),
+# 0.0007 (SmolLM2 w4). Reading the cache with one mean scale per tensor instead of one per row gives 0.25 and
+# 3.3 (checked below), a cache without its scales ~10.
+INT8_CACHE_MEAN_KLD = 0.01
+# SmolLM2's greedy prompt (see test_smollm2_greedy_matches_onnxruntime): every step wins by >= 2 logits.
+SMOL_PROMPT = [33, 28, 216, 34, 28, 216, 35, 28, 216, 36, 28, 216, 37, 28]
 
 
 def _convert(source, out, recipe=None):
@@ -37,6 +47,12 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("native-layer")
     stories = model_path("stories260K.bin")
     return {recipe: _convert(stories, root / recipe, recipe) for recipe in (*QUANTIZED, "fp32")}
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native-smollm2")
+    return _convert(model_path("SmolLM2-135M-Instruct.Q4_1.gguf"), root / "w4", "w4a16-g128-asym")
 
 
 def _greedy(decoder, prompt, steps):
@@ -97,11 +113,12 @@ def test_native_layers_batch_left_padding(artifacts):
     assert generate_batch(torch_dec, prompts, max_new_tokens=12, stop_ids=[stop]) == expected
 
 
-def test_cache_views_rewind_trim_and_no_reallocation(artifacts):
-    dec = TorchDecoder(artifacts["w8a16-g32"])
+@pytest.mark.parametrize("kv_cache", ["f32", "int8"])
+def test_cache_views_rewind_trim_and_no_reallocation(artifacts, kv_cache):
+    dec = TorchDecoder(artifacts["w8a16-g32"], kv_cache=kv_cache)
     _, cache = dec.forward(np.array([PROMPT]), dec.empty_cache())
     allocated = dec.cache_allocations
-    assert allocated == 2 * dec.num_layers
+    assert allocated == len(cache) == (2 if kv_cache == "f32" else 4) * dec.num_layers
     marked = cache
     for token in (5, 77, 300, 2, 9, 10, 11, 12):  # in place: no buffer per step
         _, cache = dec.forward(np.array([[token]]), cache)
@@ -110,7 +127,7 @@ def test_cache_views_rewind_trim_and_no_reallocation(artifacts):
     assert cache[key].shape[2] == len(PROMPT) + 8
     assert cache[key].untyped_storage().data_ptr() == marked[key].untyped_storage().data_ptr()
 
-    fresh = TorchDecoder(artifacts["w8a16-g32"])
+    fresh = TorchDecoder(artifacts["w8a16-g32"], kv_cache=kv_cache)
     expected, _ = fresh.forward(np.array([PROMPT + [42, 43]]), fresh.empty_cache())
     rewound, c = dec.forward(np.array([[42]]), marked)  # rewind: the old dict overwrites position 7 on
     rewound, _ = dec.forward(np.array([[43]]), c)
@@ -167,6 +184,14 @@ def test_decoder_layer_rejects_bad_shapes(artifacts):
         layer(x, cache, cache.clone(), rope[:, :1], rope[:, :1], past=0)
     with pytest.raises(TypeError):
         layer(x.double(), cache, cache.clone(), rope, rope, past=0)
+    codes, scale = cache.to(torch.int8), torch.zeros(cache.shape[:3])  # (batch, kv_heads, capacity)
+    layer(x, codes, codes.clone(), rope, rope, past=0, k_scale=scale, v_scale=scale.clone())  # fits
+    with pytest.raises(TypeError):  # int8 codes without their scales
+        layer(x, codes, codes.clone(), rope, rope, past=0)
+    with pytest.raises(TypeError):  # scales beside float caches
+        layer(x, cache, cache.clone(), rope, rope, past=0, k_scale=scale, v_scale=scale.clone())
+    with pytest.raises(ValueError):
+        layer(x, codes, codes.clone(), rope, rope, past=0, k_scale=scale[:, :, :1], v_scale=scale[:, :, :1])
     o = dec.linears["model.layers.0.self_attn.o_proj"]
     weights = {"B": o.B, "scales": o.scales[:-1], "K": o.K, "N": o.N, "bits": o.bits, "block_size": o.block}
     with pytest.raises(ValueError, match="o.scales"):
@@ -183,12 +208,128 @@ def test_decoder_layer_rejects_bad_shapes(artifacts):
         )
 
 
-def test_smollm2_greedy_matches_onnxruntime(tmp_path):
-    art = _convert(model_path("SmolLM2-135M-Instruct.Q4_1.gguf"), tmp_path / "w4", "w4a16-g128-asym")
-    ort_dec, torch_dec = OrtDecoder(art), TorchDecoder(art, threads=2)
+def test_smollm2_greedy_matches_onnxruntime(smollm2):
+    ort_dec, torch_dec = OrtDecoder(smollm2), TorchDecoder(smollm2, threads=2)
     assert torch_dec.native, torch_dec.native_reason
     # "1, 2, 3, 4, 5,": every greedy step wins by >= 2 logits. SmolLM2's outlier activations make int8
     # activation blocks touchy: any two implementations (onnxruntime, our torch ops, the native layers)
     # differ by ~0.3 per logit on average, so a prompt with near-ties would test luck, not the layers.
-    prompt = [33, 28, 216, 34, 28, 216, 35, 28, 216, 36, 28, 216, 37, 28]
-    assert _greedy(torch_dec, prompt, 16) == _greedy(ort_dec, prompt, 16)
+    assert _greedy(torch_dec, SMOL_PROMPT, 16) == _greedy(ort_dec, SMOL_PROMPT, 16)
+
+
+def test_grouped_attention_prompt_blocks_match_the_torch_ops(artifacts):
+    # 40 query rows: five row blocks per kv head, on the pool (stories260K: 2 query heads per kv head).
+    # The prompt is one where no int8 activation code of either implementation straddles a rounding
+    # boundary: elsewhere a 1e-6 difference moves one key or value row and, from there on, logits by ~0.2
+    # (test_buffer_growth_keeps_the_history); seeds 0..2 have such a row, here the logits agree to 1e-5.
+    native = TorchDecoder(artifacts["w4a16-g32-asym"], threads=2)
+    ops = TorchDecoder(artifacts["w4a16-g32-asym"], native=False)
+    prompt = [1, *np.random.default_rng(3).integers(2, 500, 39)]
+    a, ca = ops.forward(np.array([prompt]), ops.empty_cache())
+    b, cb = native.forward(np.array([prompt]), native.empty_cache())
+    np.testing.assert_allclose(b, a, atol=LOGITS_ATOL, rtol=0)
+    a, _ = ops.forward(np.array([[5]]), ca)
+    b, _ = native.forward(np.array([[5]]), cb)
+    np.testing.assert_allclose(b, a, atol=LOGITS_ATOL, rtol=0)
+
+
+def _mean_kld(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean KL(softmax(p) || softmax(q)) over the rows of two (rows, vocab) logit arrays."""
+    lp, lq = (torch.log_softmax(torch.from_numpy(x).double(), -1) for x in (p, q))
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def _forced_logits(decoder, prompt, tokens, spoil_scales=False):
+    """The last-position logits after the prompt and after each of ``tokens`` fed in turn (rows, vocab)."""
+    logits, cache = decoder.forward(np.array([prompt]), decoder.empty_cache())
+    if spoil_scales:  # the control: one mean scale per tensor for the prompt's rows, not one per row
+        with torch.inference_mode():
+            for name, t in cache.items():
+                if name.endswith("_scale"):
+                    t.fill_(float(t.mean()))
+    rows = [logits[0, -1]]
+    for token in tokens:
+        logits, cache = decoder.forward(np.array([[token]]), cache)
+        rows.append(logits[0, -1])
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_int8_cache_close_to_the_f32_cache(artifacts, smollm2, model):
+    art, prompt = (artifacts["w4a16-g32-asym"], PROMPT) if model == "stories260K" else (smollm2, SMOL_PROMPT)
+    f32, int8 = TorchDecoder(art, threads=2, kv_cache="f32"), TorchDecoder(art, threads=2, kv_cache="int8")
+    assert int8.native and int8.kv_cache == "int8"
+    tokens = _greedy(f32, prompt, 64)[:-1]
+    expected = _forced_logits(f32, prompt, tokens)
+    assert _mean_kld(expected, _forced_logits(int8, prompt, tokens)) < INT8_CACHE_MEAN_KLD
+    assert _mean_kld(expected, _forced_logits(int8, prompt, tokens, spoil_scales=True)) > 10 * INT8_CACHE_MEAN_KLD
+
+
+def test_int8_cache_smollm2_greedy_matches_the_f32_cache(smollm2):
+    f32, int8 = TorchDecoder(smollm2, threads=2, kv_cache="f32"), TorchDecoder(smollm2, threads=2, kv_cache="int8")
+    assert _greedy(int8, SMOL_PROMPT, 16) == _greedy(f32, SMOL_PROMPT, 16)
+
+
+def test_int8_cache_codes_are_the_reference_quantization(artifacts):
+    # layer 0's keys and values come before any attention: the fp32 cache's rows, quantized by the
+    # reference (scale = max|x| / 127, round half to even), must be the int8 cache's codes and scales
+    f32 = TorchDecoder(artifacts["w4a16-g32-asym"], kv_cache="f32")
+    int8 = TorchDecoder(artifacts["w4a16-g32-asym"], kv_cache="int8")
+    _, cf = f32.forward(np.array([PROMPT]), f32.empty_cache())
+    _, ci = int8.forward(np.array([PROMPT]), int8.empty_cache())
+    for name in (f32.past_key_names[0], f32.past_value_names[0]):
+        codes, scale = quantize(cf[name].numpy(), KvCacheFormat("int8"))
+        assert ci[name].dtype == torch.int8 and ci[name].shape == cf[name].shape
+        np.testing.assert_array_equal(ci[name].numpy(), codes)
+        np.testing.assert_array_equal(ci[name + "_scale"].numpy(), scale[..., 0])  # (batch, kv_heads, seq)
+
+
+def test_int8_cache_batch_left_padding(artifacts):
+    # each row of a left-padded batch gives what its prompt gives alone; generate_batch's row selection
+    # (numpy copies of every cache tensor, scales included) takes the copying path
+    dec = TorchDecoder(artifacts["w4a16-g32-asym"], kv_cache="int8")
+    prompts = [PROMPT, [1, 99], [1, 300, 301, 302]]
+    ids, mask, positions = left_pad(prompts)  # (batch, longest) each
+    batch, _ = dec.forward(ids, dec.empty_cache(len(prompts)), attention_mask=mask, position_ids=positions)
+    assert np.isfinite(batch).all()
+    for row, prompt in enumerate(prompts):
+        alone, _ = dec.forward(np.array([prompt]), dec.empty_cache())
+        np.testing.assert_allclose(batch[row, -1], alone[0, -1], atol=LOGITS_ATOL, rtol=0)
+    stop = _greedy(dec, [1, 99], 3)[2]
+    expected = [generate_batch(dec, [p], max_new_tokens=12, stop_ids=[stop])[0] for p in prompts]
+    assert generate_batch(dec, prompts, max_new_tokens=12, stop_ids=[stop]) == expected
+
+
+def test_kv_cache_option(artifacts, tmp_path):
+    assert TorchDecoder(artifacts["w4a16-g32-asym"]).kv_cache == "f32"
+    kv8 = tmp_path / "kv8"
+    argv = ["convert", str(model_path("stories260K.bin")), "-o", str(kv8), "--no-progress", "--no-eval"]
+    assert main([*argv, "--recipe", "w4a16-g32-asym", "--kv", "int8"]) == 0
+    assert TorchDecoder(kv8).kv_cache == "int8"  # the manifest's cache format
+    assert TorchDecoder(kv8, kv_cache="f32").kv_cache == "f32"
+    assert TorchDecoder(kv8, native=False).kv_cache == "f32"  # the torch ops keep an f32 cache
+    with pytest.raises(ValueError, match="kv_cache"):
+        TorchDecoder(kv8, kv_cache="int4")
+    dec = TorchDecoder(kv8)
+    cache = dec.empty_cache()
+    cache[dec.past_key_names[0]] = cache[dec.past_key_names[0]].float()
+    with pytest.raises(TypeError):  # float keys are no int8 codes: not cast
+        dec.forward(np.array([[1]]), cache)
+
+
+@pytest.mark.parametrize("kv_cache", ["f32", "int8"])
+def test_attention_task_split_is_exact(smollm2, kv_cache):
+    # One thread runs each kv head's 3 query heads as one task; two threads split a decode step's groups
+    # into parts (3 kv heads, 2 threads) and prompts into row blocks. Per head the sums run in the same
+    # order either way (and the linears split over outputs): the logits must be bitwise equal.
+    prompt = np.array([[1, *np.random.default_rng(0).integers(100, 40000, 149)]])
+    outs = []
+    for threads in (1, 2):
+        dec = TorchDecoder(smollm2, threads=threads, kv_cache=kv_cache)
+        logits, cache = dec.forward(prompt, dec.empty_cache())
+        rows = [logits[:, -1]]
+        for token in (5, 77, 300):
+            logits, cache = dec.forward(np.array([[token]]), cache)
+            rows.append(logits[:, -1])
+        outs.append(np.concatenate(rows))
+    np.testing.assert_array_equal(outs[1], outs[0])

@@ -132,22 +132,27 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits (vocab,) -> next token id."""
-        c = self.config
-        if c.greedy:
+        if self.config.greedy:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / c.temperature
-        order = np.argsort(-z, kind="stable")
-        if c.top_k:
-            order = order[: c.top_k]
-        z = z[order]
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        if c.top_p < 1.0:
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            keep = int(np.searchsorted(np.cumsum(p), c.top_p) + 1)
-            p = p[:keep] / p[:keep].sum()
-            order = order[:keep]
+        order, p = candidates(logits, self.config)
         return int(order[self.rng.choice(len(p), p=p)])
+
+
+def candidates(logits: np.ndarray, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """logits (vocab,) -> (token ids, their probabilities) that sampling draws from: temperature, then the
+    top-k likeliest, then the smallest prefix whose mass reaches top-p (always at least one token)."""
+    z = logits.astype(np.float64) / config.temperature
+    order = np.argsort(-z, kind="stable")
+    if config.top_k:
+        order = order[: config.top_k]
+    z = z[order]
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if config.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), config.top_p) + 1)
+        p = p[:keep] / p[:keep].sum()
+        order = order[:keep]
+    return order, p
 
 
 class OrtDecoder:

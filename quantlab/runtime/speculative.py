@@ -34,7 +34,7 @@ import numpy as np
 
 from quantlab.errors import InputError
 from quantlab.graph_builder.kv_cache import RESIDUAL_SUFFIX, TAIL_SUFFIX
-from quantlab.runtime.generate import GREEDY, SamplingConfig, cache_length
+from quantlab.runtime.generate import GREEDY, SamplingConfig, cache_length, candidates
 
 # The files whose bytes must match for two artifacts to share a tokenizer (whichever the folder has).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.bin", "tokenizer.model")
@@ -81,17 +81,7 @@ class SpeculativeResult:
 def sampling_probs(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
     """logits (vocab,) -> the distribution :class:`~quantlab.runtime.generate.Sampler` draws from, as a full
     (vocab,) float64 vector: temperature, then the top-k likeliest, then the smallest top-p prefix."""
-    z = logits.astype(np.float64) / config.temperature
-    order = np.argsort(-z, kind="stable")
-    if config.top_k:
-        order = order[: config.top_k]
-    z = z[order]
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if config.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), config.top_p) + 1)  # as Sampler: at least one token
-        p = p[:keep] / p[:keep].sum()
-        order = order[:keep]
+    order, p = candidates(logits, config)
     out = np.zeros(logits.shape[-1], dtype=np.float64)
     out[order] = p
     return out

@@ -131,8 +131,8 @@ def _quantized_layer(ckpt: Checkpoint, i: int, recipe: Recipe, result: Calibrati
     so the next layer calibrates on what it will see in onnxruntime, int8 activation rounding included.
     At accuracy level 4 this is also the faster pass: int8 GEMMs instead of fp32 ones (1.6-1.7x on the
     1B shapes at 1024 tokens on 2 cores)."""
-    from quantlab.api import quantization_pipeline  # api imports this module inside convert()
     from quantlab.passes.dead_nodes import RemoveDeadNodesPass
+    from quantlab.pipelines import quantization_pipeline
 
     def quantize(model: ir.Model) -> ir.Model:
         for graph_pass in [*quantization_pipeline(model, recipe, result, embedding=False), RemoveDeadNodesPass()]:

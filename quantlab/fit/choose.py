@@ -123,9 +123,9 @@ def graph_bytes(ckpt, recipe, source=None, options=None) -> tuple[int, dict[str,
     """(all weight bytes, bytes per unit, initializers) the recipe would write: the graph built and
     quantized lazily, no weight read. A tensor shared by two nodes is counted once. ``options``: the
     conversion's BuildOptions (fused attention adds RoPE caches, say)."""
-    from quantlab.api import quantization_pipeline
     from quantlab.graph_builder.decoder import BuildOptions, build_decoder
     from quantlab.passes.manager import run_passes
+    from quantlab.pipelines import quantization_pipeline
 
     options = options or BuildOptions()
     model = build_decoder(ckpt, dataclasses.replace(options, weight_dtype=recipe.weight_dtype))

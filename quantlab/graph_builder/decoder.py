@@ -27,7 +27,7 @@ before attention. A static format (int8-static) has no scale tensors: its scales
 one com.microsoft.GroupQueryAttention node over the same inputs and outputs, with RoPE as
 com.microsoft.RotaryEmbedding at the position_ids input (see :meth:`_Builder.fused_attention`). It reads
 fp32 and static int8/int4 caches. The passes in passes/fuse_*.py then fuse that graph's linears and norms
-(quantlab.api.fusion_pipeline); ``plain`` stays standard opset-21 ONNX.
+(quantlab.pipelines.fusion_pipeline); ``plain`` stays standard opset-21 ONNX.
 
 Every linear is ``MatMul(x, W)`` with ``W`` an initializer of shape (in, out), named after the
 checkpoint tensor it came from (``model.layers.0.self_attn.q_proj.weight``), so weight passes find

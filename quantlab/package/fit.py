@@ -140,9 +140,9 @@ def artifact_unit_bytes(artifact: Path) -> dict[str, int]:
 
 def recipe_unit_bytes(ckpt, recipe) -> dict[str, int]:
     """Bytes per unit the recipe would write: the graph built and quantized lazily (no weight is read)."""
-    from quantlab.api import default_attention, fusion_pipeline, quantization_pipeline
     from quantlab.graph_builder.decoder import BuildOptions, build_decoder
     from quantlab.passes.manager import run_passes
+    from quantlab.pipelines import default_attention, fusion_pipeline, quantization_pipeline
 
     # the graph `convert` builds for this recipe (its default attention and fusions), so the bytes agree
     attention = default_attention(recipe)

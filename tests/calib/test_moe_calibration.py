@@ -15,7 +15,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from quantlab.api import quantization_pipeline  # noqa: E402
 from quantlab.calib.calibrate import calibrate  # noqa: E402
 from quantlab.calib.experts import min_expert_tokens  # noqa: E402
 from quantlab.calib.layerwise import with_overrides  # noqa: E402
@@ -24,6 +23,7 @@ from quantlab.graph_builder.decoder import BuildOptions, build_decoder  # noqa: 
 from quantlab.io import load_checkpoint  # noqa: E402
 from quantlab.passes.manager import run_passes  # noqa: E402
 from quantlab.passes.quantize_weights import QMOE_SCHEMES  # noqa: E402
+from quantlab.pipelines import quantization_pipeline  # noqa: E402
 from quantlab.quant.metrics import compare_logits  # noqa: E402
 from quantlab.quant.rtn import rtn_quantize  # noqa: E402
 from quantlab.quant.scheme import GROUP_SIZES  # noqa: E402

@@ -8,12 +8,12 @@ import json
 import onnx
 import pytest
 
-from quantlab.api import cleanup_pipeline, quantization_pipeline
 from quantlab.cli.inspect import PARTS, size_by_part
 from quantlab.cli.main import main
 from quantlab.emit.artifact import save_model
 from quantlab.graph_builder.decoder import build_decoder
 from quantlab.passes.manager import run_passes
+from quantlab.pipelines import cleanup_pipeline, quantization_pipeline
 from quantlab.recipe import load_recipe
 from tests.models import model_path
 from tests.tiny import tiny_checkpoint

@@ -9,12 +9,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from quantlab.api import quantization_pipeline
 from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.passes.dead_nodes import RemoveDeadNodesPass
 from quantlab.passes.fuse_matmul_nbits import FuseParallelMatMulNBitsPass
 from quantlab.passes.fuse_norms import FuseRmsNormPass
 from quantlab.passes.manager import run_passes
+from quantlab.pipelines import quantization_pipeline
 from quantlab.recipe import load_recipe
 from tests.passes.graphs import ops, run_ort
 from tests.tiny import tiny_checkpoint

@@ -10,11 +10,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from quantlab.api import cleanup_pipeline, quantization_pipeline
 from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.io import load_checkpoint
 from quantlab.passes.keep_source_quantization import KeepSourceQuantizationPass
 from quantlab.passes.manager import run_passes
+from quantlab.pipelines import cleanup_pipeline, quantization_pipeline
 from quantlab.quant.gguf_blocks import KEPT, plan_source_quantization
 from quantlab.recipe import load_recipe
 from tests.io.test_gguf import _byte_level_alphabet, llama_cpp_permute

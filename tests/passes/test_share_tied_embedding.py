@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 import pytest
 
-from quantlab.api import cleanup_pipeline, quantization_pipeline
 from quantlab.cli.main import main
 from quantlab.graph_builder.decoder import BuildOptions, build_decoder
 from quantlab.io.spec import Checkpoint
 from quantlab.passes.manager import run_passes
 from quantlab.passes.quantize_weights import QuantizeWeightsPass
 from quantlab.passes.share_tied_embedding import ShareTiedEmbeddingPass
+from quantlab.pipelines import cleanup_pipeline, quantization_pipeline
 from quantlab.quant.rtn import dequantize, rtn_quantize
 from quantlab.quant.scheme import parse_scheme
 from quantlab.recipe import load_recipe

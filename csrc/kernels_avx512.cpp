@@ -1,5 +1,6 @@
-// x86-64 AVX-512 VNNI path (-mavx512f -mavx512bw -mavx512vl -mavx512vnni), int4 weights with int8
-// activations; other cases are delegated to the AVX2/AVX-VNNI kernels.
+// x86-64 AVX-512 VNNI path (-mavx512f -mavx512bw -mavx512vl -mavx512vnni): int4 (blocks of 32..256)
+// and int8 (blocks of 16..256) weights with int8 activations; 4-bit blocks of 16 go to the scalar
+// kernel and fp32 activations to the AVX2 kernels (whose features are a subset of this path's).
 //
 // One 64-byte load holds 128 codes of a row. Activations are de-interleaved per 128 elements
 // (Acts, perm = 128), so the low nibbles meet q[0..63] and the high nibbles q[64..127]. Both
@@ -133,18 +134,145 @@ void int4_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   }
 }
 
-template <int MR, bool SPLIT>
+// 8-bit codes: one 64-byte load holds 64 codes, the activations keep the natural order, and one
+// vpdpbusd takes the codes as unsigned bytes (raw, 0..255) against the int8 activations: per
+// output and chunk 1 vpdpbusd + 1 convert + 1 FMA, no unpacking (the 256-bit kernels need the
+// sign trick of vpmaddubsw instead). Raw codes mean no offset inside the dot product, so the
+// zero-point weight is s * zp (zero_weights with offset 0): sum_b s d dot(c - offset, x) -
+// s (zp - offset) xsum = sum_b s d dot(c, x) - s zp xsum. |dot| <= 64 * 255 * 127 per chunk.
+// This kernel takes blocks of 16 / 32, which split a chunk: lane l holds codes 4l..4l+3, i.e.
+// block 4l / bs of the chunk (blocks of 64..256: int8w_tile_wide below).
+template <int MR, int NR>
+void int8w_tile_split(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  const int64_t kb = w.k_blocks, kb_pad = (kb + 4 + 15) / 16 * 16;
+  float* sd = thread_scratch(static_cast<size_t>((MR + 1) * NR * kb_pad));
+  float* wz = sd + MR * NR * kb_pad;
+  for (int j = 0; j < NR; ++j)
+    zero_weights(t.scales[j], t.zeros[j], w.bits, /*offset=*/0, kb, kb_pad, wz + j * kb_pad);
+  for (int i = 0; i < MR; ++i) {
+    const float* d = a.d + (t.m0 + i) * kb;
+    for (int j = 0; j < NR; ++j) {
+      float* dst = sd + (i * NR + j) * kb_pad;
+      for (int64_t b = 0; b < kb_pad; b += 16) {
+        const __mmask16 mask = b >= kb        ? __mmask16(0)
+                               : kb - b >= 16 ? __mmask16(0xffff)
+                                              : __mmask16((1u << (kb - b)) - 1);
+        _mm512_storeu_ps(dst + b, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, t.scales[j] + b),
+                                                _mm512_maskz_loadu_ps(mask, d + b)));
+      }
+    }
+  }
+  const int bs = w.block_size;
+  const int log_bs = __builtin_ctz(static_cast<unsigned>(bs));
+  const __m512i lane_block = _mm512_srli_epi32(
+      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2),
+      log_bs);
+  const uint8_t* brow[NR];
+  for (int j = 0; j < NR; ++j) brow[j] = w.b + (t.n0 + j) * w.row_bytes;
+  const int64_t pf = 2 * NR * w.row_bytes;  // as in int4_tile
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t chunks = (w.row_bytes + 63) / 64;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t rest = w.row_bytes - c * 64;
+    const __mmask64 mask = rest >= 64 ? ~__mmask64(0) : (__mmask64(1) << rest) - 1;
+    __m512i v[NR];
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * 64 + pf), _MM_HINT_T1);
+      v[j] = _mm512_maskz_loadu_epi8(mask, brow[j] + c * 64);
+    }
+    const int64_t b0 = (c * 64) >> log_bs;
+    for (int i = 0; i < MR; ++i) {
+      const __m512i x = _mm512_loadu_si512(a.q + (t.m0 + i) * a.kq + c * 64);
+      for (int j = 0; j < NR; ++j) {
+        const __m512 sum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v[j], x));
+        const float* sdp = sd + (i * NR + j) * kb_pad + b0;
+        const __m512 scale =
+            _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(sdp)));
+        acc[i][j] = _mm512_fmadd_ps(sum, scale, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const float* xs = a.xsum + (t.m0 + i) * kb;
+    for (int64_t b = 0; b < kb; b += 16) {
+      const __mmask16 mask = kb - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (kb - b)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xs + b);
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm512_fnmadd_ps(_mm512_loadu_ps(wz + j * kb_pad + b), xv, acc[i][j]);
+    }
+    for (int j = 0; j < NR; ++j) out[i * t.nr + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+// 8-bit codes in blocks of 64..256 (whole chunks): the int32 sums of a block's chunks add up
+// exactly (|.| <= 256 * 255 * 127), so each output takes one convert and one FMA per block, with
+// the scale s * d and the zero-point term s * zp * xsum computed in scalars as the blocks go: no
+// per-tile tables (a decode step's 8-bit head, K = 576, N = 49152, runs ~12k tiles of 5 blocks).
+template <int MR, int NR>
+void int8w_tile_wide(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  const int64_t kb = w.k_blocks;
+  const int chunks = w.block_size / 64;
+  const uint8_t* brow[NR];
+  for (int j = 0; j < NR; ++j) brow[j] = w.b + (t.n0 + j) * w.row_bytes;
+  const int64_t pf = 2 * NR * w.row_bytes;  // as in int4_tile
+  __m512 acc[MR][NR];
+  float zterm[MR][NR] = {};
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    __m512i isum[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) isum[i][j] = _mm512_setzero_si512();
+    for (int c = 0; c < chunks; ++c) {
+      const int64_t off = b * w.block_size + c * 64;
+      __m512i v[NR];
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(brow[j] + off + pf), _MM_HINT_T1);
+        v[j] = _mm512_loadu_si512(brow[j] + off);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const __m512i x = _mm512_loadu_si512(a.q + (t.m0 + i) * a.kq + off);
+        for (int j = 0; j < NR; ++j) isum[i][j] = _mm512_dpbusd_epi32(isum[i][j], v[j], x);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const float d = a.d[(t.m0 + i) * kb + b], xs = a.xsum[(t.m0 + i) * kb + b];
+      for (int j = 0; j < NR; ++j) {
+        const float s = t.scales[j][b];
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][j]), _mm512_set1_ps(s * d), acc[i][j]);
+        zterm[i][j] += s * static_cast<float>(zero_point(t.zeros[j], b, 8)) * xs;
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i * t.nr + j] = _mm512_reduce_add_ps(acc[i][j]) - zterm[i][j];
+}
+
+// A tile kernel of one weight format, as a template over the tile shape.
+template <bool EIGHT, int MR, int NR, bool SPLIT>
+void tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  if constexpr (EIGHT && SPLIT)
+    int8w_tile_split<MR, NR>(w, a, t, out);
+  else if constexpr (EIGHT)
+    int8w_tile_wide<MR, NR>(w, a, t, out);
+  else
+    int4_tile<MR, NR, SPLIT>(w, a, t, out);
+}
+
+template <bool EIGHT, int MR, bool SPLIT>
 void by_nr(const Weights& w, const Acts& a, const Tile& t, float* out) {
   switch (t.nr) {
     case 1:
-      return int4_tile<MR, 1, SPLIT>(w, a, t, out);
+      return tile<EIGHT, MR, 1, SPLIT>(w, a, t, out);
     case 2:
-      return int4_tile<MR, 2, SPLIT>(w, a, t, out);
+      return tile<EIGHT, MR, 2, SPLIT>(w, a, t, out);
     case 3:
-      if constexpr (MR == 1) return int4_tile<1, 3, SPLIT>(w, a, t, out);
+      if constexpr (MR == 1) return tile<EIGHT, 1, 3, SPLIT>(w, a, t, out);
       break;
     case 4:
-      if constexpr (MR == 1) return int4_tile<1, 4, SPLIT>(w, a, t, out);
+      if constexpr (MR == 1) return tile<EIGHT, 1, 4, SPLIT>(w, a, t, out);
       break;
   }
 }
@@ -153,25 +281,25 @@ void by_nr(const Weights& w, const Acts& a, const Tile& t, float* out) {
 // load; prefill runs 8 x 2, each unpacked weight chunk feeds eight activation rows, and the 16
 // fp32 accumulators + 4 unpacked chunks + 2 activation vectors stay within the 32 zmm registers
 // (4 x 4 spilled accumulators). Smaller shapes cover the edges.
-template <bool SPLIT>
+template <bool EIGHT, bool SPLIT>
 void by_mr(const Weights& w, const Acts& a, const Tile& t, float* out) {
   switch (t.mr) {
     case 1:
-      return by_nr<1, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 1, SPLIT>(w, a, t, out);
     case 2:
-      return by_nr<2, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 2, SPLIT>(w, a, t, out);
     case 3:
-      return by_nr<3, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 3, SPLIT>(w, a, t, out);
     case 4:
-      return by_nr<4, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 4, SPLIT>(w, a, t, out);
     case 5:
-      return by_nr<5, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 5, SPLIT>(w, a, t, out);
     case 6:
-      return by_nr<6, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 6, SPLIT>(w, a, t, out);
     case 7:
-      return by_nr<7, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 7, SPLIT>(w, a, t, out);
     default:
-      return by_nr<8, SPLIT>(w, a, t, out);
+      return by_nr<EIGHT, 8, SPLIT>(w, a, t, out);
   }
 }
 
@@ -195,18 +323,19 @@ void delegate(TileFn fn, const Weights& w, const Acts& a, const Tile& t, float* 
 }
 
 void int8_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
-  if (w.bits != 4 || w.block_size < 32) {
-    // 8-bit codes keep the natural order, so the 256-bit kernels read the same Acts.
-    // AVX-VNNI only where this CPU has it (Zen 4 and Ice Lake have AVX512-VNNI but not AVX-VNNI);
-    // the AVX2 path's features are a subset of this path's.
-    const PathKernels* vnni = supported_kernels(QL_PATH_AVX_VNNI);
-    const PathKernels* k = vnni != nullptr ? vnni : avx2_kernels();
-    return delegate(w.bits == 8 ? k->int8_tile : scalar_kernels()->int8_tile, w, a, t, out);
+  if (w.bits == 8 && w.block_size >= 16) {
+    if (w.block_size < 64)
+      by_mr<true, true>(w, a, t, out);
+    else
+      by_mr<true, false>(w, a, t, out);
+    return;
   }
+  if (w.block_size < 32)  // 4-bit blocks of 16: not worth a SIMD kernel (as on the AVX2 path)
+    return delegate(scalar_kernels()->int8_tile, w, a, t, out);
   if (w.block_size < 128)
-    by_mr<true>(w, a, t, out);
+    by_mr<false, true>(w, a, t, out);
   else
-    by_mr<false>(w, a, t, out);
+    by_mr<false, false>(w, a, t, out);
 }
 
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {

@@ -113,7 +113,7 @@ def test_audit_catches_weak_symbols_and_unchecked_hand_overs(native_build, tmp_p
     swapped = [o for o in objects if isa_audit.path_of(o) != "avx512_vnni"] + [bad]
     refs = isa_audit.cross_path_references(swapped, features, tools["nm"])
     assert any("avx_vnni path (AVX_VNNI unchecked)" in v.what for v in refs), refs
-    # the real library's AVX-512 object hands 8-bit work over through supported_kernels() instead
+    # the real library's objects reach other paths only through supported_kernels()
     assert not isa_audit.cross_path_references(objects, features, tools["nm"])
 
 

@@ -92,6 +92,24 @@ def test_every_path_matches_scalar(path, accuracy_level):
             assert np.all(np.abs(y - ref) <= FP32_TOL * magnitude(x, w) + 1e-6), (path, m, k, n, bits, block_size)
 
 
+@pytest.mark.skipif(not kernels.available_paths(), reason="native kernels not built")
+@pytest.mark.parametrize("path", kernels.available_paths())
+def test_8bit_weights_every_block_size(path):
+    # 8-bit weights have their own kernels on the AVX-512 path: blocks of 16 / 32 split a 64-code
+    # chunk, blocks of 64..256 sum whole chunks; decode (M = 1, 1 x 4 tiles and a ragged edge) and
+    # prefill tiles, K not a multiple of the block, with and without zero points.
+    rng = np.random.default_rng(11)
+    for block_size in (16, 32, 64, 128, 256):
+        for (m, k, n), zp in (((1, 600, 11), True), ((1, 576, 8), False), ((9, 330, 6), True)):
+            x, b, s, z = make_case(rng, m=m, k=k, n=n, bits=8, block_size=block_size, zp=zp)
+            kw = dict(K=k, N=n, bits=8, block_size=block_size, accuracy_level=4)
+            ref = kernels.matmul_nbits(x, b, s, z, path="scalar", **kw)
+            w = dequantize_nbits(b, s, z, k=k, n=n, bits=8, block_size=block_size)
+            for threads in (1, 2):
+                y = kernels.matmul_nbits(x, b, s, z, path=path, threads=threads, **kw)
+                assert np.all(np.abs(y - ref) <= FP32_TOL * magnitude(x, w) + 1e-6), (path, block_size, m, k, n)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_inputs(dtype):
     import ml_dtypes
@@ -170,3 +188,18 @@ def test_thread_pool_survives_fork():
         "_, status = os.waitpid(pid, 0); raise SystemExit(os.waitstatus_to_exitcode(status))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_pack_weights_places_equal_aligned_copies():
+    rng = np.random.default_rng(5)
+    x, b, s, z = make_case(rng, m=1, k=320, n=9, bits=4, block_size=64, zp=True)
+    arrays = [b, s, z, np.arange(3, dtype=np.int64)]
+    placed = kernels.pack_weights(arrays)
+    for a, p in zip(arrays, placed, strict=True):
+        assert p.dtype == a.dtype and p.shape == a.shape and np.array_equal(p, a)
+        assert p.ctypes.data % 64 == 0 and not np.shares_memory(p, a)
+    # one buffer, in order, starting on a 2 MiB boundary
+    assert placed[0].ctypes.data % (2 << 20) == 0
+    assert placed[0].ctypes.data < placed[1].ctypes.data < placed[2].ctypes.data < placed[3].ctypes.data
+    kw = dict(K=320, N=9, bits=4, block_size=64)
+    assert np.array_equal(kernels.matmul_nbits(x, *placed[:3], **kw), kernels.matmul_nbits(x, b, s, z, **kw))

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "matmul_internal.h"
 #include "quantlab_kernels.h"
 #include "thread_pool.h"
 
@@ -253,6 +254,8 @@ inline const float* key_row(const int8_t* k, int64_t hd, float* buf) {
 
 // Heads per weighted_sum pass: its G * V running sums must fit the vector registers.
 constexpr int kMaxGroupPass = 4;
+// Query heads per kv head that the split decode attention (decode_split) takes; more: not split.
+constexpr int64_t kMaxHeadsPerGroup = 64;
 // Query rows per attention task in a prompt (a decode step has one row, one task per kv head).
 constexpr int64_t kRowsPerTask = 8;
 
@@ -264,9 +267,11 @@ constexpr int64_t kRowsPerTask = 8;
 // L1), each head's exponentials, the weighted values.
 // T is the cache's element type: float, or int8_t with a scale per (token, kv head) row folded into
 // the score (scale_j * dot(q, k8_j)) and into the weight (p_j * scale_j) of v8_j.
+// With `ak` (the path's AttentionKernels, see attention_kernels) the three passes run on its
+// vector registers instead of the baseline loops below.
 template <typename T>
 void attend(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t kvh, int64_t h0,
-            int64_t h1, int64_t t0, int64_t t1, float* ctx, float* s) {
+            int64_t h1, int64_t t0, int64_t t1, float* ctx, float* s, const AttentionKernels* ak) {
   constexpr bool kInt8 = std::is_same<T, int8_t>::value;
   const int64_t hd = a->head_dim, seq = a->seq, past = a->past, total = past + seq;
   const int64_t group = h1 - h0, row0 = (b * a->kv_heads + kvh) * a->capacity;
@@ -285,15 +290,29 @@ void attend(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t kvh
     float* out = ctx + r * a->heads * hd + head0 * hd;  // (group, hd)
     const int64_t visible = past + t + 1;  // causal: cache positions 0 .. past + t
     bool seen = false;
-    for (int64_t j = 0; j < visible; ++j) {
-      if (mask != nullptr && mask[j] == 0) {
-        for (int64_t h = 0; h < group; ++h) s[h * total + j] = -INFINITY;
-        continue;
+    if (ak != nullptr) {
+      if constexpr (kInt8)
+        ak->scores_i8(q, static_cast<int>(group), hd, kc, ks, visible, scale, s, total);
+      else
+        ak->scores_f32(q, static_cast<int>(group), hd, kc, nullptr, visible, scale, s, total);
+      for (int64_t j = 0; j < visible; ++j) {
+        if (mask != nullptr && mask[j] == 0) {
+          for (int64_t h = 0; h < group; ++h) s[h * total + j] = -INFINITY;
+          continue;
+        }
+        seen = true;
       }
-      seen = true;
-      const float f = kInt8 ? ks[j] * scale : scale;
-      const float* k = key_row(kc + j * hd, hd, krow);
-      for (int64_t h = 0; h < group; ++h) s[h * total + j] = dot(q + h * hd, k, hd) * f;
+    } else {
+      for (int64_t j = 0; j < visible; ++j) {
+        if (mask != nullptr && mask[j] == 0) {
+          for (int64_t h = 0; h < group; ++h) s[h * total + j] = -INFINITY;
+          continue;
+        }
+        seen = true;
+        const float f = kInt8 ? ks[j] * scale : scale;
+        const float* k = key_row(kc + j * hd, hd, krow);
+        for (int64_t h = 0; h < group; ++h) s[h * total + j] = dot(q + h * hd, k, hd) * f;
+      }
     }
     if (!seen) {
       // Nothing visible (a padding row): the additive-mask softmax puts equal weight on every key.
@@ -307,12 +326,24 @@ void attend(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t kvh
     }
     for (int64_t h = 0; h < group; ++h) {
       float* sh = s + h * total;
-      float max = -INFINITY;
-      for (int64_t j = 0; j < visible; ++j) max = std::max(max, sh[j]);
-      for (int64_t j = 0; j < visible; ++j) sh[j] = fast_exp(sh[j] - max);  // masked: exp(-inf) = 0
-      inv[h] = 1.f / total_of(sh, visible);
+      if (ak != nullptr) {
+        float row_max;
+        inv[h] = 1.f / ak->softmax_numerators(sh, visible, &row_max);
+      } else {
+        float max = -INFINITY;
+        for (int64_t j = 0; j < visible; ++j) max = std::max(max, sh[j]);
+        for (int64_t j = 0; j < visible; ++j) sh[j] = fast_exp(sh[j] - max);  // masked: exp(-inf) = 0
+        inv[h] = 1.f / total_of(sh, visible);
+      }
       if (kInt8)
         for (int64_t j = 0; j < visible; ++j) sh[j] *= vs[j];
+    }
+    if (ak != nullptr) {
+      if constexpr (kInt8)
+        ak->weighted_i8(s, total, static_cast<int>(group), vc, visible, hd, inv, out);
+      else
+        ak->weighted_f32(s, total, static_cast<int>(group), vc, visible, hd, inv, out);
+      continue;
     }
     for (int64_t h = 0; h < group; h += kMaxGroupPass) {
       const float* ph = s + h * total;
@@ -326,6 +357,86 @@ void attend(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t kvh
   }
 }
 
+// A decode row over a long cache, split along the cache (as flash-decoding does on GPUs): a
+// (batch row, kv head) has few tasks for the pool (SmolLM2: 3 kv heads on 2 threads), so instead
+// of splitting the group's query heads, which reads the cache once per part, each task takes a
+// stretch of cache positions [j0, j1) for the whole group and leaves per head its unnormalized
+// weighted values o, its score max m and its sum of exponentials l (relative to m), which
+// merge_chunks combines exactly: out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c.
+// part: (group, hd) o, then (group) m, then (group) l. Only with AttentionKernels.
+template <typename T>
+void attend_chunk(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t kvh, int64_t j0,
+                  int64_t j1, float* s, const AttentionKernels* ak, float* part) {
+  constexpr bool kInt8 = std::is_same<T, int8_t>::value;
+  const int64_t hd = a->head_dim, total = a->past + 1, group = a->heads / a->kv_heads;
+  const int64_t row0 = (b * a->kv_heads + kvh) * a->capacity, n = j1 - j0;
+  const T* kc = static_cast<const T*>(a->k_cache) + (row0 + j0) * hd;
+  const T* vc = static_cast<const T*>(a->v_cache) + (row0 + j0) * hd;
+  const float* ks = kInt8 ? a->k_scale + row0 + j0 : nullptr;
+  const float* vs = kInt8 ? a->v_scale + row0 + j0 : nullptr;
+  const int64_t* mask = a->key_mask != nullptr ? a->key_mask + b * total + j0 : nullptr;
+  const float* q = p.q + b * p.ldq + kvh * group * hd;  // decode: row r = b
+  float *o = part, *m = part + group * hd, *l = m + group;
+  if constexpr (kInt8)
+    ak->scores_i8(q, static_cast<int>(group), hd, kc, ks, n, 1.f / std::sqrt(static_cast<float>(hd)), s, n);
+  else
+    ak->scores_f32(q, static_cast<int>(group), hd, kc, nullptr, n, 1.f / std::sqrt(static_cast<float>(hd)), s, n);
+  bool seen = mask == nullptr;
+  if (mask != nullptr)
+    for (int64_t j = 0; j < n; ++j) {
+      if (mask[j] != 0) {
+        seen = true;
+        continue;
+      }
+      for (int64_t h = 0; h < group; ++h) s[h * n + j] = -INFINITY;
+    }
+  if (!seen) {  // nothing visible here: no weight in the merge
+    for (int64_t h = 0; h < group; ++h) m[h] = -INFINITY, l[h] = 0.f;
+    return;
+  }
+  float ones[kMaxHeadsPerGroup];
+  for (int64_t h = 0; h < group; ++h) {
+    float* sh = s + h * n;
+    l[h] = ak->softmax_numerators(sh, n, &m[h]);
+    ones[h] = 1.f;
+    if (kInt8)
+      for (int64_t j = 0; j < n; ++j) sh[j] *= vs[j];
+  }
+  if constexpr (kInt8)
+    ak->weighted_i8(s, n, static_cast<int>(group), vc, n, hd, ones, o);
+  else
+    ak->weighted_f32(s, n, static_cast<int>(group), vc, n, hd, ones, o);
+}
+
+// ctx rows of a decode step from attend_chunk's parts: parts (batch, kv_heads, chunks) of
+// part_size floats. Returns false when a (batch row, kv head) saw no key at all (a padding row),
+// which the caller then runs through attend's own rule.
+bool merge_chunks(const ql_decoder_layer_args* a, const float* parts, int64_t chunks,
+                  int64_t part_size, float* ctx, int64_t b, int64_t kvh) {
+  const int64_t hd = a->head_dim, group = a->heads / a->kv_heads;
+  const float* first = parts + (b * a->kv_heads + kvh) * chunks * part_size;
+  float* out = ctx + b * a->heads * hd + kvh * group * hd;
+  for (int64_t h = 0; h < group; ++h) {
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, first[c * part_size + group * hd + h]);
+    if (mx == -INFINITY) return false;
+    float denom = 0.f;
+    float* oh = out + h * hd;
+    std::fill(oh, oh + hd, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* part = first + c * part_size;
+      const float m = part[group * hd + h], l = part[group * hd + group + h];
+      if (l == 0.f) continue;
+      const float w = std::exp(m - mx);
+      denom += w * l;
+      for (int64_t d = 0; d < hd; ++d) oh[d] += w * part[h * hd + d];
+    }
+    const float inv = 1.f / denom;
+    for (int64_t d = 0; d < hd; ++d) oh[d] *= inv;
+  }
+  return true;
+}
+
 // act = silu(gate) * up = gate / (1 + e^-gate) * up over n elements.
 void swiglu(const float* gate, const float* up, int64_t n, float* act) {
   for (int64_t e = 0; e < n; ++e) act[e] = gate[e] / (1.f + fast_exp(-gate[e])) * up[e];
@@ -336,8 +447,57 @@ void swiglu(const float* gate, const float* up, int64_t n, float* act) {
 // fewer than two tasks per thread (a decode step of a model with few kv heads: SmolLM2's 3 on 2
 // threads would run 2 + 1), each kv head's query heads are split into `parts` tasks instead: the
 // cache is then read once per part, but no thread waits for another's whole group.
+// Cache positions per attend_chunk task at least: below this the merge costs more than it saves.
+constexpr int64_t kMinChunk = 256;
+
+// A decode step's attention as attend_chunk tasks when the (batch row, kv head) pairs are too few
+// to keep `threads` busy and the cache is long enough; false: not split (the caller goes on).
+template <typename T>
+bool decode_split(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,
+                  const AttentionKernels* ak, T) {
+  const int64_t total = a->past + 1, pairs = a->batch * a->kv_heads, hd = a->head_dim;
+  const int64_t group = a->heads / a->kv_heads;
+  const int64_t chunks = std::min((2 * threads + pairs - 1) / pairs, total / kMinChunk);
+  if (chunks < 2 || group > kMaxHeadsPerGroup) return false;
+  const int64_t span = (total + chunks - 1) / chunks, part_size = group * (hd + 2);
+  thread_local std::vector<float> parts_buf;
+  float* parts = grow(parts_buf, pairs * chunks * part_size);
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = pairs * chunks;
+  ThreadPool::global().run(static_cast<int>(std::min<int64_t>(threads, tasks)), [&] {
+    thread_local std::vector<float> scores;
+    float* s = grow(scores, group * span);
+    for (int64_t i; (i = next.fetch_add(1)) < tasks;) {
+      const int64_t pair = i / chunks, c = i % chunks;
+      const int64_t j0 = c * span, j1 = std::min(total, j0 + span);
+      attend_chunk<T>(a, p, pair / a->kv_heads, pair % a->kv_heads, j0, j1, s, ak,
+                      parts + i * part_size);
+    }
+  });
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t b = pair / a->kv_heads, kvh = pair % a->kv_heads;
+    if (!merge_chunks(a, parts, chunks, part_size, ctx, b, kvh)) {
+      thread_local std::vector<float> scores;
+      float* s = grow(scores, group * (total + 1) + hd);
+      attend<T>(a, p, b, kvh, 0, group, 0, 1, ctx, s, ak);
+    }
+  }
+  return true;
+}
+
+// The attention kernels of the layer's matmul path where it has them for this head size, else
+// nullptr (the baseline loops).
+const AttentionKernels* attention_kernels(const ql_decoder_layer_args* a) {
+  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
+  const AttentionKernels* ak = k != nullptr ? k->attention : nullptr;
+  return ak != nullptr && a->head_dim % ak->hd_multiple == 0 ? ak : nullptr;
+}
+
 template <typename T>
 void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads) {
+  const AttentionKernels* ak = attention_kernels(a);
+  if (ak != nullptr && a->seq == 1 && threads > 1 && decode_split(a, p, ctx, threads, ak, T{}))
+    return;
   const int64_t blocks = (a->seq + kRowsPerTask - 1) / kRowsPerTask, group = a->heads / a->kv_heads;
   const int64_t groups = a->batch * a->kv_heads;
   const int64_t work = a->batch * a->heads * a->seq * (a->past + a->seq) * a->head_dim;
@@ -350,7 +510,7 @@ void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int thr
     const int64_t block = blocks - 1 - i / (groups * parts), g = i % (groups * parts) / parts;
     const int64_t part = i % parts, h0 = part * group / parts, h1 = (part + 1) * group / parts;
     const int64_t t0 = block * kRowsPerTask, t1 = std::min(a->seq, t0 + kRowsPerTask);
-    attend<T>(a, p, g / a->kv_heads, g % a->kv_heads, h0, h1, t0, t1, ctx, s);
+    attend<T>(a, p, g / a->kv_heads, g % a->kv_heads, h0, h1, t0, t1, ctx, s, ak);
   };
   if (serial || tasks == 1) {
     thread_local std::vector<float> scores;

@@ -342,6 +342,8 @@ void split(TileFn fn, const Weights& w, const Acts& a, const Tile& t, float* out
 
 void int8_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   if (a.extra != nullptr && t.mr >= kMinRows) return amx_tile(w, a, t, out);
+  // Decode tiles (1 x <= 4) are the AVX-512 kernel's own shape: no sub-tiles, no copy.
+  if (t.mr == 1 && t.nr <= 4) return avx512_vnni_kernels()->int8_tile(w, a, t, out);
   split(avx512_vnni_kernels()->int8_tile, w, a, t, out);
 }
 
@@ -361,7 +363,8 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 // Tile shapes: decode (m = 1) as the AVX-512 path, 1 x 4; prefill 16 x 16, one AMX tile.
 const PathKernels kKernels = {int8_tile,       fp32_tile,         f16_to_f32,
                               /*perm=*/128,    /*mr_max=*/16,
-                              /*nr_decode=*/4, /*nr_prefill=*/16, prepare,    quantize_row};
+                              /*nr_decode=*/4, /*nr_prefill=*/16, prepare,    quantize_row,
+                              &kAvx512Attention};
 
 }  // namespace
 

@@ -366,9 +366,57 @@ void fp32_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   apply_zero_terms(w, a, t, out);
 }
 
+// 8-float registers for attention_simd.h.
+struct Vec8 {
+  using F = __m256;
+  static constexpr int kWidth = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static float sum(F x) { return hsum(x); }
+  static float max_of(F x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  // fast_exp of decoder_layer.cpp, lane-wise: the same clamp, reduction and polynomial.
+  static F exp(F x) {
+    const F magic = set1(12582912.f);
+    const F xc = _mm256_min_ps(_mm256_max_ps(x, set1(-87.33654f)), set1(88.f));
+    const F n = _mm256_sub_ps(fma(xc, set1(1.44269504088896341f), magic), magic);
+    F r = _mm256_fnmadd_ps(n, set1(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    F y = set1(1.9875691500e-4f);
+    y = fma(y, r, set1(1.3981999507e-3f));
+    y = fma(y, r, set1(8.3334519073e-3f));
+    y = fma(y, r, set1(4.1665795894e-2f));
+    y = fma(y, r, set1(1.6666665459e-1f));
+    y = fma(y, r, set1(5.0000001201e-1f));
+    y = add(fma(mul(y, r), r, r), set1(1.f));
+    const __m256i pow2 = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const F e = mul(y, _mm256_castsi256_ps(pow2));
+    return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(-87.33654f), _CMP_NLT_UQ));
+  }
+};
+
+#include "attention_simd.h"
+
+constexpr AttentionKernels kAttention = attention_kernels<Vec8>();
+
 const PathKernels kKernels = {int8_tile,        fp32_tile,    half_to_float,
                               /*perm=*/64,      /*mr_max=*/4, /*nr_decode=*/4,
-                              /*nr_prefill=*/1, nullptr,      nullptr};
+                              /*nr_prefill=*/1, nullptr,      nullptr,
+                              &kAttention};
 
 }  // namespace
 

@@ -51,8 +51,82 @@ void zero_weights(const float* s, const uint8_t* zrow, int bits, int offset, int
 // sd[(i * NR + j) * kb_pad + b] = s[j][b] * d[i][b], zero for kb <= b < kb_pad, in this thread's
 // scratch buffer (baseline code owns it: no std::vector instantiated under AVX-512 flags here).
 
+// Decode (MR = 1) computes each chunk's scales s * d / 16 from the scale and activation rows as
+// it goes and adds the zero-point term at the end, without int4_tile's per-tile tables: at
+// SmolLM2's K = 576 a tile is only 4.5 chunks per row, and building the tables took a third of
+// the kernel's time (perf, decode at 2 threads).
+template <int NR, bool SPLIT>
+void int4_tile_decode(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  const int64_t kb = w.k_blocks;
+  const float* d = a.d + t.m0 * kb;
+  const int8_t* x = a.q + t.m0 * a.kq;
+  const int bs = w.block_size;
+  const int shift = bs <= 128 ? 0 : 1;  // chunk -> block for blocks of 256
+  const int blocks_per_chunk = bs <= 128 ? 128 / bs : 1;
+  const __m512i lane_block = _mm512_srli_epi32(
+      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
+      __builtin_ctz(bs < 128 ? bs : 128));
+  const __m512i m_hi = _mm512_set1_epi8(static_cast<char>(0xf0));
+  const __m128 sixteenth = _mm_set1_ps(1.f / 16);
+  const uint8_t* brow[NR];
+  for (int j = 0; j < NR; ++j) brow[j] = w.b + (t.n0 + j) * w.row_bytes;
+  const int64_t pf = 2 * NR * w.row_bytes;  // as in int4_tile
+  __m512 acc[NR];
+  for (int j = 0; j < NR; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t chunks = (w.row_bytes + 63) / 64;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t rest = w.row_bytes - c * 64;
+    const __mmask64 mask = rest >= 64 ? ~__mmask64(0) : (__mmask64(1) << rest) - 1;
+    const int64_t b0 = (c * blocks_per_chunk) >> shift;
+    // The chunk's (up to 4) block scales of d / 16, zero past kb (never read past a row).
+    const __mmask8 bmask = kb - b0 >= 4 ? __mmask8(15) : __mmask8((1u << (kb - b0)) - 1);
+    const __m128 dv = _mm_mul_ps(_mm_maskz_loadu_ps(bmask, d + b0), sixteenth);
+    const __m512i xv_lo = _mm512_loadu_si512(x + c * 128), xv_hi = _mm512_loadu_si512(x + c * 128 + 64);
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * 64 + pf), _MM_HINT_T1);
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, brow[j] + c * 64);
+      const __m512i lo = _mm512_and_si512(_mm512_slli_epi16(v, 4), m_hi), hi = _mm512_and_si512(v, m_hi);
+      const __m512 sum = _mm512_cvtepi32_ps(
+          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xv_lo), hi, xv_hi));
+      __m512 scale;
+      if constexpr (SPLIT) {
+        const __m128 sv = _mm_mul_ps(_mm_maskz_loadu_ps(bmask, t.scales[j] + b0), dv);
+        scale = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(sv));
+      } else {
+        scale = _mm512_set1_ps(t.scales[j][b0] * _mm_cvtss_f32(dv));
+      }
+      acc[j] = _mm512_fmadd_ps(sum, scale, acc[j]);
+    }
+  }
+  // Zero-point term, lane-wise: s * (zp - offset) * xsum per block (zero_weights without a table).
+  const float* xs = a.xsum + t.m0 * kb;
+  const float zdefault = static_cast<float>((1 << (w.bits - 1)) - w.offset);
+  const __m512 off = _mm512_set1_ps(static_cast<float>(w.offset));
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  for (int64_t b = 0; b < kb; b += 16) {
+    const int64_t left = kb - b;
+    const __mmask16 bm = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(bm, xs + b);
+    for (int j = 0; j < NR; ++j) {
+      __m512 zf = _mm512_set1_ps(zdefault);
+      if (t.zeros[j] != nullptr) {
+        const int64_t nbytes = (left + 1) / 2 > 8 ? 8 : (left + 1) / 2;
+        const __m128i z = _mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), t.zeros[j] + b / 2);
+        const __m128i z8 = _mm_unpacklo_epi8(_mm_and_si128(z, m4), _mm_and_si128(_mm_srli_epi16(z, 4), m4));
+        zf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), off);
+      }
+      const __m512 wz = _mm512_mul_ps(_mm512_maskz_loadu_ps(bm, t.scales[j] + b), zf);
+      acc[j] = _mm512_fnmadd_ps(wz, xv, acc[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
 template <int MR, int NR, bool SPLIT>
 void int4_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  if constexpr (MR == 1) {
+    if (w.bits == 4) return int4_tile_decode<NR, SPLIT>(w, a, t, out);
+  }
   // +4: the 4-float load of the last chunk's block scales may read past kb (zeros).
   const int64_t kb = w.k_blocks, kb_pad = (kb + 4 + 15) / 16 * 16;
   float* sd = thread_scratch(static_cast<size_t>((MR + 1) * NR * kb_pad));
@@ -391,11 +465,57 @@ bool quantize_row(const float* x, int64_t k, int bits, int bs, int64_t kb, int p
   return true;
 }
 
+// 16-float registers for attention_simd.h.
+struct Vec16 {
+  using F = __m512;
+  static constexpr int kWidth = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static float sum(F x) { return _mm512_reduce_add_ps(x); }
+  static float max_of(F x) { return _mm512_reduce_max_ps(x); }
+  // fast_exp of decoder_layer.cpp, lane-wise: the same clamp, reduction and polynomial.
+  static F exp(F x) {
+    const F magic = set1(12582912.f);
+    const F xc = _mm512_min_ps(_mm512_max_ps(x, set1(-87.33654f)), set1(88.f));
+    const F n = _mm512_sub_ps(fma(xc, set1(1.44269504088896341f), magic), magic);
+    F r = _mm512_fnmadd_ps(n, set1(0.693359375f), xc);
+    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    F y = set1(1.9875691500e-4f);
+    y = fma(y, r, set1(1.3981999507e-3f));
+    y = fma(y, r, set1(8.3334519073e-3f));
+    y = fma(y, r, set1(4.1665795894e-2f));
+    y = fma(y, r, set1(1.6666665459e-1f));
+    y = fma(y, r, set1(5.0000001201e-1f));
+    y = add(fma(mul(y, r), r, r), set1(1.f));
+    const __m512i pow2 = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, set1(-87.33654f), _CMP_NLT_UQ);
+    return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(pow2));
+  }
+};
+
+#include "attention_simd.h"
+
 const PathKernels kKernels = {int8_tile,        fp32_tile,    f16_to_f32,
                               /*perm=*/128,     /*mr_max=*/8, /*nr_decode=*/4,
-                              /*nr_prefill=*/2, nullptr,      quantize_row};
+                              /*nr_prefill=*/2, nullptr,      quantize_row,
+                              &kAvx512Attention};
 
 }  // namespace
+
+// Outside the anonymous namespace: the AMX path's table points at it too (constant-initialized,
+// so no load-time code of this file runs on CPUs without AVX-512).
+constexpr AttentionKernels kAvx512Attention = attention_kernels<Vec16>();
 
 const PathKernels* avx512_vnni_kernels() {
   return &kKernels;

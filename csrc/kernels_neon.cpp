@@ -187,7 +187,8 @@ void fp32_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
 
 const PathKernels kKernels = {int8_tile,        fp32_tile,    half_to_float,
                               /*perm=*/64,      /*mr_max=*/4, /*nr_decode=*/4,
-                              /*nr_prefill=*/1, nullptr,      nullptr};
+                              /*nr_prefill=*/1, nullptr,      nullptr,
+                              nullptr};
 
 }  // namespace
 

@@ -55,7 +55,8 @@ void fp32_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
 
 const PathKernels kScalar = {int8_tile,        fp32_tile,    nullptr,
                              /*perm=*/64,      /*mr_max=*/1, /*nr_decode=*/1,
-                             /*nr_prefill=*/1, nullptr,      nullptr};
+                             /*nr_prefill=*/1, nullptr,      nullptr,
+                             nullptr};
 
 }  // namespace
 

@@ -66,6 +66,25 @@ using HalfToFloatFn = void (*)(const uint16_t* src, float* dst, int64_t n);
 using QuantizeRowFn = bool (*)(const float* x, int64_t k, int bits, int bs, int64_t kb, int perm,
                                int8_t* q, float* d, float* xsum);
 
+// The decoder layer's attention inner loops (decoder_layer.cpp) on a path's vector registers,
+// instantiated from attention_simd.h; a path without them (nullptr) runs the baseline loops.
+struct AttentionKernels {
+  int hd_multiple;  // head_dim must be a multiple of this (the vector width in floats)
+  // s[h * lds + j] = f_j * dot(q + h * hd, k + j * hd, hd) for h < g, j < n, with
+  // f_j = scale * ks[j] (int8 rows' scales) or scale (ks == nullptr).
+  void (*scores_f32)(const float* q, int g, int64_t hd, const float* k, const float* ks, int64_t n,
+                     float scale, float* s, int64_t lds);
+  void (*scores_i8)(const float* q, int g, int64_t hd, const int8_t* k, const float* ks, int64_t n,
+                    float scale, float* s, int64_t lds);
+  // out[h * hd + d] = inv[h] * sum_j p[h * ldp + j] * v[j * hd + d] for h < g, d < hd.
+  void (*weighted_f32)(const float* p, int64_t ldp, int g, const float* v, int64_t n, int64_t hd,
+                       const float* inv, float* out);
+  void (*weighted_i8)(const float* p, int64_t ldp, int g, const int8_t* v, int64_t n, int64_t hd,
+                      const float* inv, float* out);
+  // s[j] = e^(s[j] - max_j s) for j < n (0 where s[j] = -inf); returns their sum, *row_max = the max.
+  float (*softmax_numerators)(float* s, int64_t n, float* row_max);
+};
+
 struct PathKernels {
   TileFn int8_tile;
   TileFn fp32_tile;
@@ -78,6 +97,7 @@ struct PathKernels {
   // by Acts::extra (nullptr: nothing to do).
   void (*prepare)(const Weights& w, Acts& a, std::vector<uint8_t>& storage);
   QuantizeRowFn quantize_row;  // optional SIMD activation quantization
+  const AttentionKernels* attention;  // optional, see AttentionKernels
 };
 
 // Offset subtracted from raw codes inside the integer kernels: 8-bit codes are used as (q - 128)
@@ -98,6 +118,9 @@ const PathKernels* supported_kernels(int path);
 // checks that ISA objects define no weak symbols.
 float* thread_scratch(size_t n);  // this thread's buffer of at least n floats, reused across calls
 uint8_t* zeroed_storage(std::vector<uint8_t>& storage, size_t n);  // storage.assign(n, 0)
+
+// The AVX-512 path's attention kernels, which the AMX path shares.
+extern const AttentionKernels kAvx512Attention;
 
 const PathKernels* scalar_kernels();
 const PathKernels* avx2_kernels();         // nullptr when not compiled

@@ -344,13 +344,20 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
   // the remaining work per thread at a time, down to one tile). Each run streams a contiguous
   // stretch of B, and a thread that the OS deschedules on a busy machine holds back the others
   // by one small run at the end at most, instead of a whole share as with a static split.
-  std::atomic<int64_t> next_tile{0};
+  // The counter has a cache line to itself: beside the other locals the lambdas read, every claim
+  // by one thread would evict the line they sit in from the other's cache (perf, SmolLM2 decode at
+  // 2 threads: a third of the driver's time). Runs are at least ~16 KB of weights, so that small
+  // matrices (K = 576: 1 KB per tile) are not claimed tile by tile.
+  struct alignas(64) Counter {
+    std::atomic<int64_t> v{0};
+  } next_tile;
+  const int64_t min_run = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, nr_max * w.row_bytes));
   auto claim = [&](int64_t& t0, int64_t& t1) {
-    int64_t cur = next_tile.load(std::memory_order_relaxed);
+    int64_t cur = next_tile.v.load(std::memory_order_relaxed);
     for (;;) {
       if (cur >= n_tiles) return false;
-      const int64_t run = std::max<int64_t>(1, (n_tiles - cur) / (int64_t{threads} * 4));
-      if (next_tile.compare_exchange_weak(cur, cur + run, std::memory_order_relaxed)) {
+      const int64_t run = std::max<int64_t>(min_run, (n_tiles - cur) / (int64_t{threads} * 4));
+      if (next_tile.v.compare_exchange_weak(cur, cur + run, std::memory_order_relaxed)) {
         t0 = cur;
         t1 = std::min(cur + run, n_tiles);
         return true;

@@ -250,7 +250,8 @@ class TorchDecoder:
                     return f"{name} is {'missing' if linear is None else linear.kind}"
         return None
 
-    def _native_layer(self, i: int, threads: int):
+    def _native_layer(self, i: int, threads: int, path: str = "auto"):
+        """Layer ``i`` as a :class:`quantlab.kernels.DecoderLayer` (``path``: the kernels it runs, tests)."""
         from quantlab.kernels import DecoderLayer
 
         s, p = self.spec, f"model.layers.{i}"
@@ -297,6 +298,7 @@ class TorchDecoder:
             eps=s.rms_norm_eps,
             rope_interleaved=s.rope_interleaved,
             threads=threads,
+            path=path,
         )
 
     def trim_cache(self, cache: dict, length: int) -> dict:

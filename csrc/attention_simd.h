@@ -1,0 +1,159 @@
+// The decoder layer's attention inner loops (AttentionKernels, matmul_internal.h) written once over a
+// vector type, for the ISA files to instantiate with their own registers: kernels_avx2.cpp (8
+// floats) and kernels_avx512.cpp (16 floats). Include it inside an anonymous namespace only, after
+// defining the vector traits V:
+//   using F = <register>; static constexpr int kWidth;
+//   F zero(); F set1(float); F load(const float*); F load(const int8_t*) (kWidth codes, exact);
+//   void store(float*, F); F fma(F a, F b, F c) = a * b + c; F mul(F, F); F sub(F, F); F add(F, F);
+//   F max(F, F); float sum(F); float max_of(F); F exp(F) (fast_exp of decoder_layer.cpp, lane-wise).
+// No library templates here (matmul_internal.h: ISA objects must not define weak symbols).
+#ifndef QUANTLAB_ATTENTION_SIMD_H_
+#define QUANTLAB_ATTENTION_SIMD_H_
+
+// Heads that share one read of a key or value row; their running sums stay in registers.
+constexpr int kHeadsPerPass = 4;
+
+// s[h * lds + j] = f_j * dot(q_h, k_j) for h < G, j < n: each key row is loaded once for the G
+// heads (the query rows stay in L1), one horizontal sum per head and row.
+template <class V, int G, typename T>
+void scores_g(const float* q, int64_t hd, const T* k, const float* ks, int64_t n, float scale,
+              float* s, int64_t lds) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kr = k + j * hd;
+    typename V::F acc[G];
+    for (int h = 0; h < G; ++h) acc[h] = V::zero();
+    for (int64_t d = 0; d < hd; d += V::kWidth) {
+      const typename V::F kv = V::load(kr + d);
+      for (int h = 0; h < G; ++h) acc[h] = V::fma(V::load(q + h * hd + d), kv, acc[h]);
+    }
+    const float f = ks != nullptr ? ks[j] * scale : scale;
+    for (int h = 0; h < G; ++h) s[h * lds + j] = V::sum(acc[h]) * f;
+  }
+}
+
+template <class V, typename T>
+void scores(const float* q, int g, int64_t hd, const T* k, const float* ks, int64_t n,
+            float scale, float* s, int64_t lds) {
+  for (int h = 0; h < g; h += kHeadsPerPass) {
+    const float* qh = q + h * hd;
+    float* sh = s + h * lds;
+    switch (g - h < kHeadsPerPass ? g - h : kHeadsPerPass) {
+      case 1: scores_g<V, 1>(qh, hd, k, ks, n, scale, sh, lds); break;
+      case 2: scores_g<V, 2>(qh, hd, k, ks, n, scale, sh, lds); break;
+      case 3: scores_g<V, 3>(qh, hd, k, ks, n, scale, sh, lds); break;
+      default: scores_g<V, 4>(qh, hd, k, ks, n, scale, sh, lds); break;
+    }
+  }
+}
+
+// out_h[d0 .. d0 + C * kWidth) = inv[h] * sum_j p_h[j] * v_j[...] for h < G: the G * C sums stay in
+// registers for the whole walk over the rows, each value chunk loaded once for the G heads.
+template <class V, int G, int C, typename T>
+void weighted_chunk(const float* p, int64_t ldp, const T* v, int64_t n, int64_t hd, int64_t d0,
+                    const float* inv, float* out) {
+  typename V::F acc[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = V::zero();
+  for (int64_t j = 0; j < n; ++j) {
+    typename V::F row[C];
+    for (int c = 0; c < C; ++c) row[c] = V::load(v + j * hd + d0 + c * V::kWidth);
+    for (int h = 0; h < G; ++h) {
+      const typename V::F w = V::set1(p[h * ldp + j]);
+      for (int c = 0; c < C; ++c) acc[h][c] = V::fma(w, row[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c)
+      V::store(out + h * hd + d0 + c * V::kWidth, V::mul(acc[h][c], V::set1(inv[h])));
+}
+
+template <class V, int G, typename T>
+void weighted_g(const float* p, int64_t ldp, const T* v, int64_t n, int64_t hd, const float* inv,
+                float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 4 * V::kWidth <= hd; d0 += 4 * V::kWidth)
+    weighted_chunk<V, G, 4>(p, ldp, v, n, hd, d0, inv, out);
+  switch ((hd - d0) / V::kWidth) {
+    case 1: weighted_chunk<V, G, 1>(p, ldp, v, n, hd, d0, inv, out); break;
+    case 2: weighted_chunk<V, G, 2>(p, ldp, v, n, hd, d0, inv, out); break;
+    case 3: weighted_chunk<V, G, 3>(p, ldp, v, n, hd, d0, inv, out); break;
+    default: break;
+  }
+}
+
+template <class V, typename T>
+void weighted(const float* p, int64_t ldp, int g, const T* v, int64_t n, int64_t hd,
+              const float* inv, float* out) {
+  for (int h = 0; h < g; h += kHeadsPerPass) {
+    const float *ph = p + h * ldp, *ih = inv + h;
+    float* oh = out + h * hd;
+    switch (g - h < kHeadsPerPass ? g - h : kHeadsPerPass) {
+      case 1: weighted_g<V, 1>(ph, ldp, v, n, hd, ih, oh); break;
+      case 2: weighted_g<V, 2>(ph, ldp, v, n, hd, ih, oh); break;
+      case 3: weighted_g<V, 3>(ph, ldp, v, n, hd, ih, oh); break;
+      default: weighted_g<V, 4>(ph, ldp, v, n, hd, ih, oh); break;
+    }
+  }
+}
+
+// s[j] = e^(s[j] - max) for j < n (0 for -inf), max over the row (stored in *row_max); returns
+// their sum.
+template <class V>
+float softmax_numerators(float* s, int64_t n, float* row_max) {
+  int64_t j = 0;
+  float mx = -__builtin_inff();
+  if (n >= V::kWidth) {
+    typename V::F m = V::load(s);
+    for (j = V::kWidth; j + V::kWidth <= n; j += V::kWidth) m = V::max(m, V::load(s + j));
+    mx = V::max_of(m);
+  }
+  for (; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  *row_max = mx;
+  const typename V::F vmax = V::set1(mx);
+  typename V::F total = V::zero();
+  for (j = 0; j + V::kWidth <= n; j += V::kWidth) {
+    const typename V::F e = V::exp(V::sub(V::load(s + j), vmax));
+    V::store(s + j, e);
+    total = V::add(total, e);
+  }
+  float tail[V::kWidth];
+  const int64_t left = n - j;
+  if (left > 0) {
+    for (int l = 0; l < V::kWidth; ++l) tail[l] = l < left ? s[j + l] : -__builtin_inff();
+    const typename V::F e = V::exp(V::sub(V::load(tail), vmax));
+    V::store(tail, e);
+    total = V::add(total, e);
+    for (int64_t l = 0; l < left; ++l) s[j + l] = tail[l];
+  }
+  return V::sum(total);
+}
+
+template <class V>
+void scores_f32(const float* q, int g, int64_t hd, const float* k, const float* ks, int64_t n,
+                float scale, float* s, int64_t lds) {
+  scores<V>(q, g, hd, k, ks, n, scale, s, lds);
+}
+template <class V>
+void scores_i8(const float* q, int g, int64_t hd, const int8_t* k, const float* ks, int64_t n,
+               float scale, float* s, int64_t lds) {
+  scores<V>(q, g, hd, k, ks, n, scale, s, lds);
+}
+template <class V>
+void weighted_f32(const float* p, int64_t ldp, int g, const float* v, int64_t n, int64_t hd,
+                  const float* inv, float* out) {
+  weighted<V>(p, ldp, g, v, n, hd, inv, out);
+}
+template <class V>
+void weighted_i8(const float* p, int64_t ldp, int g, const int8_t* v, int64_t n, int64_t hd,
+                 const float* inv, float* out) {
+  weighted<V>(p, ldp, g, v, n, hd, inv, out);
+}
+
+// The AttentionKernels of vector traits V.
+template <class V>
+constexpr AttentionKernels attention_kernels() {
+  return {V::kWidth,       scores_f32<V>, scores_i8<V>, weighted_f32<V>,
+          weighted_i8<V>, softmax_numerators<V>};
+}
+
+#endif  // QUANTLAB_ATTENTION_SIMD_H_

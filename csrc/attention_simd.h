@@ -5,10 +5,30 @@
 //   using F = <register>; static constexpr int kWidth;
 //   F zero(); F set1(float); F load(const float*); F load(const int8_t*) (kWidth codes, exact);
 //   void store(float*, F); F fma(F a, F b, F c) = a * b + c; F mul(F, F); F sub(F, F); F add(F, F);
-//   F max(F, F); float sum(F); float max_of(F); F exp(F) (fast_exp of decoder_layer.cpp, lane-wise).
+//   F fnma(F a, F b, F c) = c - a * b; F min(F, F); F max(F, F); float sum(F); float max_of(F);
+//   F ldexp(F y, F n) = y * 2^n for integral n; F zero_below(F x, float t, F e) = x < t ? 0 : e.
 // No library templates here (matmul_internal.h: ISA objects must not define weak symbols).
 #ifndef QUANTLAB_ATTENTION_SIMD_H_
 #define QUANTLAB_ATTENTION_SIMD_H_
+
+// fast_exp of decoder_layer.cpp, lane-wise: the same clamp, two-part reduction and polynomial.
+template <class V>
+typename V::F vexp(typename V::F x) {
+  using F = typename V::F;
+  const F magic = V::set1(12582912.f);
+  const F xc = V::min(V::max(x, V::set1(-87.33654f)), V::set1(88.f));
+  const F n = V::sub(V::fma(xc, V::set1(1.44269504088896341f), magic), magic);
+  F r = V::fnma(n, V::set1(0.693359375f), xc);
+  r = V::fnma(n, V::set1(-2.12194440e-4f), r);
+  F y = V::set1(1.9875691500e-4f);
+  y = V::fma(y, r, V::set1(1.3981999507e-3f));
+  y = V::fma(y, r, V::set1(8.3334519073e-3f));
+  y = V::fma(y, r, V::set1(4.1665795894e-2f));
+  y = V::fma(y, r, V::set1(1.6666665459e-1f));
+  y = V::fma(y, r, V::set1(5.0000001201e-1f));
+  y = V::add(V::fma(V::mul(y, r), r, r), V::set1(1.f));
+  return V::zero_below(x, -87.33654f, V::ldexp(y, n));
+}
 
 // Heads that share one read of a key or value row; their running sums stay in registers.
 constexpr int kHeadsPerPass = 4;
@@ -112,7 +132,7 @@ float softmax_numerators(float* s, int64_t n, float* row_max) {
   const typename V::F vmax = V::set1(mx);
   typename V::F total = V::zero();
   for (j = 0; j + V::kWidth <= n; j += V::kWidth) {
-    const typename V::F e = V::exp(V::sub(V::load(s + j), vmax));
+    const typename V::F e = vexp<V>(V::sub(V::load(s + j), vmax));
     V::store(s + j, e);
     total = V::add(total, e);
   }
@@ -120,7 +140,7 @@ float softmax_numerators(float* s, int64_t n, float* row_max) {
   const int64_t left = n - j;
   if (left > 0) {
     for (int l = 0; l < V::kWidth; ++l) tail[l] = l < left ? s[j + l] : -__builtin_inff();
-    const typename V::F e = V::exp(V::sub(V::load(tail), vmax));
+    const typename V::F e = vexp<V>(V::sub(V::load(tail), vmax));
     V::store(tail, e);
     total = V::add(total, e);
     for (int64_t l = 0; l < left; ++l) s[j + l] = tail[l];

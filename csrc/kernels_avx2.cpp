@@ -388,25 +388,13 @@ struct Vec8 {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   }
-  // fast_exp of decoder_layer.cpp, lane-wise: the same clamp, reduction and polynomial.
-  static F exp(F x) {
-    const F magic = set1(12582912.f);
-    const F xc = _mm256_min_ps(_mm256_max_ps(x, set1(-87.33654f)), set1(88.f));
-    const F n = _mm256_sub_ps(fma(xc, set1(1.44269504088896341f), magic), magic);
-    F r = _mm256_fnmadd_ps(n, set1(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    F y = set1(1.9875691500e-4f);
-    y = fma(y, r, set1(1.3981999507e-3f));
-    y = fma(y, r, set1(8.3334519073e-3f));
-    y = fma(y, r, set1(4.1665795894e-2f));
-    y = fma(y, r, set1(1.6666665459e-1f));
-    y = fma(y, r, set1(5.0000001201e-1f));
-    y = add(fma(mul(y, r), r, r), set1(1.f));
-    const __m256i pow2 = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const F e = mul(y, _mm256_castsi256_ps(pow2));
-    return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(-87.33654f), _CMP_NLT_UQ));
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F ldexp(F y, F n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
   }
+  static F zero_below(F x, float t, F e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(t), _CMP_NLT_UQ)); }
 };
 
 #include "attention_simd.h"

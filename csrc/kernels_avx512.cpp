@@ -20,32 +20,36 @@
 namespace ql {
 namespace {
 
-// wz[b] = s[b] * (zp[b] - offset) for b < kb, zero up to kb_pad (a multiple of 16): the
-// zero-point weights of one row, laid out so the correction is lane-wise FMAs (see int4_tile).
+// wz[b .. b + 16) = s[b] * (zp[b] - offset) for the 16 blocks from b (a multiple of 16), zero
+// past kb: the zero-point weights of one row, laid out so the correction is lane-wise FMAs.
+inline __m512 zero_weights16(const float* s, const uint8_t* zrow, int bits, int offset, int64_t kb,
+                             int64_t b) {
+  const int64_t left = kb - b;
+  const __mmask16 mask = left <= 0    ? __mmask16(0)
+                         : left >= 16 ? __mmask16(0xffff)
+                                      : __mmask16((1u << left) - 1);
+  __m512 zf = _mm512_set1_ps(static_cast<float>((1 << (bits - 1)) - offset));
+  if (zrow != nullptr && left > 0) {
+    __m128i z8;
+    if (bits == 4) {
+      const __m128i m4 = _mm_set1_epi8(0x0f);
+      const int64_t nbytes = (left + 1) / 2 > 8 ? 8 : (left + 1) / 2;
+      const __m128i x = _mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), zrow + b / 2);
+      z8 = _mm_unpacklo_epi8(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16(x, 4), m4));
+    } else {
+      z8 = _mm_maskz_loadu_epi8(mask, zrow + b);
+    }
+    zf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)),
+                       _mm512_set1_ps(static_cast<float>(offset)));
+  }
+  return _mm512_maskz_mul_ps(mask, _mm512_maskz_loadu_ps(mask, s + b), zf);
+}
+
+// wz[b] = s[b] * (zp[b] - offset) for b < kb, zero up to kb_pad (a multiple of 16).
 void zero_weights(const float* s, const uint8_t* zrow, int bits, int offset, int64_t kb,
                   int64_t kb_pad, float* wz) {
-  const float zdefault = static_cast<float>((1 << (bits - 1)) - offset);
-  const __m512 off = _mm512_set1_ps(static_cast<float>(offset));
-  const __m128i m4 = _mm_set1_epi8(0x0f);
-  for (int64_t b = 0; b < kb_pad; b += 16) {
-    const int64_t left = kb - b;
-    const __mmask16 mask = left <= 0    ? __mmask16(0)
-                           : left >= 16 ? __mmask16(0xffff)
-                                        : __mmask16((1u << left) - 1);
-    __m512 zf = _mm512_set1_ps(zdefault);
-    if (zrow != nullptr && left > 0) {
-      __m128i z8;
-      if (bits == 4) {
-        const int64_t nbytes = (left + 1) / 2 > 8 ? 8 : (left + 1) / 2;
-        const __m128i x = _mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), zrow + b / 2);
-        z8 = _mm_unpacklo_epi8(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16(x, 4), m4));
-      } else {
-        z8 = _mm_maskz_loadu_epi8(mask, zrow + b);
-      }
-      zf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), off);
-    }
-    _mm512_storeu_ps(wz + b, _mm512_maskz_mul_ps(mask, _mm512_maskz_loadu_ps(mask, s + b), zf));
-  }
+  for (int64_t b = 0; b < kb_pad; b += 16)
+    _mm512_storeu_ps(wz + b, zero_weights16(s, zrow, bits, offset, kb, b));
 }
 
 // sd[(i * NR + j) * kb_pad + b] = s[j][b] * d[i][b], zero for kb <= b < kb_pad, in this thread's
@@ -100,24 +104,12 @@ void int4_tile_decode(const Weights& w, const Acts& a, const Tile& t, float* out
   }
   // Zero-point term, lane-wise: s * (zp - offset) * xsum per block (zero_weights without a table).
   const float* xs = a.xsum + t.m0 * kb;
-  const float zdefault = static_cast<float>((1 << (w.bits - 1)) - w.offset);
-  const __m512 off = _mm512_set1_ps(static_cast<float>(w.offset));
-  const __m128i m4 = _mm_set1_epi8(0x0f);
   for (int64_t b = 0; b < kb; b += 16) {
-    const int64_t left = kb - b;
-    const __mmask16 bm = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __mmask16 bm = kb - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (kb - b)) - 1);
     const __m512 xv = _mm512_maskz_loadu_ps(bm, xs + b);
-    for (int j = 0; j < NR; ++j) {
-      __m512 zf = _mm512_set1_ps(zdefault);
-      if (t.zeros[j] != nullptr) {
-        const int64_t nbytes = (left + 1) / 2 > 8 ? 8 : (left + 1) / 2;
-        const __m128i z = _mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), t.zeros[j] + b / 2);
-        const __m128i z8 = _mm_unpacklo_epi8(_mm_and_si128(z, m4), _mm_and_si128(_mm_srli_epi16(z, 4), m4));
-        zf = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), off);
-      }
-      const __m512 wz = _mm512_mul_ps(_mm512_maskz_loadu_ps(bm, t.scales[j] + b), zf);
-      acc[j] = _mm512_fnmadd_ps(wz, xv, acc[j]);
-    }
+    for (int j = 0; j < NR; ++j)
+      acc[j] = _mm512_fnmadd_ps(zero_weights16(t.scales[j], t.zeros[j], w.bits, w.offset, kb, b),
+                                xv, acc[j]);
   }
   for (int j = 0; j < NR; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
 }
@@ -483,24 +475,14 @@ struct Vec16 {
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static float sum(F x) { return _mm512_reduce_add_ps(x); }
   static float max_of(F x) { return _mm512_reduce_max_ps(x); }
-  // fast_exp of decoder_layer.cpp, lane-wise: the same clamp, reduction and polynomial.
-  static F exp(F x) {
-    const F magic = set1(12582912.f);
-    const F xc = _mm512_min_ps(_mm512_max_ps(x, set1(-87.33654f)), set1(88.f));
-    const F n = _mm512_sub_ps(fma(xc, set1(1.44269504088896341f), magic), magic);
-    F r = _mm512_fnmadd_ps(n, set1(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    F y = set1(1.9875691500e-4f);
-    y = fma(y, r, set1(1.3981999507e-3f));
-    y = fma(y, r, set1(8.3334519073e-3f));
-    y = fma(y, r, set1(4.1665795894e-2f));
-    y = fma(y, r, set1(1.6666665459e-1f));
-    y = fma(y, r, set1(5.0000001201e-1f));
-    y = add(fma(mul(y, r), r, r), set1(1.f));
-    const __m512i pow2 = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, set1(-87.33654f), _CMP_NLT_UQ);
-    return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(pow2));
+  static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F ldexp(F y, F n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+  }
+  static F zero_below(F x, float t, F e) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(t), _CMP_NLT_UQ), e);
   }
 };
 

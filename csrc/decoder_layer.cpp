@@ -638,3 +638,16 @@ extern "C" QL_API int ql_decoder_layer(const ql_decoder_layer_args* args) {
     return QL_ERR_INTERNAL;
   }
 }
+
+extern "C" QL_API int ql_decoder_layers(const ql_decoder_layer_args* const* layers, int32_t n) {
+  if (layers == nullptr || n < 0) return QL_ERR_ARGUMENT;
+  try {
+    for (int32_t i = 0; i < n; ++i) {
+      const int status = ql::decoder_layer(layers[i]);
+      if (status != QL_OK) return status;
+    }
+    return QL_OK;
+  } catch (...) {
+    return QL_ERR_INTERNAL;
+  }
+}

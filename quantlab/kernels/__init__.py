@@ -35,6 +35,7 @@ __all__ = [
     "huge_page_buffer",
     "matmul_nbits",
     "pack_weights",
+    "run_layers",
     "matmul_nbits_reference",
 ]
 
@@ -347,9 +348,9 @@ class DecoderLayer:
             if t is not None and (_dtype_name(t) != "float32" or _size(t) != size):
                 raise ValueError(f"decoder_layer: {name} must be {size} float32 values")
         self.args = args
-        self._ref = ctypes.byref(args)
+        self._ref = ctypes.pointer(args)
 
-    def __call__(
+    def bind(
         self,
         x: Any,
         k_cache: Any,
@@ -363,7 +364,8 @@ class DecoderLayer:
         v_scale: Any = None,
         check: bool = True,
     ) -> None:
-        """Runs the layer on ``x`` (batch, seq, hidden) float32, in place.
+        """Binds the step's buffers, which a run (:meth:`__call__` or :func:`run_layers`) then updates in place:
+        ``x`` (batch, seq, hidden) float32.
 
         ``k_cache``/``v_cache``: (batch, kv_heads, capacity, head_dim) buffers, float32, or int8 with
         ``k_scale``/``v_scale`` (batch, kv_heads, capacity) float32 (one symmetric scale per token and kv
@@ -384,9 +386,6 @@ class DecoderLayer:
             a.cos, a.sin = cos.data_ptr(), sin.data_ptr()
             a.key_mask = None if key_mask is None else key_mask.data_ptr()
             a.batch, a.seq, a.past, a.capacity = batch, seq, past, k_cache.shape[2]
-            status = _lib.ql_decoder_layer(self._ref)
-            if status != 0:
-                raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
             return
         capacity = k_cache.shape[2]
         cache_shape = (batch, a.kv_heads, capacity, a.head_dim)
@@ -421,9 +420,23 @@ class DecoderLayer:
         a.k_scale, a.v_scale, a.cache_dtype = _ptr(k_scale), _ptr(v_scale), _native.CACHE_DTYPES[cache_dtype]
         a.cos, a.sin, a.key_mask = _ptr(cos), _ptr(sin), _ptr(key_mask)
         a.batch, a.seq, a.past, a.capacity = batch, seq, past, capacity
-        status = _lib.ql_decoder_layer(self._ref)
-        if status != 0:
-            raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """Runs the layer on ``x`` (batch, seq, hidden) float32, in place: :meth:`bind`'s arguments."""
+        self.bind(*args, **kwargs)
+        run_layers([self])
+
+
+def run_layers(layers: list[DecoderLayer]) -> None:
+    """Runs ``layers``, each bound to its step's buffers (:meth:`DecoderLayer.bind`), in order in one
+    ``ql_decoder_layers`` call. One call instead of one per layer: between calls the interpreter's data
+    has been evicted from the core's caches by the layer's weights, which made the Python between 30
+    layer calls cost ~1.3 ms a SmolLM2 decode step against ~0.1 ms with the same code and no kernels
+    in between (csrc/include/quantlab_kernels.h)."""
+    refs = (ctypes.POINTER(_native.DecoderLayerArgs) * len(layers))(*(layer._ref for layer in layers))
+    status = _lib.ql_decoder_layers(refs, len(layers))
+    if status != 0:
+        raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
 
 
 def _cast_like(t: Any, x: Any) -> Any:

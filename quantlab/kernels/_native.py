@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 LIB_NAME = "_libquantlab_kernels.so"
 CUDA_LIB_NAME = "_libquantlab_cuda.so"
 # Overrides the library location (a build directory's copy, for example).
@@ -156,6 +156,8 @@ def load_core() -> tuple[ctypes.CDLL | None, str]:
         lib.ql_matmul_nbits.restype = ctypes.c_int
         lib.ql_decoder_layer.argtypes = [ctypes.POINTER(DecoderLayerArgs)]
         lib.ql_decoder_layer.restype = ctypes.c_int
+        lib.ql_decoder_layers.argtypes = [ctypes.POINTER(ctypes.POINTER(DecoderLayerArgs)), ctypes.c_int32]
+        lib.ql_decoder_layers.restype = ctypes.c_int
         lib.ql_gptq_columns.argtypes = [ctypes.POINTER(GPTQColumnsArgs)]
         lib.ql_gptq_columns.restype = ctypes.c_int
         lib.ql_path_available.argtypes = [ctypes.c_int32]

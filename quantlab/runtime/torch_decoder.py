@@ -419,8 +419,11 @@ class TorchDecoder:
         for i, (layer, bufs) in enumerate(zip(self.layers, buffers, strict=True)):
             # the first layer checks the step's buffers; the caches are _layer_buffers' (batch, kv, capacity[, d])
             k_scale, v_scale = bufs[2:] if len(bufs) == 4 else (None, None)
-            layer(x, bufs[0], bufs[1], cos, sin, key_mask, past=past, k_scale=k_scale, v_scale=v_scale, check=i == 0)
+            layer.bind(
+                x, bufs[0], bufs[1], cos, sin, key_mask, past=past, k_scale=k_scale, v_scale=v_scale, check=i == 0
+            )
             views += (b.as_strided(code_view[: b.dim()], b.stride()) for b in bufs)
+        kernels.run_layers(self.layers)  # one native call for all layers (kernels.run_layers says why)
         new_cache = dict(zip(self._cache_names, views, strict=True))
         self._last = (new_cache, views, buffers)
         return x, new_cache

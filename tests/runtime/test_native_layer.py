@@ -381,3 +381,37 @@ def test_attention_kernels_match_the_baseline_loops(smollm2, kv_cache, batch, se
         err = np.abs(y - ref)
         assert err.max() <= 1e-2 * top, (path, err.max() / top)
         assert np.mean(err > 2e-4 * top) <= 0.01, (path, np.mean(err > 2e-4 * top))
+
+
+def test_run_layers_is_the_layers_one_by_one(smollm2):
+    # kernels.run_layers: one native call for bound layers, the same bytes as one call per layer; a layer the
+    # core refuses stops the run there with its error, the layers before it having run.
+    dec = TorchDecoder(smollm2)
+    s, rng = dec.spec, np.random.default_rng(1)
+    shape = (1, s.num_kv_heads, 40, s.head_dim)
+    x0 = torch.from_numpy(rng.standard_normal((1, 1, s.hidden_size)).astype(np.float32))
+    cos, sin = (t[20:21].expand(1, 1, -1).contiguous() for t in dec._rope_tables(21))
+    caches0 = [torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for _ in range(6)]
+    runs = {}
+    for mode in ("one call", "one by one"):
+        x, caches = x0.clone(), [c.clone() for c in caches0]
+        layers = dec.layers[:3]
+        for i, layer in enumerate(layers):
+            layer.bind(x, caches[2 * i], caches[2 * i + 1], cos, sin, past=20)
+            if mode == "one by one":
+                kernels.run_layers([layer])
+        if mode == "one call":
+            kernels.run_layers(layers)
+        runs[mode] = (x.clone(), [c.clone() for c in caches])
+    assert torch.equal(runs["one call"][0], runs["one by one"][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs["one call"][1], runs["one by one"][1], strict=True))
+    assert not torch.equal(runs["one call"][0], x0)
+    x, caches = x0.clone(), [c.clone() for c in caches0]
+    dec.layers[0].bind(x, caches[0], caches[1], cos, sin, past=20)
+    dec.layers[1].bind(x, caches[2], caches[3], cos, sin, past=20)
+    dec.layers[1].args.capacity = 20  # no room for position 20: the core refuses this layer
+    with pytest.raises(ValueError, match="core returned"):
+        kernels.run_layers(dec.layers[:2])
+    y = x0.clone()
+    dec.layers[0](y, caches0[0].clone(), caches0[1].clone(), cos, sin, past=20)
+    assert torch.equal(x, y)  # the first layer ran, the second did not

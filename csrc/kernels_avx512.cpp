@@ -52,8 +52,67 @@ void zero_weights(const float* s, const uint8_t* zrow, int bits, int offset, int
     _mm512_storeu_ps(wz + b, zero_weights16(s, zrow, bits, offset, kb, b));
 }
 
-// sd[(i * NR + j) * kb_pad + b] = s[j][b] * d[i][b], zero for kb <= b < kb_pad, in this thread's
-// scratch buffer (baseline code owns it: no std::vector instantiated under AVX-512 flags here).
+// Where a 4-bit chunk's 128 codes fall in blocks of bs: chunk c starts block (c * per_chunk) >>
+// shift (blocks of 256 take two chunks), and lane l of its int32 sums, codes 8l..8l+7, belongs to
+// block lane_block[l] of the chunk.
+struct ChunkBlocks {
+  int shift, per_chunk;
+  __m512i lane_block;
+};
+inline ChunkBlocks chunk_blocks(int bs) {
+  return {bs <= 128 ? 0 : 1, bs <= 128 ? 128 / bs : 1,
+          _mm512_srli_epi32(_mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                               5, 4, 3, 2, 1, 0),
+                                              3),
+                            __builtin_ctz(bs < 128 ? bs : 128))};
+}
+
+// The per-tile tables of the prefill kernels, in this thread's scratch buffer (baseline code owns
+// it: no std::vector instantiated under AVX-512 flags here): sd[(i * NR + j) * kb_pad + b] =
+// factor * s[j][b] * d[i][b] and, after MR * NR rows of those, wz[j * kb_pad + b] = s[j][b] *
+// (zp[j][b] - offset); zero for kb <= b < kb_pad. Returns sd.
+template <int MR, int NR>
+float* tile_tables(const Weights& w, const Acts& a, const Tile& t, int offset, float factor,
+                   int64_t kb_pad) {
+  const int64_t kb = w.k_blocks;
+  float* sd = thread_scratch(static_cast<size_t>((MR + 1) * NR * kb_pad));
+  float* wz = sd + MR * NR * kb_pad;
+  for (int j = 0; j < NR; ++j)
+    zero_weights(t.scales[j], t.zeros[j], w.bits, offset, kb, kb_pad, wz + j * kb_pad);
+  const __m512 f = _mm512_set1_ps(factor);
+  for (int i = 0; i < MR; ++i) {
+    const float* d = a.d + (t.m0 + i) * kb;
+    for (int j = 0; j < NR; ++j) {
+      float* dst = sd + (i * NR + j) * kb_pad;
+      for (int64_t b = 0; b < kb_pad; b += 16) {
+        const __mmask16 mask = b >= kb        ? __mmask16(0)
+                               : kb - b >= 16 ? __mmask16(0xffff)
+                                              : __mmask16((1u << (kb - b)) - 1);
+        const __m512 sv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, t.scales[j] + b), f);
+        _mm512_storeu_ps(dst + b, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, d + b)));
+      }
+    }
+  }
+  return sd;
+}
+
+// The zero-point term, lane-wise into the same accumulators so that one reduction remains (wz =
+// s * (zp - offset) from tile_tables, xsum = d * sum(q) per block), then the outputs.
+template <int MR, int NR>
+void finish_tile(const Weights& w, const Acts& a, const Tile& t, const float* wz, int64_t kb_pad,
+                 __m512 (&acc)[MR][NR], float* out) {
+  const int64_t kb = w.k_blocks;
+  for (int i = 0; i < MR; ++i) {
+    const float* xs = a.xsum + (t.m0 + i) * kb;
+    for (int64_t b = 0; b < kb; b += 16) {
+      const __mmask16 mask = kb - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (kb - b)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xs + b);
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm512_fnmadd_ps(_mm512_loadu_ps(wz + j * kb_pad + b), xv, acc[i][j]);
+    }
+    for (int j = 0; j < NR; ++j) out[i * t.nr + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
 
 // Decode (MR = 1) computes each chunk's scales s * d / 16 from the scale and activation rows as
 // it goes and adds the zero-point term at the end, without int4_tile's per-tile tables: at
@@ -64,12 +123,9 @@ void int4_tile_decode(const Weights& w, const Acts& a, const Tile& t, float* out
   const int64_t kb = w.k_blocks;
   const float* d = a.d + t.m0 * kb;
   const int8_t* x = a.q + t.m0 * a.kq;
-  const int bs = w.block_size;
-  const int shift = bs <= 128 ? 0 : 1;  // chunk -> block for blocks of 256
-  const int blocks_per_chunk = bs <= 128 ? 128 / bs : 1;
-  const __m512i lane_block = _mm512_srli_epi32(
-      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
-      __builtin_ctz(bs < 128 ? bs : 128));
+  const ChunkBlocks cb = chunk_blocks(w.block_size);
+  const int shift = cb.shift, blocks_per_chunk = cb.per_chunk;
+  const __m512i lane_block = cb.lane_block;
   const __m512i m_hi = _mm512_set1_epi8(static_cast<char>(0xf0));
   const __m128 sixteenth = _mm_set1_ps(1.f / 16);
   const uint8_t* brow[NR];
@@ -120,32 +176,12 @@ void int4_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
     if (w.bits == 4) return int4_tile_decode<NR, SPLIT>(w, a, t, out);
   }
   // +4: the 4-float load of the last chunk's block scales may read past kb (zeros).
-  const int64_t kb = w.k_blocks, kb_pad = (kb + 4 + 15) / 16 * 16;
-  float* sd = thread_scratch(static_cast<size_t>((MR + 1) * NR * kb_pad));
-  float* wz = sd + MR * NR * kb_pad;
-  for (int j = 0; j < NR; ++j)
-    zero_weights(t.scales[j], t.zeros[j], w.bits, w.offset, kb, kb_pad, wz + j * kb_pad);
-  const __m512 sixteenth = _mm512_set1_ps(1.f / 16);
-  for (int i = 0; i < MR; ++i) {
-    const float* d = a.d + (t.m0 + i) * kb;
-    for (int j = 0; j < NR; ++j) {
-      float* dst = sd + (i * NR + j) * kb_pad;
-      for (int64_t b = 0; b < kb_pad; b += 16) {
-        const __mmask16 mask = b >= kb        ? __mmask16(0)
-                               : kb - b >= 16 ? __mmask16(0xffff)
-                                              : __mmask16((1u << (kb - b)) - 1);
-        const __m512 sv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, t.scales[j] + b), sixteenth);
-        _mm512_storeu_ps(dst + b, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, d + b)));
-      }
-    }
-  }
-  const int bs = w.block_size;
-  const int shift = bs <= 128 ? 0 : 1;  // chunk -> block for blocks of 256
-  const int blocks_per_chunk = bs <= 128 ? 128 / bs : 1;
-  // Lane l of a chunk's int32 sums holds codes 8l..8l+7, i.e. block 8l / bs of the chunk.
-  const __m512i lane_block = _mm512_srli_epi32(
-      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
-      __builtin_ctz(bs < 128 ? bs : 128));
+  const int64_t kb_pad = (w.k_blocks + 4 + 15) / 16 * 16;
+  const float* sd = tile_tables<MR, NR>(w, a, t, w.offset, 1.f / 16, kb_pad);
+  const float* wz = sd + MR * NR * kb_pad;
+  const ChunkBlocks cb = chunk_blocks(w.block_size);
+  const int shift = cb.shift, blocks_per_chunk = cb.per_chunk;
+  const __m512i lane_block = cb.lane_block;
   const __m512i m_hi = _mm512_set1_epi8(static_cast<char>(0xf0));
   const uint8_t* brow[NR];
   for (int j = 0; j < NR; ++j) brow[j] = w.b + (t.n0 + j) * w.row_bytes;
@@ -186,18 +222,7 @@ void int4_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
       }
     }
   }
-  // Zero-point term, lane-wise into the same accumulators so that one reduction remains:
-  // wz = s * (zp - offset) and xsum = d * sum(q) per block.
-  for (int i = 0; i < MR; ++i) {
-    const float* xs = a.xsum + (t.m0 + i) * kb;
-    for (int64_t b = 0; b < kb; b += 16) {
-      const __mmask16 mask = kb - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (kb - b)) - 1);
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, xs + b);
-      for (int j = 0; j < NR; ++j)
-        acc[i][j] = _mm512_fnmadd_ps(_mm512_loadu_ps(wz + j * kb_pad + b), xv, acc[i][j]);
-    }
-    for (int j = 0; j < NR; ++j) out[i * t.nr + j] = _mm512_reduce_add_ps(acc[i][j]);
-  }
+  finish_tile<MR, NR>(w, a, t, wz, kb_pad, acc, out);
 }
 
 // 8-bit codes: one 64-byte load holds 64 codes, the activations keep the natural order, and one
@@ -210,24 +235,9 @@ void int4_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
 // block 4l / bs of the chunk (blocks of 64..256: int8w_tile_wide below).
 template <int MR, int NR>
 void int8w_tile_split(const Weights& w, const Acts& a, const Tile& t, float* out) {
-  const int64_t kb = w.k_blocks, kb_pad = (kb + 4 + 15) / 16 * 16;
-  float* sd = thread_scratch(static_cast<size_t>((MR + 1) * NR * kb_pad));
-  float* wz = sd + MR * NR * kb_pad;
-  for (int j = 0; j < NR; ++j)
-    zero_weights(t.scales[j], t.zeros[j], w.bits, /*offset=*/0, kb, kb_pad, wz + j * kb_pad);
-  for (int i = 0; i < MR; ++i) {
-    const float* d = a.d + (t.m0 + i) * kb;
-    for (int j = 0; j < NR; ++j) {
-      float* dst = sd + (i * NR + j) * kb_pad;
-      for (int64_t b = 0; b < kb_pad; b += 16) {
-        const __mmask16 mask = b >= kb        ? __mmask16(0)
-                               : kb - b >= 16 ? __mmask16(0xffff)
-                                              : __mmask16((1u << (kb - b)) - 1);
-        _mm512_storeu_ps(dst + b, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, t.scales[j] + b),
-                                                _mm512_maskz_loadu_ps(mask, d + b)));
-      }
-    }
-  }
+  const int64_t kb_pad = (w.k_blocks + 4 + 15) / 16 * 16;  // +4: as in int4_tile
+  const float* sd = tile_tables<MR, NR>(w, a, t, /*offset=*/0, 1.f, kb_pad);
+  const float* wz = sd + MR * NR * kb_pad;
   const int bs = w.block_size;
   const int log_bs = __builtin_ctz(static_cast<unsigned>(bs));
   const __m512i lane_block = _mm512_srli_epi32(
@@ -260,16 +270,7 @@ void int8w_tile_split(const Weights& w, const Acts& a, const Tile& t, float* out
       }
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    const float* xs = a.xsum + (t.m0 + i) * kb;
-    for (int64_t b = 0; b < kb; b += 16) {
-      const __mmask16 mask = kb - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (kb - b)) - 1);
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, xs + b);
-      for (int j = 0; j < NR; ++j)
-        acc[i][j] = _mm512_fnmadd_ps(_mm512_loadu_ps(wz + j * kb_pad + b), xv, acc[i][j]);
-    }
-    for (int j = 0; j < NR; ++j) out[i * t.nr + j] = _mm512_reduce_add_ps(acc[i][j]);
-  }
+  finish_tile<MR, NR>(w, a, t, wz, kb_pad, acc, out);
 }
 
 // 8-bit codes in blocks of 64..256 (whole chunks): the int32 sums of a block's chunks add up

@@ -62,7 +62,7 @@ QUICK_CELLS = [(4096, 11008, 128), (4096, 11008, 32)]
 # would need more copies than this to stream from DRAM, get no ort_nbits_acc4_cold column.
 MAX_ORT_SESSIONS = 64
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile",
-             "amx_int8", "asimd", "asimddp")  # fmt: skip
+             "amx_int8", "amx_bf16", "avx512_bf16", "asimd", "asimddp")  # fmt: skip
 
 
 def sgemv(mib: int = 512):

@@ -21,14 +21,14 @@ struct Named {
   const char* name;
 };
 constexpr Named kNames[] = {
-    {kSSE3, "SSE3"},         {kSSSE3, "SSSE3"},         {kSSE4_1, "SSE4_1"},
-    {kSSE4_2, "SSE4_2"},     {kPOPCNT, "POPCNT"},       {kXSAVE, "XSAVE"},
-    {kAVX, "AVX"},           {kAVX2, "AVX2"},           {kFMA, "FMA"},
-    {kF16C, "F16C"},         {kAVX512F, "AVX512F"},     {kAVX512BW, "AVX512BW"},
-    {kAVX512VL, "AVX512VL"}, {kAVX512_VNNI, "AVX512_VNNI"}, {kAVX_VNNI, "AVX_VNNI"},
-    {kAMX_TILE, "AMX_TILE"}, {kAMX_INT8, "AMX_INT8"},   {kASIMD, "ASIMD"},
-    {kDOTPROD, "DOTPROD"},   {kLSE, "LSE"},             {kRDM, "RDM"},
-    {kCRC32, "CRC32"},
+    {kSSE3, "SSE3"},          {kSSSE3, "SSSE3"},           {kSSE4_1, "SSE4_1"},
+    {kSSE4_2, "SSE4_2"},      {kPOPCNT, "POPCNT"},         {kXSAVE, "XSAVE"},
+    {kAVX, "AVX"},            {kAVX2, "AVX2"},             {kFMA, "FMA"},
+    {kF16C, "F16C"},          {kAVX512F, "AVX512F"},       {kAVX512BW, "AVX512BW"},
+    {kAVX512VL, "AVX512VL"},  {kAVX512_VNNI, "AVX512_VNNI"}, {kAVX_VNNI, "AVX_VNNI"},
+    {kAMX_TILE, "AMX_TILE"},  {kAMX_INT8, "AMX_INT8"},     {kAMX_BF16, "AMX_BF16"},
+    {kAVX512_BF16, "AVX512_BF16"}, {kASIMD, "ASIMD"},      {kDOTPROD, "DOTPROD"},
+    {kLSE, "LSE"},            {kRDM, "RDM"},               {kCRC32, "CRC32"},
 };
 
 // What -mavx2 -mfma -mf16c turns on (gcc: -mavx2 implies AVX, SSE4.2 and below, POPCNT, XSAVE).
@@ -86,10 +86,14 @@ uint32_t detect() {
       if (b & (1u << 31)) f |= kAVX512VL;
       if (c & (1u << 11)) f |= kAVX512_VNNI;
     }
-    if (tile_os && (d & (1u << 24)) && (d & (1u << 25)) && amx_permitted()) f |= kAMX_TILE | kAMX_INT8;
+    if (tile_os && (d & (1u << 24)) && (d & (1u << 25)) && amx_permitted()) {
+      f |= kAMX_TILE | kAMX_INT8;
+      if (d & (1u << 22)) f |= kAMX_BF16;
+    }
     if (max_sub >= 1) {
       __cpuid_count(7, 1, a, b, c, d);
       if (ymm_os && (a & (1u << 4))) f |= kAVX_VNNI;
+      if (zmm_os && (a & (1u << 5))) f |= kAVX512_BF16;
     }
   }
   return f;
@@ -128,7 +132,7 @@ uint32_t path_features(int path) {
     case QL_PATH_AVX512_VNNI:
       return kAvx512Set;
     case QL_PATH_AMX:
-      return kAvx512Set | kAMX_TILE | kAMX_INT8;
+      return kAvx512Set | kAMX_TILE | kAMX_INT8 | kAMX_BF16 | kAVX512_BF16;
     case QL_PATH_NEON:
       return kASIMD;
     case QL_PATH_NEON_DOT:  // -march=armv8.2-a+dotprod

@@ -35,6 +35,8 @@ enum Feature : uint32_t {
   kAVX_VNNI = 1u << 14,  // the VEX-encoded vpdpbusd: NOT implied by AVX512_VNNI (Zen 4, Ice Lake)
   kAMX_TILE = 1u << 15,
   kAMX_INT8 = 1u << 16,
+  kAMX_BF16 = 1u << 17,
+  kAVX512_BF16 = 1u << 18,  // vcvtne2ps2bf16, which the AMX path's bf16 tiles are built with
   // AArch64 (Linux HWCAP names). gcc 12's SDOT intrinsics need -march=armv8.2-a, which also lets
   // the compiler use the ARMv8.1/8.2 user-level extensions: LSE atomics, RDM and CRC32.
   kASIMD = 1u << 24,

@@ -38,6 +38,9 @@ struct Acts {
   const float* d;               // (m, k_blocks) int8 scale per block (int8 accuracy)
   const float* xsum;            // (m, k_blocks) sum of the block's (dequantized) activations
   const void* extra = nullptr;  // path-specific layout built by PathKernels::prepare
+  // The caller's fp32 rows (m, k), set instead of q / d / xsum where PathKernels::float_rows
+  // takes the call (bf16 accuracy, fp32 activations).
+  const float* x = nullptr;
 };
 
 constexpr int kMaxMr = 64;
@@ -98,6 +101,15 @@ struct PathKernels {
   void (*prepare)(const Weights& w, Acts& a, std::vector<uint8_t>& storage);
   QuantizeRowFn quantize_row;  // optional SIMD activation quantization
   const AttentionKernels* attention;  // optional, see AttentionKernels
+  // Optional: true when the path multiplies these weights by m fp32 rows in bf16 (AMX tiles); the
+  // driver then asks it for bf16 accuracy (QL_ACC_BF16), quantizes no rows, sets Acts::x and
+  // leaves the layout to prepare (and the products to int8_tile). Otherwise bf16 accuracy is fp32.
+  bool (*float_rows)(const Weights& w, int64_t m) = nullptr;
+  // Optional: called by each thread before its first tile of a call and after its last (AMX:
+  // the tile configuration, which costs ~300 cycles a load and release, once per thread and call
+  // instead of once per tile). Nothing else runs on the thread in between.
+  void (*tiles_begin)(const Weights& w, const Acts& a) = nullptr;
+  void (*tiles_end)(const Acts& a) = nullptr;
 };
 
 // Offset subtracted from raw codes inside the integer kernels: 8-bit codes are used as (q - 128)

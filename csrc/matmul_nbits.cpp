@@ -188,7 +188,8 @@ int validate(const ql_matmul_nbits_args* a) {
   int bs = a->block_size;
   if (bs < 16 || bs > 256 || (bs & (bs - 1)) != 0) return QL_ERR_ARGUMENT;
   if (a->dtype != QL_F32 && a->dtype != QL_F16 && a->dtype != QL_BF16) return QL_ERR_ARGUMENT;
-  if (a->accuracy != QL_ACC_FP32 && a->accuracy != QL_ACC_INT8) return QL_ERR_ARGUMENT;
+  if (a->accuracy != QL_ACC_FP32 && a->accuracy != QL_ACC_BF16 && a->accuracy != QL_ACC_INT8)
+    return QL_ERR_ARGUMENT;
   return QL_OK;
 }
 
@@ -312,7 +313,12 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
       }
     }
   };
-  if (M * K >= (int64_t{1} << 16) && threads > 1) {
+  // bf16 accuracy: the path's bf16 products where it has them for this call, else fp32 (below).
+  const bool float_rows = args->accuracy == QL_ACC_BF16 && a_is_f32 && kern->float_rows != nullptr &&
+                          kern->float_rows(w, M);
+  if (float_rows) {
+    // the path lays out the fp32 rows itself (PathKernels::float_rows): no int8 codes
+  } else if (M * K >= (int64_t{1} << 16) && threads > 1) {
     std::atomic<int64_t> next_row{0};
     ThreadPool::global().run(threads, [&] {
       std::vector<float> row;
@@ -329,13 +335,17 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
   acts.xf = xf_buf;
   acts.d = d_buf;
   acts.xsum = xsum_buf;
-  if (int8 && kern->prepare != nullptr) kern->prepare(w, acts, scratch.path);
+  if (float_rows) {
+    acts.q = nullptr;
+    acts.x = static_cast<const float*>(args->a);
+  }
+  if ((int8 || float_rows) && kern->prepare != nullptr) kern->prepare(w, acts, scratch.path);
 
   if (kern->mr_max > kMaxMr || kern->nr_decode > kMaxNr || kern->nr_prefill > kMaxNr)
     return QL_ERR_INTERNAL;
   const int mr_max = M == 1 ? 1 : kern->mr_max;
   const int nr_max = M == 1 ? kern->nr_decode : kern->nr_prefill;
-  const TileFn tile_fn = int8 ? kern->int8_tile : kern->fp32_tile;
+  const TileFn tile_fn = int8 || float_rows ? kern->int8_tile : kern->fp32_tile;
   const int64_t n_tiles = (N + nr_max - 1) / nr_max;
   threads = static_cast<int>(std::min<int64_t>(threads, n_tiles));
   const int64_t zp_row_bytes = bits == 4 ? (kb + 1) / 2 : kb;
@@ -372,9 +382,12 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
     Tile tile;
     tile.scales = srows;
     tile.zeros = zrows;
+    bool begun = false;
     for (;;) {
       int64_t t0, t1;
       if (!claim(t0, t1)) break;
+      if (!begun && kern->tiles_begin != nullptr) kern->tiles_begin(w, acts);
+      begun = true;
       for (int64_t t = t0; t < t1; ++t) {
         tile.n0 = t * nr_max;
         tile.nr = static_cast<int>(std::min<int64_t>(nr_max, N - tile.n0));
@@ -392,6 +405,18 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
         for (tile.m0 = 0; tile.m0 < M; tile.m0 += mr_max) {
           tile.mr = static_cast<int>(std::min<int64_t>(mr_max, M - tile.m0));
           tile_fn(w, acts, tile, out);
+          if (dtype == QL_F32) {  // the common case without the per-element dtype switch
+            const float* bias = static_cast<const float*>(args->bias);
+            for (int i = 0; i < tile.mr; ++i) {
+              float* y = static_cast<float*>(args->y) + (tile.m0 + i) * N + tile.n0;
+              const float* o = out + i * tile.nr;
+              if (bias == nullptr)
+                std::memcpy(y, o, sizeof(float) * tile.nr);
+              else
+                for (int j = 0; j < tile.nr; ++j) y[j] = o[j] + bias[tile.n0 + j];
+            }
+            continue;
+          }
           for (int i = 0; i < tile.mr; ++i) {
             for (int j = 0; j < tile.nr; ++j) {
               float y = out[i * tile.nr + j];
@@ -402,6 +427,7 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
         }
       }
     }
+    if (begun && kern->tiles_end != nullptr) kern->tiles_end(acts);
   };
   ThreadPool::global().run(threads, work);
   return QL_OK;

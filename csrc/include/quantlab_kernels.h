@@ -51,9 +51,12 @@ enum ql_path {
 
 // Arithmetic, as in onnxruntime's accuracy_level attribute.
 //   0: fp32 — weights dequantized to fp32, fp32 products and sums (error: fp32 rounding only).
+//   3: bf16 at least — where a path has bf16 products (AMX, M >= 8, blocks of a multiple of 32):
+//      weights dequantized and A rounded to bf16 (8 significant bits), products summed in fp32;
+//      elsewhere as 0.
 //   4: int8 — A quantized per (row, block) to symmetric int8, exact int32 dot products per block,
 //      then fp32 scaling; the only extra error is the int8 rounding of A.
-enum ql_accuracy { QL_ACC_FP32 = 0, QL_ACC_INT8 = 4 };
+enum ql_accuracy { QL_ACC_FP32 = 0, QL_ACC_BF16 = 3, QL_ACC_INT8 = 4 };
 
 typedef struct ql_matmul_nbits_args {
   const void* a;               // (M, K) dtype, rows contiguous
@@ -175,7 +178,7 @@ QL_API int ql_decoder_layer(const ql_decoder_layer_args* args);
 // evict the interpreter's data from the core's caches between calls), one call ~0.1 ms.
 QL_API int ql_decoder_layers(const ql_decoder_layer_args* const* layers, int32_t n);
 
-#define QL_ABI_VERSION 6
+#define QL_ABI_VERSION 7
 
 #ifdef __cplusplus
 }

@@ -297,6 +297,15 @@ void test_decoder_layer(std::mt19937& rng) {
   check(ql_decoder_layer(nullptr) == QL_ERR_ARGUMENT, "decoder layer: null pointer");
 }
 
+// The bf16-accuracy calls the AMX path runs on bf16 tiles (float_rows in kernels_amx.cpp), the rest
+// in fp32:
+// weights and activations rounded to bf16 (8 significant bits), products summed in fp32.
+bool amx_bf16(const Case& c, int path, int acc) {
+  return path == QL_PATH_AMX && acc == QL_ACC_BF16 && c.dtype == QL_F32 && c.m >= 8 && c.bs % 32 == 0;
+}
+// Rounded to 8 significant bits, each of a bf16 product's factors is off by at most 2^-8 of itself.
+constexpr double kBf16Tol = 1.0 / 128 + 1.0 / (1 << 16);
+
 std::string describe(const Case& c, int path, int acc) {
   char buf[200];
   std::snprintf(buf, sizeof buf,
@@ -312,7 +321,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   oracle(d, c, y, mag, qb);
   // Output rounding to fp16/bf16 adds half an ulp of the output.
   const double out_rel = c.dtype == QL_F16 ? 1.0 / 1024 : c.dtype == QL_BF16 ? 1.0 / 128 : 0.0;
-  for (int acc : {QL_ACC_FP32, QL_ACC_INT8}) {
+  for (int acc : {QL_ACC_FP32, QL_ACC_BF16, QL_ACC_INT8}) {
     int st = 0;
     std::vector<float> ref = run(d, c, QL_PATH_SCALAR, acc, &st);
     check(st == QL_OK, "scalar status " + describe(c, QL_PATH_SCALAR, acc));
@@ -333,6 +342,17 @@ void run_case(const Case& c, std::mt19937& rng) {
       std::vector<float> out = run(d, c, path, acc, &st);
       check(st == QL_OK, "status " + describe(c, path, acc));
       ok = true;
+      if (amx_bf16(c, path, acc)) {  // its own rounding: against the float64 oracle
+        for (size_t i = 0; i < out.size(); ++i) {
+          double tol = (kBf16Tol + kOrderTol) * mag[i] + out_rel * std::fabs(y[i]) + 1e-6;
+          if (!(std::fabs(out[i] - y[i]) <= tol)) {
+            if (ok) std::printf("  [%zu] got %.7g oracle %.7g tol %.3g\n", i, out[i], y[i], tol);
+            ok = false;
+          }
+        }
+        check(ok, describe(c, path, acc) + " (bf16 tiles)");
+        continue;
+      }
       for (size_t i = 0; i < out.size(); ++i) {
         double tol = kOrderTol * mag[i] + 2 * out_rel * std::fabs(y[i]) + 1e-6;
         if (!(std::fabs(out[i] - ref[i]) <= tol)) {
@@ -386,6 +406,12 @@ int main(int argc, char** argv) {
   run_case(Case{64, 1000, 35, 4, 32, true, true, QL_F32, 2}, rng);
   run_case(Case{9, 4096, 37, 4, 16, false, true, QL_F32, 1}, rng);
   run_case(Case{40, 520, 19, 4, 64, true, false, QL_F32, 3}, rng);
+  // AMX bf16 tiles: SmolLM2's g32 shape at batch 16, 8-bit weights (its head's format), blocks of
+  // 128 from 64 rows on (four activation tiles, a partial last one), K not a multiple of 32.
+  run_case(Case{16, 576, 960, 4, 32, true, false, QL_F32, 2}, rng);
+  run_case(Case{16, 576, 49, 8, 128, true, true, QL_F32, 2}, rng);
+  run_case(Case{9, 1000, 21, 8, 32, false, false, QL_F32, 1}, rng);
+  run_case(Case{70, 1000, 35, 4, 128, true, true, QL_F32, 2}, rng);
   // Argument errors come back as status codes.
   {
     ql_matmul_nbits_args a{};

@@ -8,7 +8,9 @@ built (no compiler at install time) it falls back to numpy, logs a warning once,
 
 ``accuracy_level`` follows onnxruntime: 0 computes in fp32 on dequantized weights; 4 (the default
 here, the fast one) quantizes activations to int8 per (row, block) and does exact integer dot
-products, adding only the int8 rounding of the activations as error.
+products, adding only the int8 rounding of the activations as error; 3 rounds weights and
+activations to bf16 where the CPU has bf16 tiles (AMX, M >= 8, blocks of a multiple of 32), which is
+2-3x closer to the fp32 product than int8 and faster at small batches, and is fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ def matmul_nbits(
         bits=bits,
         block_size=block_size,
         dtype=_native.DTYPES[dtype],
-        accuracy=4 if accuracy_level == 4 else 0,
+        accuracy=_accuracy(accuracy_level),
         path=_native.PATHS[path],
         threads=0 if threads is None else int(threads),
     )
@@ -244,6 +246,12 @@ def matmul_nbits(
             f"(K={K}, N={N}, bits={bits}, block_size={block_size}, path={path})"
         )
     return y
+
+
+def _accuracy(level: int) -> int:
+    """The core's arithmetic for onnxruntime's accuracy_level: 4 int8, 3 bf16 where a path has it
+    (AMX), else fp32 (0..2: fp16 and below are computed in fp32)."""
+    return level if level in (3, 4) else 0
 
 
 def _ptr(t: Any) -> int | None:
@@ -288,7 +296,7 @@ def _linear_args(name: str, w: dict) -> _native.LinearArgs:
         n=N,
         bits=bits,
         block_size=bs,
-        accuracy=4 if w.get("accuracy_level", 4) == 4 else 0,
+        accuracy=_accuracy(w.get("accuracy_level", 4)),
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 LIB_NAME = "_libquantlab_kernels.so"
 CUDA_LIB_NAME = "_libquantlab_cuda.so"
 # Overrides the library location (a build directory's copy, for example).

@@ -7,6 +7,21 @@ import pytest
 
 from quantlab.kernels.reference import k_blocks
 
+# bf16 tiles round every weight and activation to 8 significant bits: a product is off by at most
+# 2^-7 + 2^-16 of itself (relative to sum_k |x_k w_k|, like the fp32 tolerances).
+BF16_TOL = 2.0**-7 + 2.0**-16
+
+
+def amx_bf16_tiles(path: str, *, m: int, bits: int, block_size: int, accuracy_level: int, dtype=np.float32) -> bool:
+    """Whether the AMX path runs this call on bf16 tiles (``float_rows`` in csrc/kernels_amx.cpp):
+    accuracy_level 3 (bf16), fp32 activations, M >= 8, blocks of a multiple of 32. Other level-3
+    calls are computed in fp32."""
+    from quantlab import kernels
+
+    if path == "auto":
+        path = "amx" if "amx" in kernels.available_paths() else ""
+    return path == "amx" and accuracy_level == 3 and np.dtype(dtype) == np.float32 and m >= 8 and not block_size % 32
+
 
 def make_case(rng: np.random.Generator, *, m: int, k: int, n: int, bits: int, block_size: int, zp: bool):
     """Random codes, scales and (optionally) zero points in MatMulNBits layout, and activations."""

@@ -17,7 +17,7 @@ import pytest
 
 from quantlab import kernels
 from quantlab.kernels.reference import dequantize_nbits, k_blocks, unpack_codes, unpack_zero_points
-from tests.kernels.helpers import make_case, ort_matmul_nbits
+from tests.kernels.helpers import BF16_TOL, amx_bf16_tiles, make_case, ort_matmul_nbits
 
 FP32_TOL = 2e-5
 SHAPES = [(1, 1000, 7), (3, 320, 33), (17, 200, 5)]  # M = 1, 3, 17; K not a multiple of 256; odd N
@@ -68,6 +68,9 @@ def test_matches_onnxruntime(m, k, n, bits, block_size, zp):
     y0 = kernels.matmul_nbits(x, b, s, z, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=0)
     assert np.all(np.abs(y0 - y_ort) <= FP32_TOL * mag + 1e-6)
     y4 = kernels.matmul_nbits(x, b, s, z, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4)
+    y3 = kernels.matmul_nbits(x, b, s, z, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=3)
+    bf16 = amx_bf16_tiles("auto", m=m, bits=bits, block_size=block_size, accuracy_level=3)
+    assert np.all(np.abs(y3 - y_ort) <= ((BF16_TOL if bf16 else 0.0) + FP32_TOL) * mag + 1e-6)
     assert np.all(np.abs(y4 - y_ort) <= int8_bound(x, w, block_size) * 1.001 + FP32_TOL * mag + 1e-6)
     # onnxruntime's accuracy_level=4 quantizes activations the same way (per block, max/127,
     # round half to even): the int8 paths agree to fp32 summation order.
@@ -77,7 +80,7 @@ def test_matches_onnxruntime(m, k, n, bits, block_size, zp):
 
 @pytest.mark.skipif(not kernels.available_paths(), reason="native kernels not built")
 @pytest.mark.parametrize("path", kernels.available_paths())
-@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("accuracy_level", [0, 3, 4])
 def test_every_path_matches_scalar(path, accuracy_level):
     rng = np.random.default_rng(7)
     # M = 17 (third and sixth) with 4-bit blocks >= 128 also runs the AMX tiles where present.
@@ -86,10 +89,14 @@ def test_every_path_matches_scalar(path, accuracy_level):
         x, b, s, z = make_case(rng, m=m, k=k, n=n, bits=bits, block_size=block_size, zp=zp)
         kw = dict(K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
         ref = kernels.matmul_nbits(x, b, s, z, path="scalar", **kw)
+        w = dequantize_nbits(b, s, z, k=k, n=n, bits=bits, block_size=block_size)
+        bf16 = amx_bf16_tiles(path, m=m, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+        if bf16:  # AMX's bf16 tiles against the fp32 product instead of the int8 reference
+            ref = x @ w.T
         for threads in (1, 2):
             y = kernels.matmul_nbits(x, b, s, z, path=path, threads=threads, **kw)
-            w = dequantize_nbits(b, s, z, k=k, n=n, bits=bits, block_size=block_size)
-            assert np.all(np.abs(y - ref) <= FP32_TOL * magnitude(x, w) + 1e-6), (path, m, k, n, bits, block_size)
+            tol = (BF16_TOL + FP32_TOL if bf16 else FP32_TOL) * magnitude(x, w) + 1e-6
+            assert np.all(np.abs(y - ref) <= tol), (path, m, k, n, bits, block_size)
 
 
 @pytest.mark.skipif(not kernels.available_paths(), reason="native kernels not built")
@@ -102,12 +109,16 @@ def test_8bit_weights_every_block_size(path):
     for block_size in (16, 32, 64, 128, 256):
         for (m, k, n), zp in (((1, 600, 11), True), ((1, 576, 8), False), ((9, 330, 6), True)):
             x, b, s, z = make_case(rng, m=m, k=k, n=n, bits=8, block_size=block_size, zp=zp)
-            kw = dict(K=k, N=n, bits=8, block_size=block_size, accuracy_level=4)
+            kw = dict(K=k, N=n, bits=8, block_size=block_size, accuracy_level=3 if zp else 4)
             ref = kernels.matmul_nbits(x, b, s, z, path="scalar", **kw)
             w = dequantize_nbits(b, s, z, k=k, n=n, bits=8, block_size=block_size)
+            bf16 = amx_bf16_tiles(path, m=m, bits=8, block_size=block_size, accuracy_level=kw["accuracy_level"])
+            if bf16:  # AMX's bf16 tiles against the fp32 product instead of the int8 reference
+                ref = x @ w.T
             for threads in (1, 2):
                 y = kernels.matmul_nbits(x, b, s, z, path=path, threads=threads, **kw)
-                assert np.all(np.abs(y - ref) <= FP32_TOL * magnitude(x, w) + 1e-6), (path, block_size, m, k, n)
+                tol = (BF16_TOL + FP32_TOL if bf16 else FP32_TOL) * magnitude(x, w) + 1e-6
+                assert np.all(np.abs(y - ref) <= tol), (path, block_size, m, k, n)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -203,3 +214,20 @@ def test_pack_weights_places_equal_aligned_copies():
     assert placed[0].ctypes.data < placed[1].ctypes.data < placed[2].ctypes.data < placed[3].ctypes.data
     kw = dict(K=320, N=9, bits=4, block_size=64)
     assert np.array_equal(kernels.matmul_nbits(x, *placed[:3], **kw), kernels.matmul_nbits(x, b, s, z, **kw))
+
+
+@pytest.mark.skipif("amx" not in kernels.available_paths(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("bits,block_size,m", [(4, 32, 16), (4, 64, 9), (8, 128, 16), (4, 128, 64)])
+def test_amx_bf16_tiles_closer_than_int8(bits, block_size, m):
+    # accuracy_level 3 on AMX (bf16 tiles) lands closer to the fp32 product than int8 codes (level
+    # 4, same call) and is not the fp32 computation: fails if those calls fell back to either.
+    assert amx_bf16_tiles("amx", m=m, bits=bits, block_size=block_size, accuracy_level=3)
+    rng = np.random.default_rng(bits * 100 + block_size + m)
+    x, b, s, z = make_case(rng, m=m, k=576, n=96, bits=bits, block_size=block_size, zp=True)
+    w = dequantize_nbits(b, s, z, k=576, n=96, bits=bits, block_size=block_size)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    kw = dict(K=576, N=96, bits=bits, block_size=block_size, threads=2)
+    err_bf16 = np.abs(kernels.matmul_nbits(x, b, s, z, path="amx", accuracy_level=3, **kw) - exact).mean()
+    err_int8 = np.abs(kernels.matmul_nbits(x, b, s, z, path="amx", accuracy_level=4, **kw) - exact).mean()
+    err_fp32 = np.abs(kernels.matmul_nbits(x, b, s, z, path="amx", accuracy_level=0, **kw) - exact).mean()
+    assert err_fp32 < 0.1 * err_bf16 and err_bf16 < 0.7 * err_int8, (err_fp32, err_bf16, err_int8)

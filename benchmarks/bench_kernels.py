@@ -140,18 +140,31 @@ def ort_session(model_bytes: bytes, threads: int, spin: bool = True):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def nbits_model(b: np.ndarray, scales: np.ndarray, k: int, n: int, block: int, accuracy_level: int) -> bytes:
+def nbits_model(
+    b: np.ndarray,
+    scales: np.ndarray,
+    k: int,
+    n: int,
+    block: int,
+    accuracy_level: int,
+    *,
+    bits: int = 4,
+    zero_points: np.ndarray | None = None,
+) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")]
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, "zero_points"))
     node = helper.make_node(
-        "MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
-        K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level,
+        "MatMulNBits", ["A", *(t.name for t in inits)], ["Y"],
+        domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,
     )  # fmt: skip
     graph = helper.make_graph(
         [node], "nbits",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
-        initializer=[numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")],
+        initializer=inits,
     )  # fmt: skip
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()

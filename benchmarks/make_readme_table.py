@@ -16,7 +16,9 @@ It also renders benchmarks/results/pareto_smollm2.json (benchmarks/bench_pareto.
 benchmarks/results/kernels_cpu.json (benchmarks/bench_kernels.py) into the block between
 ``<!-- kernels:start -->`` and ``<!-- kernels:end -->`` likewise, and benchmarks/results/peers_smollm2.json,
 batch_smollm2.json and speculative_smollm2.json (bench_latency.py --peers) into ``<!-- peers:start -->`` ...
-``<!-- peers:end -->`` with issue 18's bars (benchmarks/peers_report.py).
+``<!-- peers:end -->`` with issue 18's bars (benchmarks/peers_report.py), and
+benchmarks/results/accuracy_levels.json (benchmarks/bench_accuracy_levels.py) into ``<!-- levels:start -->`` ...
+``<!-- levels:end -->``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,18 @@ def with_peers_block(text: str, results: Path, readme_dir: Path) -> str:
     return peers_report.replace_readme_block(text, peers_report.readme_block(results, readme_dir))
 
 
+def with_levels_block(text: str, results: Path) -> str:
+    """``text`` with its accuracy-level table rendered from accuracy_levels.json, when both are there."""
+    import bench_accuracy_levels  # beside this script
+    from common import replace_block as replace_between
+
+    path = results / "accuracy_levels.json"
+    if not path.is_file() or bench_accuracy_levels.README_START not in text:
+        return text
+    block = bench_accuracy_levels.readme_block(json.loads(path.read_text("utf-8")))
+    return replace_between(text, block, bench_accuracy_levels.README_START, bench_accuracy_levels.README_END)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     new = with_pareto_block(new, args.results)
     new = with_kernels_block(new, args.results)
     new = with_peers_block(new, args.results, args.readme.parent)
+    new = with_levels_block(new, args.results)
     if args.check:
         if new != text:
             print(

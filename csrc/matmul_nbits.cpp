@@ -272,14 +272,18 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
   // The buffers live on as long as the calling thread: above ~128 KB a fresh allocation is a
   // fresh mmap, and its page faults (and the munmap's TLB shootdowns) cost more than an M = 64
   // quantization. Rows are re-zeroed from the last 128-element chunk holding K on (below).
+  const bool a_is_f32 = dtype == QL_F32;
+  // bf16 accuracy: the path's bf16 products where it has them for this call (it lays out the fp32
+  // rows itself: no codes or block sums here), else fp32 like accuracy 0.
+  const bool float_rows = args->accuracy == QL_ACC_BF16 && a_is_f32 && kern->float_rows != nullptr &&
+                          kern->float_rows(w, M);
   thread_local Scratch scratch;
   int8_t* q_buf = grow(scratch.q, int8 ? M * kq : 0);
-  float* xf_buf = grow(scratch.xf, int8 ? 0 : M * kq);
-  float* d_buf = grow(scratch.d, M * kb);
-  float* xsum_buf = grow(scratch.xsum, M * kb);
+  float* xf_buf = grow(scratch.xf, int8 || float_rows ? 0 : M * kq);
+  float* d_buf = grow(scratch.d, float_rows ? 0 : M * kb);
+  float* xsum_buf = grow(scratch.xsum, float_rows ? 0 : M * kb);
   std::vector<float> x_row_buf;
   const int64_t tail = K / 128 * 128;  // zeros from here to kq: padding past K
-  const bool a_is_f32 = dtype == QL_F32;
   // src[offset .. offset + count) of dtype -> fp32; fp16 through the path's SIMD conversion.
   auto to_f32 = [&](const void* src, int64_t offset, int64_t count, float* dst) {
     if (dtype == QL_F16 && kern->f16_to_f32 != nullptr) {
@@ -313,18 +317,13 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
       }
     }
   };
-  // bf16 accuracy: the path's bf16 products where it has them for this call, else fp32 (below).
-  const bool float_rows = args->accuracy == QL_ACC_BF16 && a_is_f32 && kern->float_rows != nullptr &&
-                          kern->float_rows(w, M);
-  if (float_rows) {
-    // the path lays out the fp32 rows itself (PathKernels::float_rows): no int8 codes
-  } else if (M * K >= (int64_t{1} << 16) && threads > 1) {
+  if (!float_rows && M * K >= (int64_t{1} << 16) && threads > 1) {
     std::atomic<int64_t> next_row{0};
     ThreadPool::global().run(threads, [&] {
       std::vector<float> row;
       for (int64_t r; (r = next_row.fetch_add(1)) < M;) prepare(r, r + 1, row);
     });
-  } else {
+  } else if (!float_rows) {
     prepare(0, M, x_row_buf);
   }
   Acts acts;
@@ -335,10 +334,7 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
   acts.xf = xf_buf;
   acts.d = d_buf;
   acts.xsum = xsum_buf;
-  if (float_rows) {
-    acts.q = nullptr;
-    acts.x = static_cast<const float*>(args->a);
-  }
+  if (float_rows) acts.x = static_cast<const float*>(args->a);
   if ((int8 || float_rows) && kern->prepare != nullptr) kern->prepare(w, acts, scratch.path);
 
   if (kern->mr_max > kMaxMr || kern->nr_decode > kMaxNr || kern->nr_prefill > kMaxNr)

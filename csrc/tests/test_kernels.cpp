@@ -297,7 +297,7 @@ void test_decoder_layer(std::mt19937& rng) {
   check(ql_decoder_layer(nullptr) == QL_ERR_ARGUMENT, "decoder layer: null pointer");
 }
 
-// The bf16-accuracy calls the AMX path runs on bf16 tiles (float_rows in kernels_amx.cpp), the rest
+// The bf16-accuracy calls the AMX path runs on bf16 tiles (amx_bf16_rows in kernels_amx_bf16.cpp), the rest
 // in fp32:
 // weights and activations rounded to bf16 (8 significant bits), products summed in fp32.
 bool amx_bf16(const Case& c, int path, int acc) {
@@ -412,6 +412,10 @@ int main(int argc, char** argv) {
   run_case(Case{16, 576, 49, 8, 128, true, true, QL_F32, 2}, rng);
   run_case(Case{9, 1000, 21, 8, 32, false, false, QL_F32, 1}, rng);
   run_case(Case{70, 1000, 35, 4, 128, true, true, QL_F32, 2}, rng);
+  // AMX int8 tiles of 8-bit codes read in place: five activation tiles over two calls, a partial
+  // weight tile, blocks of 64 and 256.
+  run_case(Case{70, 1000, 35, 8, 64, true, true, QL_F32, 2}, rng);
+  run_case(Case{24, 768, 40, 8, 256, false, false, QL_F32, 3}, rng);
   // Argument errors come back as status codes.
   {
     ql_matmul_nbits_args a{};

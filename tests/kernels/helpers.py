@@ -13,7 +13,7 @@ BF16_TOL = 2.0**-7 + 2.0**-16
 
 
 def amx_bf16_tiles(path: str, *, m: int, bits: int, block_size: int, accuracy_level: int, dtype=np.float32) -> bool:
-    """Whether the AMX path runs this call on bf16 tiles (``float_rows`` in csrc/kernels_amx.cpp):
+    """Whether the AMX path runs this call on bf16 tiles (``amx_bf16_rows`` in csrc/kernels_amx_bf16.cpp):
     accuracy_level 3 (bf16), fp32 activations, M >= 8, blocks of a multiple of 32. Other level-3
     calls are computed in fp32."""
     from quantlab import kernels

@@ -30,6 +30,7 @@ OBJECT_PATHS = {
     "kernels_avx_vnni": "avx_vnni",
     "kernels_avx512": "avx512_vnni",
     "kernels_amx": "amx",
+    "kernels_amx_bf16": "amx",
     "kernels_neon": "neon",
     "kernels_neon_dot": "neon_dot",
 }

@@ -148,6 +148,25 @@ float softmax_numerators(float* s, int64_t n, float* row_max) {
   return V::sum(total);
 }
 
+// act = gate / (1 + e^-gate) * up over n elements (silu(gate) * up), lane-wise: the tail goes
+// through the same vector code (zero-padded), so no element's value depends on where it lies.
+template <class V>
+inline typename V::F swiglu_lanes(typename V::F g, typename V::F u) {
+  const typename V::F d = V::add(V::set1(1.f), vexp<V>(V::sub(V::zero(), g)));
+  return V::mul(V::div(g, d), u);
+}
+template <class V>
+void swiglu(const float* gate, const float* up, int64_t n, float* act) {
+  int64_t e = 0;
+  for (; e + V::kWidth <= n; e += V::kWidth)
+    V::store(act + e, swiglu_lanes<V>(V::load(gate + e), V::load(up + e)));
+  if (e == n) return;
+  float g[V::kWidth] = {}, u[V::kWidth] = {};
+  for (int64_t l = 0; l < n - e; ++l) g[l] = gate[e + l], u[l] = up[e + l];
+  V::store(g, swiglu_lanes<V>(V::load(g), V::load(u)));
+  for (int64_t l = 0; l < n - e; ++l) act[e + l] = g[l];
+}
+
 template <class V>
 void scores_f32(const float* q, int g, int64_t hd, const float* k, const float* ks, int64_t n,
                 float scale, float* s, int64_t lds) {
@@ -172,8 +191,8 @@ void weighted_i8(const float* p, int64_t ldp, int g, const int8_t* v, int64_t n,
 // The AttentionKernels of vector traits V.
 template <class V>
 constexpr AttentionKernels attention_kernels() {
-  return {V::kWidth,       scores_f32<V>, scores_i8<V>, weighted_f32<V>,
-          weighted_i8<V>, softmax_numerators<V>};
+  return {V::kWidth,       scores_f32<V>,          scores_i8<V>, weighted_f32<V>,
+          weighted_i8<V>, softmax_numerators<V>, swiglu<V>};
 }
 
 #endif  // QUANTLAB_ATTENTION_SIMD_H_

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "decoder_internal.h"
+#include "matmul_internal.h"
 #include "quantlab_kernels.h"
 
 namespace ql {
@@ -107,8 +108,16 @@ int validate(const ql_decoder_layer_args* a) {
   return QL_OK;
 }
 
-// act = silu(gate) * up = gate / (1 + e^-gate) * up over n elements.
-void swiglu(const float* gate, const float* up, int64_t n, float* act) {
+// The layer's path's vector kernels for its elementwise work; nullptr: the loops here.
+const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a) {
+  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
+  return k != nullptr ? k->attention : nullptr;
+}
+
+// act = silu(gate) * up = gate / (1 + e^-gate) * up over n elements: the path's vector code
+// (AttentionKernels::swiglu) where it has one, else this loop.
+void swiglu(const float* gate, const float* up, int64_t n, float* act, const AttentionKernels* ak) {
+  if (ak != nullptr) return ak->swiglu(gate, up, n, act);
   for (int64_t e = 0; e < n; ++e) act[e] = gate[e] / (1.f + fast_exp(-gate[e])) * up[e];
 }
 
@@ -192,19 +201,20 @@ int decoder_layer(const ql_decoder_layer_args* a) {
   for (int64_t r = 0; r < rows; ++r)
     rms_norm(a->x + r * hidden, a->post_norm, hidden, a->eps, h + r * hidden);
   float* act = grow(sc.act, rows * ff);
+  const AttentionKernels* ak = vector_kernels(a);
   if (a->gate_up.b != nullptr) {
     float* y = grow(sc.ff, rows * 2 * ff);  // (rows, [gate | up])
     if ((status = run_linear(a->gate_up, h, rows, y, a->path, threads)) != QL_OK) return status;
     for (int64_t r = 0; r < rows; ++r) {
       const float *g = y + r * 2 * ff, *u = g + ff;
-      swiglu(g, u, ff, act + r * ff);
+      swiglu(g, u, ff, act + r * ff, ak);
     }
   } else {
     float* g = grow(sc.ff, rows * 2 * ff);  // gate rows, then up rows
     float* u = g + rows * ff;
     if ((status = run_linear(a->gate, h, rows, g, a->path, threads)) != QL_OK) return status;
     if ((status = run_linear(a->up, h, rows, u, a->path, threads)) != QL_OK) return status;
-    swiglu(g, u, rows * ff, act);
+    swiglu(g, u, rows * ff, act, ak);
   }
   if ((status = run_linear(a->down, act, rows, proj, a->path, threads)) != QL_OK) return status;
   for (int64_t e = 0; e < rows * hidden; ++e) a->x[e] += proj[e];

@@ -86,6 +86,8 @@ struct AttentionKernels {
                       const float* inv, float* out);
   // s[j] = e^(s[j] - max_j s) for j < n (0 where s[j] = -inf); returns their sum, *row_max = the max.
   float (*softmax_numerators)(float* s, int64_t n, float* row_max);
+  // act[e] = gate[e] / (1 + e^-gate[e]) * up[e] for e < n (the decoder layer's SwiGLU).
+  void (*swiglu)(const float* gate, const float* up, int64_t n, float* act);
 };
 
 struct PathKernels {

@@ -150,6 +150,24 @@ void store_kv(const ql_decoder_layer_args* a, int64_t b, int64_t i, int64_t pos,
   std::memcpy(static_cast<float*>(a->v_cache) + row * hd, v, bytes);
 }
 
+// Prefetches for writing the cache rows that store_kv will write for the step's `rows` rows.
+void prefetch_cache_rows(const ql_decoder_layer_args* a, int64_t rows) {
+  const int64_t hd = a->head_dim;
+  const int64_t bytes = hd * (a->cache_dtype == QL_CACHE_INT8 ? 1 : static_cast<int64_t>(sizeof(float)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / a->seq, pos = a->past + r % a->seq;
+    for (int64_t i = 0; i < a->kv_heads; ++i) {
+      const int64_t row = (b * a->kv_heads + i) * a->capacity + pos;
+      const char* k = static_cast<const char*>(a->k_cache) + row * bytes;
+      const char* v = static_cast<const char*>(a->v_cache) + row * bytes;
+      for (int64_t c = 0; c < bytes; c += 64) {
+        __builtin_prefetch(k + c, 1);
+        __builtin_prefetch(v + c, 1);
+      }
+    }
+  }
+}
+
 int decoder_layer(const ql_decoder_layer_args* a) {
   int status = validate(a);
   if (status != QL_OK) return status;
@@ -179,6 +197,9 @@ int decoder_layer(const ql_decoder_layer_args* a) {
   }
 
   // Per-head norms and RoPE, then the new keys and values into the cache at past .. past + seq - 1.
+  // The cache rows written are cold (a batched decode writes rows * kv_heads * 2 of them, apart):
+  // asked for up front so that their misses overlap instead of stalling each copy in turn.
+  prefetch_cache_rows(a, rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = r / a->seq, pos = a->past + r % a->seq;
     const float *cos = a->cos + r * half, *sin = a->sin + r * half;

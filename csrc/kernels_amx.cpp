@@ -310,7 +310,8 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
 #pragma GCC unroll 16
       for (int j = 0; j < kT; ++j) racc[j] = _mm512_fnmadd_ps(_mm512_set1_ps(wz[j * kb + b]), xs, racc[j]);
     }
-    for (int j = 0; j < kT; ++j) _mm512_store_ps(acc[0][j], racc[j]);
+    store_transposed16(racc, t.mr, kT, out, kT);
+    return;
   } else {
     for (int mt = 0; mt < mts; ++mt)
       for (int64_t b = 0; b < kb; ++b) {
@@ -320,8 +321,11 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
                                                        _mm512_load_ps(acc[mt][j])));
       }
   }
-  for (int i = 0; i < t.mr; ++i)
-    for (int j = 0; j < t.nr; ++j) out[i * t.nr + j] = acc[i / kT][j][i % kT];
+  for (int mt = 0; mt < mts; ++mt) {
+    __m512 r[kT];
+    for (int j = 0; j < kT; ++j) r[j] = _mm512_load_ps(acc[mt][j]);  // rows past nr: zero
+    store_transposed16(r, t.mr - mt * kT, t.nr, out + mt * kT * t.nr, t.nr);
+  }
 }
 
 // The AVX-512 kernels take 1 x (<= 4) and (<= 8) x (<= 2) tiles: run those shapes.

@@ -104,9 +104,9 @@ void amx_bf16_tile_t(const Weights& w, const Acts& a, const Tile& t, float* out)
   alignas(64) float acc[kT][kT];  // [weight row][activation row]
   for (int mt = 0; mt < mts; ++mt) {
     c_store(kC[mt], acc);
-    const int rows = t.mr - mt * kT < kT ? t.mr - mt * kT : kT;
-    for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < t.nr; ++j) out[(mt * kT + i) * t.nr + j] = acc[j][i];
+    __m512 r[kT];
+    for (int j = 0; j < kT; ++j) r[j] = _mm512_load_ps(acc[j]);
+    store_transposed16(r, t.mr - mt * kT, t.nr, out + mt * kT * t.nr, t.nr);
   }
 }
 

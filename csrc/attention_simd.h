@@ -34,11 +34,18 @@ typename V::F vexp(typename V::F x) {
 constexpr int kHeadsPerPass = 4;
 
 // s[h * lds + j] = f_j * dot(q_h, k_j) for h < G, j < n: each key row is loaded once for the G
-// heads (the query rows stay in L1), one horizontal sum per head and row.
+// heads (the query rows stay in L1), one horizontal sum per head and row. With pf (the value rows,
+// same layout), each key row's value row is prefetched into L2 alongside: the weighted pass then
+// reads its rows from L2 while this pass waits on the keys' memory, instead of the two passes each
+// waiting on memory in turn (SmolLM2 batch-16 decode: the layers 22.2 -> 20.2 ms a step).
 template <class V, int G, typename T>
 void scores_g(const float* q, int64_t hd, const T* k, const float* ks, int64_t n, float scale,
-              float* s, int64_t lds) {
+              float* s, int64_t lds, const T* pf) {
+  const int64_t row_bytes = hd * static_cast<int64_t>(sizeof(T));
   for (int64_t j = 0; j < n; ++j) {
+    if (pf != nullptr)
+      for (int64_t c = 0; c < row_bytes; c += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(pf + j * hd) + c, 0, 2);
     const T* kr = k + j * hd;
     typename V::F acc[G];
     for (int h = 0; h < G; ++h) acc[h] = V::zero();
@@ -53,15 +60,16 @@ void scores_g(const float* q, int64_t hd, const T* k, const float* ks, int64_t n
 
 template <class V, typename T>
 void scores(const float* q, int g, int64_t hd, const T* k, const float* ks, int64_t n,
-            float scale, float* s, int64_t lds) {
+            float scale, float* s, int64_t lds, const T* v) {
   for (int h = 0; h < g; h += kHeadsPerPass) {
     const float* qh = q + h * hd;
     float* sh = s + h * lds;
+    const T* pf = h == 0 ? v : nullptr;  // the value rows, once
     switch (g - h < kHeadsPerPass ? g - h : kHeadsPerPass) {
-      case 1: scores_g<V, 1>(qh, hd, k, ks, n, scale, sh, lds); break;
-      case 2: scores_g<V, 2>(qh, hd, k, ks, n, scale, sh, lds); break;
-      case 3: scores_g<V, 3>(qh, hd, k, ks, n, scale, sh, lds); break;
-      default: scores_g<V, 4>(qh, hd, k, ks, n, scale, sh, lds); break;
+      case 1: scores_g<V, 1>(qh, hd, k, ks, n, scale, sh, lds, pf); break;
+      case 2: scores_g<V, 2>(qh, hd, k, ks, n, scale, sh, lds, pf); break;
+      case 3: scores_g<V, 3>(qh, hd, k, ks, n, scale, sh, lds, pf); break;
+      default: scores_g<V, 4>(qh, hd, k, ks, n, scale, sh, lds, pf); break;
     }
   }
 }
@@ -169,13 +177,13 @@ void swiglu(const float* gate, const float* up, int64_t n, float* act) {
 
 template <class V>
 void scores_f32(const float* q, int g, int64_t hd, const float* k, const float* ks, int64_t n,
-                float scale, float* s, int64_t lds) {
-  scores<V>(q, g, hd, k, ks, n, scale, s, lds);
+                float scale, float* s, int64_t lds, const float* v) {
+  scores<V>(q, g, hd, k, ks, n, scale, s, lds, v);
 }
 template <class V>
 void scores_i8(const float* q, int g, int64_t hd, const int8_t* k, const float* ks, int64_t n,
-               float scale, float* s, int64_t lds) {
-  scores<V>(q, g, hd, k, ks, n, scale, s, lds);
+               float scale, float* s, int64_t lds, const int8_t* v) {
+  scores<V>(q, g, hd, k, ks, n, scale, s, lds, v);
 }
 template <class V>
 void weighted_f32(const float* p, int64_t ldp, int g, const float* v, int64_t n, int64_t hd,

@@ -130,9 +130,9 @@ void attend(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64_t kvh
     bool seen = false;
     if (ak != nullptr) {
       if constexpr (kInt8)
-        ak->scores_i8(q, static_cast<int>(group), hd, kc, ks, visible, scale, s, total);
+        ak->scores_i8(q, static_cast<int>(group), hd, kc, ks, visible, scale, s, total, vc);
       else
-        ak->scores_f32(q, static_cast<int>(group), hd, kc, nullptr, visible, scale, s, total);
+        ak->scores_f32(q, static_cast<int>(group), hd, kc, nullptr, visible, scale, s, total, vc);
       for (int64_t j = 0; j < visible; ++j) {
         if (mask != nullptr && mask[j] == 0) {
           for (int64_t h = 0; h < group; ++h) s[h * total + j] = -INFINITY;
@@ -215,10 +215,11 @@ void attend_chunk(const ql_decoder_layer_args* a, const Qkv& p, int64_t b, int64
   const int64_t* mask = a->key_mask != nullptr ? a->key_mask + b * total + j0 : nullptr;
   const float* q = p.q + b * p.ldq + kvh * group * hd;  // decode: row r = b
   float *o = part, *m = part + group * hd, *l = m + group;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   if constexpr (kInt8)
-    ak->scores_i8(q, static_cast<int>(group), hd, kc, ks, n, 1.f / std::sqrt(static_cast<float>(hd)), s, n);
+    ak->scores_i8(q, static_cast<int>(group), hd, kc, ks, n, scale, s, n, vc);
   else
-    ak->scores_f32(q, static_cast<int>(group), hd, kc, nullptr, n, 1.f / std::sqrt(static_cast<float>(hd)), s, n);
+    ak->scores_f32(q, static_cast<int>(group), hd, kc, nullptr, n, scale, s, n, vc);
   bool seen = mask == nullptr;
   if (mask != nullptr)
     for (int64_t j = 0; j < n; ++j) {

@@ -74,11 +74,12 @@ using QuantizeRowFn = bool (*)(const float* x, int64_t k, int bits, int bs, int6
 struct AttentionKernels {
   int hd_multiple;  // head_dim must be a multiple of this (the vector width in floats)
   // s[h * lds + j] = f_j * dot(q + h * hd, k + j * hd, hd) for h < g, j < n, with
-  // f_j = scale * ks[j] (int8 rows' scales) or scale (ks == nullptr).
+  // f_j = scale * ks[j] (int8 rows' scales) or scale (ks == nullptr). v: the n value rows that
+  // the weighted pass reads next, prefetched on the way (nullptr: none).
   void (*scores_f32)(const float* q, int g, int64_t hd, const float* k, const float* ks, int64_t n,
-                     float scale, float* s, int64_t lds);
+                     float scale, float* s, int64_t lds, const float* v);
   void (*scores_i8)(const float* q, int g, int64_t hd, const int8_t* k, const float* ks, int64_t n,
-                    float scale, float* s, int64_t lds);
+                    float scale, float* s, int64_t lds, const int8_t* v);
   // out[h * hd + d] = inv[h] * sum_j p[h * ldp + j] * v[j * hd + d] for h < g, d < hd.
   void (*weighted_f32)(const float* p, int64_t ldp, int g, const float* v, int64_t n, int64_t hd,
                        const float* inv, float* out);

@@ -34,6 +34,7 @@ __all__ = [
     "backend",
     "build_info",
     "dequantize_nbits",
+    "huge_page_arrays",
     "huge_page_buffer",
     "matmul_nbits",
     "pack_weights",
@@ -76,21 +77,30 @@ def huge_page_buffer(nbytes: int) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
-def pack_weights(arrays: list[np.ndarray], align: int = 64) -> list[np.ndarray]:
-    """Copies of ``arrays`` (same dtypes, shapes and values), placed one after another in one
-    :func:`huge_page_buffer`, each ``align``-byte aligned: the weights of a model in the order a decode step
-    reads them, on huge pages."""
+def huge_page_arrays(specs: list[tuple[tuple[int, ...], Any]], align: int = 64) -> list[np.ndarray]:
+    """Zeroed arrays of the given ``(shape, dtype)`` pairs, placed one after another in one
+    :func:`huge_page_buffer`, each ``align``-byte aligned: one mapping for all of them, so that small arrays are
+    not each rounded up to a huge page."""
+    dtypes = [np.dtype(dtype) for _, dtype in specs]
+    sizes = [int(np.prod(shape)) * dt.itemsize for (shape, _), dt in zip(specs, dtypes, strict=True)]
     offsets, total = [], 0
-    for a in arrays:
+    for size in sizes:
         total = (total + align - 1) // align * align
         offsets.append(total)
-        total += a.nbytes
+        total += size
     buf = huge_page_buffer(max(total, 1))
-    out = []
-    for a, off in zip(arrays, offsets, strict=True):
-        view = buf[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+    return [
+        buf[off : off + size].view(dt).reshape(shape)
+        for (shape, _), dt, size, off in zip(specs, dtypes, sizes, offsets, strict=True)
+    ]
+
+
+def pack_weights(arrays: list[np.ndarray], align: int = 64) -> list[np.ndarray]:
+    """Copies of ``arrays`` (same dtypes, shapes and values) in :func:`huge_page_arrays`: the weights of a model
+    in the order a decode step reads them, on huge pages."""
+    out = huge_page_arrays([(a.shape, a.dtype) for a in arrays], align)
+    for view, a in zip(out, arrays, strict=True):
         view[...] = a
-        out.append(view)
     return out
 
 

@@ -25,9 +25,9 @@ The cache then lives in preallocated buffers (batch, kv_heads, capacity, head_di
 are the views ``buf[:, :, :length]``, a forward writes the new positions in place after them and
 returns longer views of the same buffer. An old dict stays valid for rewinding (positions below its
 length are never overwritten) and slicing ``t[:, :, :n]`` trims; anything else (a copy, no room
-left) is copied once into a new, larger buffer. A forward's new buffers are carved out of one mapping on
-transparent huge pages (:class:`_CachePool`): a batched decode step streams the whole cache from DRAM
-(SmolLM2, batch 16, prompt 128: ~110 MB a step), and on 4 KiB pages each page cost a TLB walk
+left) is copied once into a new, larger buffer. A forward's new buffers share one mapping on transparent
+huge pages (:func:`quantlab.kernels.huge_page_arrays`): a batched decode step streams the whole cache from
+DRAM (SmolLM2, batch 16, prompt 128: ~110 MB a step), and on 4 KiB pages each page cost a TLB walk
 (interleaved runs: the layers' time 24.1 -> 22.2 ms a step).
 
 KV cache (``kv_cache``): ``"f32"``, or ``"int8"`` on the native path (the default when the artifact's manifest
@@ -164,24 +164,6 @@ def _weight_of(node: ir.Node) -> np.ndarray:
         expand = np.repeat(np.arange(scales.shape[0]), block)[: codes.shape[0]]
         return ((codes.astype(np.float32) - zps.astype(np.float32)[expand]) * scales[expand]).astype(np.float32)
     raise ValueError(f"{node.name}: cannot read a weight produced by {producer.op_type}")
-
-
-class _CachePool:
-    """One forward's new cache buffers, carved one after another (64-byte aligned) out of a single
-    :func:`quantlab.kernels.huge_page_buffer` of ``nbytes``: one mapping for all layers, so that a small cache
-    does not round every buffer up to a 2 MiB page."""
-
-    def __init__(self, torch, nbytes: int):
-        self.torch, self.raw, self.offset = torch, kernels.huge_page_buffer(nbytes), 0
-
-    def take(self, shape: tuple, dtype):
-        np_dtype = np.int8 if dtype == self.torch.int8 else np.float32
-        n = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-        start = (self.offset + 63) // 64 * 64
-        if start + n > self.raw.size:
-            raise ValueError(f"cache pool of {self.raw.size} bytes has no room for {n} more")
-        self.offset = start + n
-        return self.torch.from_numpy(self.raw[start : start + n].view(np_dtype).reshape(shape))
 
 
 class TorchDecoder:
@@ -432,20 +414,11 @@ class TorchDecoder:
         x = self.embed[ids]  # (batch, seq, hidden), a fresh tensor the layers update in place
         buffers = self._last_buffers(cache, batch, total)
         if buffers is None:
-            pool = []  # the forward's _CachePool, made when a first layer needs new buffers
-
-            def take(shape: tuple, dtype):
-                if not pool:
-                    pool.append(_CachePool(torch, self.num_layers * self._layer_cache_bytes(batch, shape[2])))
-                return pool[0].take(shape, dtype)
-
-            buffers = [
-                self._layer_buffers([cache[n] for n in names], batch, past, total, take) for names in self._layer_names
-            ]
+            buffers = self._cache_buffers(cache, batch, past, total)
         code_view = (batch, self.kv_heads, total, self.head_dim)  # (batch, kv_heads, seq, head_dim)
         views = []
         for i, (layer, bufs) in enumerate(zip(self.layers, buffers, strict=True)):
-            # the first layer checks the step's buffers; the caches are _layer_buffers' (batch, kv, capacity[, d])
+            # the first layer checks the step's buffers; the caches are _cache_buffers' (batch, kv, capacity[, d])
             k_scale, v_scale = bufs[2:] if len(bufs) == 4 else (None, None)
             layer.bind(
                 x, bufs[0], bufs[1], cos, sin, key_mask, past=past, k_scale=k_scale, v_scale=v_scale, check=i == 0
@@ -471,35 +444,41 @@ class TorchDecoder:
             return None
         return buffers
 
-    def _layer_cache_bytes(self, batch: int, capacity: int) -> int:
-        """Bytes of one layer's new buffers (key, value, and int8 scales) with 64-byte alignment slack."""
-        rows = batch * self.kv_heads * capacity
-        if self.kv_cache == "int8":
-            return 2 * (rows * self.head_dim + 64) + 2 * (4 * rows + 64)
-        return 2 * (4 * rows * self.head_dim + 64)
-
-    def _layer_buffers(self, tensors: list, batch: int, past: int, needed: int, take) -> list:
-        """One layer's whole buffers (batch, kv_heads, capacity[, head_dim]) behind its cache entries (key, value
-        and for int8 their scales), when each entry is a prefix view of one with room for ``needed`` positions and
-        all share a capacity (the kernel takes one); else new buffers from ``take(shape, dtype)`` holding copies
-        of the entries."""
-        found = [self._cache_buffer(t, batch, past, needed) for t in tensors]
-        if all(b is not None for b in found) and len({b.shape[2] for b in found}) == 1:
-            return found
-        torch, capacity = self.torch, max(MIN_CACHE_CAPACITY, 2 * needed)
-        new = []
-        for i, t in enumerate(tensors):
-            code = i < 2  # key, value; then their scales (batch, kv_heads, capacity)
-            t = t if type(t) is torch.Tensor else torch.as_tensor(np.asarray(t))
-            dtype = torch.int8 if code and self.kv_cache == "int8" else torch.float32
-            if t.dtype != dtype:  # a copy would cast: an f32 cache's values are no int8 codes
-                raise TypeError(f"a {self.kv_cache} cache holds {dtype} keys, values and scales, got {t.dtype}")
-            shape = (batch, self.kv_heads, capacity, self.head_dim)[: 4 if code else 3]
-            buf = take(shape, dtype)
+    def _cache_buffers(self, cache, batch: int, past: int, needed: int) -> list:
+        """Per layer, the whole buffers (batch, kv_heads, capacity[, head_dim]) behind its cache entries (key,
+        value and for int8 their scales): the ones they are prefix views of, when each entry is one with room for
+        ``needed`` positions and the layer's share a capacity (the kernel takes one); else new buffers holding
+        copies of the entries, all the forward's new ones in one :func:`quantlab.kernels.huge_page_arrays`."""
+        torch = self.torch
+        layers = [[cache[n] for n in names] for names in self._layer_names]
+        buffers = []
+        for tensors in layers:
+            found = [self._cache_buffer(t, batch, past, needed) for t in tensors]
+            ok = all(b is not None for b in found) and len({b.shape[2] for b in found}) == 1
+            buffers.append(found if ok else None)
+        missing = [i for i, b in enumerate(buffers) if b is None]
+        if not missing:
+            return buffers
+        capacity = max(MIN_CACHE_CAPACITY, 2 * needed)
+        specs, sources = [], []
+        for i in missing:
+            for j, t in enumerate(layers[i]):
+                code = j < 2  # key, value; then their scales (batch, kv_heads, capacity)
+                t = t if type(t) is torch.Tensor else torch.as_tensor(np.asarray(t))
+                dtype = torch.int8 if code and self.kv_cache == "int8" else torch.float32
+                if t.dtype != dtype:  # a copy would cast: an f32 cache's values are no int8 codes
+                    raise TypeError(f"a {self.kv_cache} cache holds {dtype} keys, values and scales, got {t.dtype}")
+                shape = (batch, self.kv_heads, capacity, self.head_dim)[: 4 if code else 3]
+                specs.append((shape, np.int8 if dtype == torch.int8 else np.float32))
+                sources.append(t)
+        new = [torch.from_numpy(a) for a in kernels.huge_page_arrays(specs)]
+        for buf, t in zip(new, sources, strict=True):
             buf[:, :, :past] = t
-            new.append(buf)
+        per_layer = len(new) // len(missing)
+        for n, i in enumerate(missing):
+            buffers[i] = new[n * per_layer : (n + 1) * per_layer]
         self.cache_allocations += len(new)
-        return new
+        return buffers
 
     def _cache_buffer(self, t, batch: int, past: int, needed: int):
         """The whole (batch, kv_heads, capacity[, head_dim]) buffer that cache entry ``t`` (a key or value of the

@@ -216,6 +216,18 @@ def test_pack_weights_places_equal_aligned_copies():
     assert np.array_equal(kernels.matmul_nbits(x, *placed[:3], **kw), kernels.matmul_nbits(x, b, s, z, **kw))
 
 
+def test_huge_page_arrays_are_zeroed_aligned_and_disjoint():
+    specs = [((2, 3, 5), np.float32), ((7,), np.int8), ((4, 4), np.float32)]
+    arrays = kernels.huge_page_arrays(specs)
+    for (shape, dtype), a in zip(specs, arrays, strict=True):
+        assert a.shape == shape and a.dtype == dtype and not a.any() and a.flags.writeable
+        assert a.ctypes.data % 64 == 0
+    for i, a in enumerate(arrays):  # writing one leaves the others as they were
+        a[...] = i + 1
+    assert [int(a.min()) for a in arrays] == [1, 2, 3] and [int(a.max()) for a in arrays] == [1, 2, 3]
+    assert arrays[0].ctypes.data % (2 << 20) == 0
+
+
 @pytest.mark.skipif("amx" not in kernels.available_paths(), reason="no AMX on this CPU")
 @pytest.mark.parametrize("bits,block_size,m", [(4, 32, 16), (4, 64, 9), (8, 128, 16), (4, 128, 64)])
 def test_amx_bf16_tiles_closer_than_int8(bits, block_size, m):

@@ -322,8 +322,7 @@ bool decode_split(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int 
 // The attention kernels of the layer's matmul path where it has them for this head size, else
 // nullptr (the baseline loops).
 const AttentionKernels* attention_kernels(const ql_decoder_layer_args* a) {
-  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
-  const AttentionKernels* ak = k != nullptr ? k->attention : nullptr;
+  const AttentionKernels* ak = vector_kernels(a);
   return ak != nullptr && a->head_dim % ak->hd_multiple == 0 ? ak : nullptr;
 }
 
@@ -361,6 +360,11 @@ void attention_t(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int t
 }
 
 }  // namespace
+
+const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a) {
+  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
+  return k != nullptr ? k->attention : nullptr;
+}
 
 void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads) {
   if (a->cache_dtype == QL_CACHE_INT8)

@@ -14,6 +14,10 @@
 #include "quantlab_kernels.h"
 
 namespace ql {
+struct AttentionKernels;
+}  // namespace ql
+
+namespace ql {
 namespace decoder {
 
 // Below this many multiply-adds attention runs on the calling thread: waking the pool costs more.
@@ -95,6 +99,10 @@ struct Qkv {
 // ctx (rows, heads * head_dim) = grouped-query attention of the step's query rows over the cache,
 // for the cache's dtype (decoder_attention.cpp).
 void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads);
+
+// The vector kernels (AttentionKernels) of the layer's matmul path, nullptr where it has none:
+// the attention's loops and the layer's elementwise work (decoder_attention.cpp).
+const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a);
 
 }  // namespace decoder
 }  // namespace ql

@@ -108,12 +108,6 @@ int validate(const ql_decoder_layer_args* a) {
   return QL_OK;
 }
 
-// The layer's path's vector kernels for its elementwise work; nullptr: the loops here.
-const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a) {
-  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
-  return k != nullptr ? k->attention : nullptr;
-}
-
 // act = silu(gate) * up = gate / (1 + e^-gate) * up over n elements: the path's vector code
 // (AttentionKernels::swiglu) where it has one, else this loop.
 void swiglu(const float* gate, const float* up, int64_t n, float* act, const AttentionKernels* ak) {
@@ -150,24 +144,6 @@ void store_kv(const ql_decoder_layer_args* a, int64_t b, int64_t i, int64_t pos,
   std::memcpy(static_cast<float*>(a->v_cache) + row * hd, v, bytes);
 }
 
-// Prefetches for writing the cache rows that store_kv will write for the step's `rows` rows.
-void prefetch_cache_rows(const ql_decoder_layer_args* a, int64_t rows) {
-  const int64_t hd = a->head_dim;
-  const int64_t bytes = hd * (a->cache_dtype == QL_CACHE_INT8 ? 1 : static_cast<int64_t>(sizeof(float)));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / a->seq, pos = a->past + r % a->seq;
-    for (int64_t i = 0; i < a->kv_heads; ++i) {
-      const int64_t row = (b * a->kv_heads + i) * a->capacity + pos;
-      const char* k = static_cast<const char*>(a->k_cache) + row * bytes;
-      const char* v = static_cast<const char*>(a->v_cache) + row * bytes;
-      for (int64_t c = 0; c < bytes; c += 64) {
-        __builtin_prefetch(k + c, 1);
-        __builtin_prefetch(v + c, 1);
-      }
-    }
-  }
-}
-
 int decoder_layer(const ql_decoder_layer_args* a) {
   int status = validate(a);
   if (status != QL_OK) return status;
@@ -197,9 +173,6 @@ int decoder_layer(const ql_decoder_layer_args* a) {
   }
 
   // Per-head norms and RoPE, then the new keys and values into the cache at past .. past + seq - 1.
-  // The cache rows written are cold (a batched decode writes rows * kv_heads * 2 of them, apart):
-  // asked for up front so that their misses overlap instead of stalling each copy in turn.
-  prefetch_cache_rows(a, rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = r / a->seq, pos = a->past + r % a->seq;
     const float *cos = a->cos + r * half, *sin = a->sin + r * half;
@@ -222,7 +195,7 @@ int decoder_layer(const ql_decoder_layer_args* a) {
   for (int64_t r = 0; r < rows; ++r)
     rms_norm(a->x + r * hidden, a->post_norm, hidden, a->eps, h + r * hidden);
   float* act = grow(sc.act, rows * ff);
-  const AttentionKernels* ak = vector_kernels(a);
+  const AttentionKernels* ak = decoder::vector_kernels(a);
   if (a->gate_up.b != nullptr) {
     float* y = grow(sc.ff, rows * 2 * ff);  // (rows, [gate | up])
     if ((status = run_linear(a->gate_up, h, rows, y, a->path, threads)) != QL_OK) return status;

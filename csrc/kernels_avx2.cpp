@@ -366,6 +366,38 @@ void fp32_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   apply_zero_terms(w, a, t, out);
 }
 
+// 8-float registers for attention_simd.h.
+struct Vec8 {
+  using F = __m256;
+  static constexpr int kWidth = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static float sum(F x) { return hsum(x); }
+  static float max_of(F x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F ldexp(F y, F n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+  }
+  static F zero_below(F x, float t, F e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(t), _CMP_NLT_UQ)); }
+};
+
 // Activation quantization for 4-bit blocks of 32..256 (perm 64), bit-identical to
 // prepare_row_int8 (the same max, the same 127 / max, one rounding of x * inv, vcvtps2dq's
 // round-half-even in place of the 1.5 * 2^23 trick): each 32 elements of a block go as 16 evens
@@ -405,9 +437,7 @@ bool quantize_row(const float* x, int64_t k, int bits, int bs, int64_t kb, int p
     __m256 amax = _mm256_setzero_ps();
     for (int64_t i = 0; i < bs; i += 8)
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load_row8(x, e0 + i, k)));
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    const float mx = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    const float mx = Vec8::max_of(amax);
     const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
     __m256i sum = _mm256_setzero_si256();
     for (int64_t o = e0; o < e0 + bs; o += 32) {
@@ -431,38 +461,6 @@ bool quantize_row(const float* x, int64_t k, int bits, int bs, int64_t kb, int p
   }
   return true;
 }
-
-// 8-float registers for attention_simd.h.
-struct Vec8 {
-  using F = __m256;
-  static constexpr int kWidth = 8;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F set1(float x) { return _mm256_set1_ps(x); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static F load(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-  static F div(F a, F b) { return _mm256_div_ps(a, b); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static F max(F a, F b) { return _mm256_max_ps(a, b); }
-  static float sum(F x) { return hsum(x); }
-  static float max_of(F x) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-  }
-  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
-  static F min(F a, F b) { return _mm256_min_ps(a, b); }
-  static F ldexp(F y, F n) {
-    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
-  }
-  static F zero_below(F x, float t, F e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(t), _CMP_NLT_UQ)); }
-};
 
 #include "attention_simd.h"
 

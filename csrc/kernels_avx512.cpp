@@ -415,9 +415,10 @@ void fp32_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
 
 // Activation quantization for 4-bit blocks of 32..256 (perm 128), bit-identical to
 // prepare_row_int8: the same max, the same 127 / max, one rounding of x * inv, and vcvtps2dq's
-// round-half-even (the MXCSR default) in place of the 1.5 * 2^23 trick. Evens and odds of each
-// 32 elements are split with vpermt2ps before packing, giving the de-interleaved layout directly.
-// Blocks of 32 / 64 share a 128-element chunk: quantize_small_blocks.
+// round-half-even (the MXCSR default) in place of the 1.5 * 2^23 trick. Each 32 elements of a
+// block go as 16 evens and 16 odds (split with vpermt2ps) to their places in its 128-element chunk
+// (permuted_index: the chunk's evens first, then its odds). With blocks of 32 / 64 (the default
+// recipe's g32) the scalar rows took SmolLM2's decode at batch 16 ~4 ms a step.
 
 // x[i .. i + 16) of a row of k floats, zero from k on.
 inline __m512 load_row16(const float* x, int64_t i, int64_t k) {
@@ -443,11 +444,9 @@ inline __m512i quantize32(const float* x, int64_t o, int64_t k, __m512 inv, int8
   return _mm512_add_epi32(qe, qo);
 }
 
-// Blocks of 32 / 64: block b's 32-element groups go to their places in its 128-element chunk
-// (prepare_row_int8's permuted_index: the chunk's evens first, then its odds). SmolLM2's g32
-// decode at batch 16 spent ~4 ms a step in the scalar fallback.
-void quantize_small_blocks(const float* x, int64_t k, int bs, int64_t kb, int8_t* q, float* d,
-                           float* xsum) {
+bool quantize_row(const float* x, int64_t k, int bits, int bs, int64_t kb, int perm, int8_t* q,
+                  float* d, float* xsum) {
+  if (bits != 4 || perm != 128 || bs < 32) return false;
   for (int64_t b = 0; b < kb; ++b) {
     const int64_t e0 = b * bs;
     __m512 amax = _mm512_setzero_ps();
@@ -459,50 +458,6 @@ void quantize_small_blocks(const float* x, int64_t k, int bs, int64_t kb, int8_t
     for (int64_t o = e0; o < e0 + bs; o += 32) {
       int8_t* dst = q + (o & ~int64_t{127}) + (o & 127) / 2;  // the group's evens in its chunk
       sum = _mm512_add_epi32(sum, quantize32(x, o, k, inv, dst));
-    }
-    d[b] = mx / 127.f;
-    xsum[b] = d[b] * static_cast<float>(_mm512_reduce_add_epi32(sum));
-  }
-}
-
-bool quantize_row(const float* x, int64_t k, int bits, int bs, int64_t kb, int perm, int8_t* q,
-                  float* d, float* xsum) {
-  if (bits != 4 || perm != 128 || bs < 32) return false;
-  if (bs < 128) {
-    quantize_small_blocks(x, k, bs, kb, q, d, xsum);
-    return true;
-  }
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int64_t b = 0; b < kb; ++b) {
-    const int64_t e0 = b * bs, len = k - e0 < bs ? k - e0 : bs;
-    auto load = [&](int64_t i) {  // x[e0 + i .. e0 + i + 16), zero past the row
-      const int64_t left = len - i;
-      const __mmask16 m = left >= 16  ? __mmask16(0xffff)
-                          : left <= 0 ? 0
-                                      : __mmask16((1u << left) - 1);
-      return _mm512_maskz_loadu_ps(m, x + e0 + i);
-    };
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t i = 0; i < bs; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(i)));
-    const float mx = _mm512_reduce_max_ps(amax);
-    const __m512 inv = _mm512_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
-    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t c = 0; c < bs; c += 128) {
-      int8_t* dst = q + e0 + c;
-      for (int p = 0; p < 4; ++p) {  // 32 elements -> 16 evens, 16 odds
-        const __m512 lo = load(c + 32 * p), hi = load(c + 32 * p + 16);
-        const __m512 ev = _mm512_permutex2var_ps(lo, even, hi),
-                     od = _mm512_permutex2var_ps(lo, odd, hi);
-        const __m512i qe = _mm512_max_epi32(
-            nlim, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(ev, inv))));
-        const __m512i qo = _mm512_max_epi32(
-            nlim, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(od, inv))));
-        sum = _mm512_add_epi32(sum, _mm512_add_epi32(qe, qo));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * p), _mm512_cvtepi32_epi8(qe));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 + 16 * p), _mm512_cvtepi32_epi8(qo));
-      }
     }
     d[b] = mx / 127.f;
     xsum[b] = d[b] * static_cast<float>(_mm512_reduce_add_epi32(sum));

@@ -406,9 +406,7 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
             for (int i = 0; i < tile.mr; ++i) {
               float* y = static_cast<float*>(args->y) + (tile.m0 + i) * N + tile.n0;
               const float* o = out + i * tile.nr;
-              if (bias == nullptr && tile.nr == 16)  // the AMX tiles' width: an inlined copy
-                std::memcpy(y, o, sizeof(float) * 16);  // (a libc call per row was ~3% of a step)
-              else if (bias == nullptr)
+              if (bias == nullptr)
                 std::memcpy(y, o, sizeof(float) * tile.nr);
               else
                 for (int j = 0; j < tile.nr; ++j) y[j] = o[j] + bias[tile.n0 + j];

@@ -216,6 +216,8 @@ def convert(
     requantize: bool = False,
     ray: str | None = None,
     shards: int | None = None,
+    head_vocab: int | None = None,
+    head_vocab_data: str | os.PathLike | None = None,
 ) -> Path:
     """Checkpoint -> artifact folder. Raises InputError on bad input, QualityBudgetError on a missed budget.
 
@@ -230,8 +232,19 @@ def convert(
     parameter of the source model (a tied head counted once); ``requantize`` keeps none of a GGUF's own
     codes there (every tensor rounded afresh). ``ray`` (a cluster address or "auto")
     calibrates on ``shards`` Ray actors (:mod:`quantlab.distributed`), or with ``max_size`` / ``bpw``
-    measures the sensitivity on them: the same artifact, byte for byte.
+    measures the sensitivity on them: the same artifact, byte for byte. ``head_vocab`` (a speculative
+    draft's option) keeps the head to the ``head_vocab`` tokens most frequent in ``head_vocab_data``, every
+    other token's logit -inf (passes/prune_head_vocab.py); such an artifact is no longer a model of the
+    whole vocabulary, so its quality against the fp32 model is not measured.
     """
+    if (head_vocab is None) != (head_vocab_data is None):
+        raise InputError(None, "--head-vocab", "give --head-vocab N together with --head-vocab-data FILE")
+    if head_vocab is not None:
+        if budget is not None and (budget.max_kld is not None or budget.min_top1 is not None):
+            raise InputError(None, "--head-vocab", "a pruned head scores part of the vocabulary: no quality budget")
+        if max_size is not None or bpw is not None:
+            raise InputError(None, "--head-vocab", "not with --max-size / --bpw")
+        evaluate_quality = False
     if ray is not None:
         from quantlab.distributed import require_ray
 
@@ -312,6 +325,20 @@ def convert(
         lossy = True
     source = source_quantization(ckpt) if recipe.keep_source else None
     lossy = lossy or source is not None
+    head_pass = []
+    if head_vocab is not None:
+        from quantlab.passes.prune_head_vocab import PruneHeadVocabPass
+        from quantlab.runtime.speculative import frequent_token_ids, special_ids
+        from quantlab.runtime.tokenizer import tokenizer_from_spec
+
+        kept, described = frequent_token_ids(
+            head_vocab_data,
+            tokenizer_from_spec(ckpt.tokenizer) if ckpt.tokenizer else None,
+            ckpt.spec.vocab_size,
+            head_vocab,
+            always=special_ids(ckpt.spec),
+        )
+        head_pass = [PruneHeadVocabPass(kept, described)]
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise InputError(out, None, "output already exists (pass --force to replace it)")
@@ -391,6 +418,11 @@ def convert(
                 key_scales = collect_key_scales(kv_decoder, kv_ids, interleaved)
             extra["kv_cache_calibration"] = kv_data.describe()
         extra["attention"] = ATTENTION_DESCRIPTIONS[attention]
+        if head_pass:
+            extra["head_vocab"] = {
+                **head_pass[0].config(),
+                "quality": "not measured: the head scores part of the vocabulary (a speculative draft)",
+            }
         if source is not None:
             extra["source_quantization"] = source.describe()
         options = BuildOptions(
@@ -427,7 +459,7 @@ def convert(
             model = build_decoder(ckpt_for_build, options)
             tied = ckpt.spec.tie_word_embeddings
             pipeline = quantization_pipeline(model, recipe, calibration, prequantized, tied=tied, source=source)
-            pipeline += fusion_pipeline(attention, recipe) + cleanup_pipeline()
+            pipeline += head_pass + fusion_pipeline(attention, recipe) + cleanup_pipeline()
             model, records = run_passes(model, pipeline, dump_dir=dump_ir)
 
             def check(stage: Path, fit=fit, recipe=recipe) -> dict:

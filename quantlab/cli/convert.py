@@ -104,6 +104,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=16,
         help="sequences sampled from the fp32 model to measure quality for the manifest (default 16)",
     )
+    p.add_argument(
+        "--head-vocab",
+        type=int,
+        metavar="N",
+        help="speculative drafts: the head scores only the N tokens most frequent in --head-vocab-data, every "
+        "other token gets -inf (a smaller, faster head; quality against fp32 is then not measured)",
+    )
+    p.add_argument(
+        "--head-vocab-data",
+        metavar="FILE",
+        help="with --head-vocab: text (or .jsonl/.json/.npy token ids) whose token counts choose the kept tokens",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the quality measurement (unless a budget is set)")
     p.add_argument("--tokenizer", help="tokenizer file, when it is not beside the checkpoint (llama2.c)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
@@ -182,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
             requantize=args.requantize,
             ray=args.ray,
             shards=args.shards,
+            head_vocab=args.head_vocab,
+            head_vocab_data=args.head_vocab_data,
         )
     manifest = read_manifest(out)
     size = sum(f["bytes"] for f in manifest["files"].values())

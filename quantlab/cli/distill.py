@@ -43,7 +43,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scale-lr", type=float, help="peak learning rate of the quantization scales (default --lr)")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps (default 50)")
-    p.add_argument("--loss", choices=["fkl", "rkl", "fkl+rkl"], default="fkl", help="forward / reverse KL")
+    p.add_argument(
+        "--loss",
+        choices=["fkl", "rkl", "fkl+rkl", "ce"],
+        default="fkl",
+        help="forward / reverse KL against the teacher, or ce: cross-entropy of the data's next tokens (text the "
+        "teacher wrote, e.g. its replies: no teacher forward)",
+    )
+    p.add_argument(
+        "--head-vocab",
+        type=int,
+        metavar="N",
+        help="shrink, for a speculative draft: train the head on the N tokens most frequent in the data only "
+        "(then convert with --head-vocab N --head-vocab-data on the same data)",
+    )
     p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE term")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampled data and the batch order")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
@@ -104,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             progress=not args.no_progress,
             time_budget=args.time_budget,
+            head_vocab=args.head_vocab,
         )
     print(
         f"wrote {args.output} ({args.mode}, {len(result['losses'])} steps in {result['train_seconds']} s; "

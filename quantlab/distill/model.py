@@ -90,6 +90,13 @@ class DecoderLM(torch.nn.Module):
         self.register_buffer(
             "inv_freq", torch.from_numpy(rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)), False
         )
+        self.head_rows: torch.Tensor | None = None  # see restrict_head
+
+    def restrict_head(self, rows: np.ndarray | None) -> None:
+        """Logits for the token ids ``rows`` only (batch, seq, len(rows)), in that order; None: every token.
+        A speculative draft's head (distill --head-vocab): training then neither computes nor moves the
+        other tokens' logits (their rows of a tied table still move with the embedding's)."""
+        self.head_rows = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
 
     def vector(self, name: str) -> torch.Tensor:
         return self.vectors[key(name)]
@@ -147,12 +154,16 @@ class DecoderLM(torch.nn.Module):
             x = x + self.linear(f"{mlp}.down_proj")(act)
             states.append(x)
         h = self._norm(x, "model.norm.weight")
-        if self.head_table is not None:
-            logits = h @ self.head_table.T
-        elif s.tie_word_embeddings:
-            logits = h @ self.embedding.T
-        else:
+        rows = self.head_rows
+        if self.head_table is not None or s.tie_word_embeddings:
+            head = self.head_table if self.head_table is not None else self.embedding  # (vocab, hidden)
+            logits = h @ (head if rows is None else head[rows]).T
+        elif rows is None:
             logits = self.linear("lm_head")(h)
+        else:
+            linear = self.linear("lm_head")
+            bias = None if linear.bias is None else linear.bias[rows]
+            logits = torch.nn.functional.linear(h, linear.weight[rows], bias)
         return (logits, states) if hidden_states else logits
 
     @torch.no_grad()

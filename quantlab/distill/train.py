@@ -5,6 +5,9 @@ Losses per predicted position, in nats, averaged over the real (unpadded) tokens
 - ``fkl``: forward KL(P_teacher || P_student), the usual distillation loss (mass-covering);
 - ``rkl``: reverse KL(P_student || P_teacher), MiniLLM's choice (arXiv 2306.08543, mode-seeking);
 - ``fkl+rkl``: their sum;
+- ``ce``: the cross-entropy of the data's next token, without the teacher: sequence-level distillation
+  (Kim and Rush, arXiv 1606.07947) when the data is text the teacher wrote, e.g. a speculative draft
+  trained on the target's own replies; a fraction of the KL losses' cost (no teacher forward);
 - plus ``hidden_weight`` x the mean squared error between the student's and the teacher's residual
   streams after each paired layer, normalized by the teacher's mean square (scale-free).
 
@@ -40,7 +43,7 @@ from quantlab.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("fkl", "rkl", "fkl+rkl")
+LOSSES = ("fkl", "rkl", "fkl+rkl", "ce")
 STATE_FILE = "state.safetensors"
 INFO_FILE = "state.json"
 
@@ -70,6 +73,8 @@ class TrainConfig:
                 raise InputError(None, f"--{name.replace('_', '-')}", f"must be a finite number >= 0, got {value}")
         if self.warmup < 0:
             raise InputError(None, "--warmup", "must be >= 0")
+        if self.loss == "ce" and self.hidden_weight:
+            raise InputError(None, "--hidden-weight", "compares with the teacher's states: not with --loss ce")
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -90,6 +95,22 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
         per_token = per_token + (log_t.exp() * (log_t - log_s)).sum(-1)
     if kind in ("rkl", "fkl+rkl"):
         per_token = per_token + (log_s.exp() * (log_s - log_t)).sum(-1)
+    weights = mask.float()
+    return (per_token * weights).sum() / weights.sum().clamp_min(1)
+
+
+def next_token_loss(
+    student: torch.Tensor, batch: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy (nats) of ``batch``'s next tokens under the student's logits (batch, seq, vocab)
+    over the positions of ``mask``. ``rows``: the token ids the logits are for (a restricted head,
+    DecoderLM.restrict_head), sorted; a next token outside them is left out."""
+    target = torch.roll(batch, -1, dims=1)  # position t predicts token t + 1 (the last is masked out)
+    if rows is not None:
+        index = torch.searchsorted(rows, target).clamp_max(len(rows) - 1)
+        mask = mask & (rows[index] == target)
+        target = index
+    per_token = torch.nn.functional.cross_entropy(student.float().transpose(1, 2), target, reduction="none")
     weights = mask.float()
     return (per_token * weights).sum() / weights.sum().clamp_min(1)
 
@@ -229,10 +250,13 @@ def train(
         factor = learning_rate_factor(step, config)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        with torch.no_grad():
-            t_logits, t_states = teacher(batch, hidden_states=True)
         s_logits, s_states = student(batch, hidden_states=True)
-        loss = distill_loss(s_logits, t_logits, mask, config.loss)
+        if config.loss == "ce":
+            loss = next_token_loss(s_logits, batch, mask, getattr(student, "head_rows", None))
+        else:
+            with torch.no_grad():
+                t_logits, t_states = teacher(batch, hidden_states=True)
+            loss = distill_loss(s_logits, t_logits, mask, config.loss)
         if config.hidden_weight and hidden_pairs:
             loss = loss + config.hidden_weight * hidden_loss(s_states, t_states, hidden_pairs, mask)
         optimizer.zero_grad(set_to_none=True)

@@ -288,3 +288,72 @@ def check_same_vocabulary(target_dir: str | os.PathLike, draft_dir: str | os.Pat
     for name in TOKENIZER_FILES:
         if _digest(target / name) != _digest(draft / name):
             raise InputError(draft / name, None, "differs from the target's: a draft must share its tokenizer")
+
+
+def frequent_token_ids(
+    path: str | os.PathLike, tokenizer, vocab_size: int, n: int, *, always: Sequence[int] = ()
+) -> tuple[np.ndarray, dict]:
+    """The ``n`` token ids most frequent in the file at ``path`` (text, .jsonl, .json or .npy ids, as
+    :func:`quantlab.eval.data.load_token_data` reads them; ties to the lower id), with ``always`` (the
+    special ids a draft must be able to propose) among them, sorted; and a description for the manifest:
+    the file's sha256, its token count and the share of its tokens the kept ids cover.
+
+    For a draft's head (``convert --head-vocab``, passes/prune_head_vocab.py). InputError naming the
+    file or the flag on bad input."""
+    from quantlab.eval.data import load_token_data
+
+    check_head_vocab(n, vocab_size, always)
+    data = load_token_data(path, tokenizer, seq_len=1 << 20, vocab_size=vocab_size)
+    kept, coverage = most_frequent_tokens(data.ids, data.lengths, vocab_size, n, always=always)
+    if kept is None:
+        raise InputError(path, None, "holds no tokens to count")
+    description = {
+        "vocab": vocab_size,
+        "data": os.fspath(path),
+        "data_sha256": _digest(Path(path)),
+        "data_tokens": int(np.asarray(data.lengths).sum()),
+        "coverage": coverage,
+        "kept_sha256": ids_sha256(kept),
+    }
+    return kept, description
+
+
+def check_head_vocab(n: int, vocab_size: int, always: Sequence[int] = ()) -> None:
+    """InputError on ``--head-vocab`` unless 1 <= n < vocab_size and n holds the ``always`` ids."""
+    if not 1 <= n < vocab_size:
+        raise InputError(
+            None, "--head-vocab", f"must be between 1 and the vocabulary size - 1 ({vocab_size - 1}), got {n}"
+        )
+    if len({int(t) for t in always if 0 <= int(t) < vocab_size}) > n:
+        raise InputError(None, "--head-vocab", "must keep at least the special tokens")
+
+
+def most_frequent_tokens(
+    ids: np.ndarray, lengths: np.ndarray, vocab_size: int, n: int, *, always: Sequence[int] = ()
+) -> tuple[np.ndarray | None, float]:
+    """The ``n`` ids most frequent in the real tokens of ``ids`` (rows, seq) (``lengths`` each; ties to the
+    lower id), ``always`` among them, sorted; and the share of the tokens they cover. (None, 0.0) when
+    there are no tokens. The rule ``convert --head-vocab`` and ``distill --head-vocab`` share."""
+    ids = np.asarray(ids)
+    real = np.arange(ids.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    counts = np.bincount(ids[real], minlength=vocab_size)
+    total = int(counts.sum())
+    if total == 0:
+        return None, 0.0
+    chosen = {int(t) for t in always if 0 <= int(t) < vocab_size}
+    for token in np.lexsort((np.arange(vocab_size), -counts)):  # most frequent first, then the lower id
+        if len(chosen) >= n:
+            break
+        chosen.add(int(token))
+    kept = np.array(sorted(chosen), dtype=np.int64)
+    return kept, round(float(counts[kept].sum()) / total, 6)
+
+
+def special_ids(spec) -> list[int]:
+    """The ids a draft's pruned head always keeps (a ModelSpec's): end of sequence, and the beginning."""
+    return [*(spec.eos_token_ids or ()), *([spec.bos_token_id] if spec.bos_token_id is not None else [])]
+
+
+def ids_sha256(ids: np.ndarray) -> str:
+    """sha256 of token ids as little-endian int64: the kept set of a pruned head, as distill and convert record it."""
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()

@@ -53,6 +53,7 @@ from quantlab import kernels
 from quantlab.graph_builder.kv_cache import SCALE_SUFFIX, parse_kv_cache
 from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.io.spec import ModelSpec
+from quantlab.passes.prune_head_vocab import VOCAB_MAP
 
 # What csrc/decoder_layer.cpp computes, as the spec fields' values: RMSNorm, SwiGLU, full RoPE, full
 # attention scaled by 1/sqrt(head_dim), no softcaps. Any other value keeps the torch path.
@@ -204,6 +205,9 @@ class TorchDecoder:
             elif node.op_type in ("Gather", "GatherBlockQuantized") and node.name.startswith("model.embed_tokens"):
                 self.embed = torch.from_numpy(_weight_of_gather(node, s.hidden_size))
         self._place_weights()
+        # a draft's pruned head (passes/prune_head_vocab.py): its n logits go to the kept tokens, -inf elsewhere
+        vocab_map = model.graph.initializers.get(VOCAB_MAP)
+        self.vocab_map = None if vocab_map is None else torch.from_numpy(np.array(vocab_map.const_value.numpy()))
         for name, value in model.graph.initializers.items():
             if (name.endswith("norm.weight") or name.endswith(".bias")) and value.const_value is not None:
                 self.vectors[name] = torch.from_numpy(np.asarray(value.const_value.numpy(), np.float32).copy())
@@ -399,6 +403,8 @@ class TorchDecoder:
             else:
                 x, new_cache = self._layers_torch(ids, cache, cos[:, None], sin[:, None], attention_mask, past)
             logits = self.linears["lm_head"](self._norm(x, "model.norm.weight"))
+            if self.vocab_map is not None:  # the graph's Pad (one -inf column) and Gather
+                logits = torch.nn.functional.pad(logits, (0, 1), value=float("-inf"))[..., self.vocab_map]
         return logits.numpy(), new_cache
 
     def _layers_native(self, ids, cache, cos, sin, attention_mask, past):

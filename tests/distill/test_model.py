@@ -72,3 +72,28 @@ def test_frozen_codes_train_the_scales_only_and_export_the_same_integers():
     np.testing.assert_allclose(out.scales, qw.scales * np.float32(1.3), rtol=1e-6)
     expected = (qw.q.astype(np.float32) - 8) * np.repeat(out.scales, 32, axis=1)
     np.testing.assert_allclose(layer.dequantized().detach().numpy(), expected, rtol=1e-6, atol=0)
+
+
+def test_restricted_head_gives_those_columns_and_the_loss_skips_other_targets():
+    """DecoderLM.restrict_head: the logits of the kept ids, the full head's columns; next_token_loss over
+    them leaves out a target the head cannot score."""
+    from quantlab.distill.train import next_token_loss
+
+    ckpt = load_checkpoint(model_path("stories260K.bin"))
+    model = DecoderLM(ckpt.spec, load_tensors(ckpt))
+    ids = torch.tensor([[1, 403, 407, 261, 378, 432]])
+    mask = torch.tensor([[True, True, True, True, True, False]])
+    with torch.no_grad():
+        full = model(ids)
+        rows = np.array([2, 261, 378, 403, 407, 432, 500])
+        model.restrict_head(rows)
+        part = model(ids)
+    torch.testing.assert_close(part, full[..., rows], rtol=0, atol=1e-5)
+    # every target is kept: the same as the full head's cross-entropy over those columns
+    expected = torch.nn.functional.cross_entropy(full[0, :5, rows], torch.tensor([3, 4, 1, 2, 5]))
+    torch.testing.assert_close(next_token_loss(part, ids, mask, torch.from_numpy(rows)), expected)
+    # 432 not kept: its position drops out of the mean
+    kept = torch.from_numpy(np.array([2, 261, 378, 403, 407, 500]))
+    expected = torch.nn.functional.cross_entropy(full[0, :4, kept], torch.tensor([3, 4, 1, 2]))
+    torch.testing.assert_close(next_token_loss(full[..., kept], ids, mask, kept), expected)
+    assert torch.isclose(next_token_loss(full, ids, mask), torch.nn.functional.cross_entropy(full[0, :5], ids[0, 1:]))

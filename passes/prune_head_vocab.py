@@ -93,7 +93,7 @@ class PruneHeadVocabPass(ir.passes.InPlacePass):
             weight = _float_weight(head.inputs[1])  # (hidden, vocab)
             vocab = weight.shape[1]
             self._check(vocab)
-            kept = np.ascontiguousarray(weight[:, self.kept].astype(_array_dtype(head.inputs[1])))
+            kept = np.ascontiguousarray(weight[:, self.kept], dtype=np.float32)  # fp16 storage computes in fp32
             scored = ir.Node(
                 "", "MatMul", [head.inputs[0], add_constant(graph, "lm_head.kept.weight", kept)], name=head.name
             )
@@ -126,9 +126,3 @@ class PruneHeadVocabPass(ir.passes.InPlacePass):
     def _check(self, vocab: int) -> None:
         if self.kept[-1] >= vocab:
             raise ValueError(f"kept token id {int(self.kept[-1])} is outside the head's vocabulary of {vocab}")
-
-
-def _array_dtype(value: ir.Value) -> np.dtype:
-    """The dtype the head's float weight is stored in (fp16 tables stay fp16 through a Cast: use fp32 then)."""
-    producer = value.producer()
-    return np.float32 if producer is not None else _array(value).dtype

@@ -213,18 +213,18 @@ def distill(
         raise InputError(None, "--time-budget", "must be > 0 seconds")
     torch.manual_seed(config.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with teacher_artifact(ckpt, out, progress=False) as artifact:
-        if data is not None:
-            tokens = user_text(data, ckpt, seq_len, samples)
-        else:
+    if data is not None:
+        tokens = user_text(data, ckpt, seq_len, samples)
+    else:  # the teacher writes the text: an fp32 artifact of it runs the sampling
+        with teacher_artifact(ckpt, out, progress=False) as artifact:
             tokens = sample_teacher(artifact, ckpt, samples, seq_len, config.seed)
-        calib_tokens = None
-        if mode == "qat" and init in ("gptq", "awq"):
-            full = np.asarray(tokens.ids)[np.asarray(tokens.lengths) == tokens.seq_len]
-            if len(full) == 0:
-                raise InputError(data, None, f"no full {seq_len}-token sequence to calibrate {init} on")
-            calib_tokens = full[:calib_samples]
-    teacher = DecoderLM(ckpt.spec, load_tensors(ckpt))
+    calib_tokens = None
+    if mode == "qat" and init in ("gptq", "awq"):
+        full = np.asarray(tokens.ids)[np.asarray(tokens.lengths) == tokens.seq_len]
+        if len(full) == 0:
+            raise InputError(data, None, f"no full {seq_len}-token sequence to calibrate {init} on")
+        calib_tokens = full[:calib_samples]
+    teacher = None if config.loss == "ce" else DecoderLM(ckpt.spec, load_tensors(ckpt))  # ce reads the data alone
     quantized_recipe = None
     if mode == "qat":
         codes, overrides = initial_codes(ckpt, recipe, init, calib_tokens, progress)
@@ -247,7 +247,8 @@ def distill(
         if kept is None:
             raise InputError(data, None, "holds no tokens to count")
         student.restrict_head(kept)
-        teacher.restrict_head(kept)
+        if teacher is not None:
+            teacher.restrict_head(kept)
         # the token table (and a tied head) stays the teacher's: a draft keeps the target's token space, and
         # trained, those 28M weights (SmolLM2) memorized 63k tokens of replies (next-token accuracy 77% on
         # them, 11% on a new reply: benchmarks/bench_speculative.py)

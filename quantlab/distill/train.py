@@ -202,7 +202,7 @@ class Checkpoints:
 
 def train(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     ids: np.ndarray,
     lengths: np.ndarray,
     config: TrainConfig,
@@ -215,15 +215,19 @@ def train(
     deadline: float | None = None,
 ) -> TrainResult:
     """Train ``student`` towards ``teacher`` on ids (n, seq) for ``config.steps`` steps; returns the losses.
+    ``teacher`` may be None with the ``ce`` loss, which reads the data alone.
 
     ``on_step(step, loss)`` runs after each step (and its checkpoint). ``deadline`` (a
     ``time.perf_counter()`` value) ends training early, after the step that passes it: a time budget.
     """
     from tqdm import tqdm
 
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    if teacher is None and config.loss != "ce":
+        raise ValueError(f"loss {config.loss} needs a teacher")
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     optimizer = torch.optim.AdamW(parameter_groups(student, config), weight_decay=0.0)
     start, losses = 0, []
     if resume:

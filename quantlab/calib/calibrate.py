@@ -152,11 +152,11 @@ def _linear_errors(fp: Checkpoint, i: int, stats, layer_weights: dict, divisors:
         if name not in layer_weights or linear_input(role) not in stats.samples:
             continue
         x = stats.sample(linear_input(role))[:ERROR_SAMPLE_TOKENS]  # (tokens, K)
-        reference = x @ fp.tensors.load(name).T
+        reference = linalg.linear(x, fp.tensors.load(name))
         scaled_x = x / divisors[role] if role in divisors else x
         weight = layer_weights[name]
         weight = dequantize(weight) if isinstance(weight, QuantizedWeight) else weight
-        errors.append(relative_error(scaled_x @ weight.T, reference))
+        errors.append(relative_error(linalg.linear(scaled_x, weight), reference))
     return float(np.mean(errors)) if errors else 0.0
 
 

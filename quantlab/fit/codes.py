@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantlab.quant import linalg
 from quantlab.quant.gptq import GPTQConfig, gptq_quantize
 from quantlab.quant.rtn import QuantizedWeight, dequantize, search_scales
 from quantlab.quant.scheme import QuantScheme
@@ -42,9 +43,10 @@ RTN_SEARCH, GPTQ, GPTQ_SEARCHED = "rtn-search", "gptq", "gptq-searched-scales"
 
 def output_error(weight: np.ndarray, qw: QuantizedWeight, gram: np.ndarray) -> float:
     """``tr(E H E^T)``, ``E = W - W_hat`` (N, K), ``H`` (K, K): the expected squared output error summed
-    over the N outputs, in float64."""
+    over the N outputs, in float64 (on MLAS: the same bytes with any thread count, so a cluster's node and
+    this process pick the same codes)."""
     e = (np.asarray(weight, np.float32) - dequantize(qw)).astype(np.float64)
-    return float(np.einsum("nk,nk->", e @ np.asarray(gram, np.float64), e))
+    return float(np.einsum("nk,nk->", linalg.matmul(e, gram, dtype=np.float64), e))
 
 
 class LinearCodes:

@@ -137,6 +137,7 @@ def collect_input_statistics(
     one; every linear's input is an output of that forward): ``E[x_k^2]`` (K,) float32 per linear
     (linears that share an input share the array) and, when ``gram_dir`` is given, ``E[x x^T]`` (K, K)
     float32 saved there as one ``.npy`` per distinct input (linear -> file; sums divided once)."""
+    from quantlab.quant import linalg
     from quantlab.runtime.generate import OrtDecoder
 
     inputs = _linear_inputs(baseline)
@@ -155,7 +156,7 @@ def collect_input_statistics(
                 sums[value] = sums.get(value, 0.0) + np.sum(x * x, axis=0)
                 if gram_dir is not None:  # float32 products summed in float32: 400 MB for SmolLM2, not 800
                     x32 = x.astype(np.float32)
-                    grams[value] = grams.get(value, np.float32(0.0)) + x32.T @ x32
+                    grams[value] = grams.get(value, np.float32(0.0)) + linalg.matmul(x32, x32, trans_a=True)
             tokens += arrays[0].shape[0] * arrays[0].shape[1]
             del arrays
     finally:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quantlab.quant.linalg import linear
 from quantlab.quant.rtn import dequantize, grouped, rtn_quantize
 from quantlab.quant.scheme import PER_CHANNEL, QuantScheme
 
@@ -77,7 +78,7 @@ def search_awq_scales(x: np.ndarray, weights: list[np.ndarray], scheme: QuantSch
     """
     stacked = np.concatenate([np.asarray(w, dtype=np.float32) for w in weights], axis=0)  # (sum N_i, K)
     x = _check_activations(x, stacked.shape[1])
-    reference = x @ stacked.T  # (tokens, sum N_i)
+    reference = linear(x, stacked)  # (tokens, sum N_i)
     x_mean = np.mean(np.abs(x), axis=0)  # (K,)
     best_error, best_scales, best_alpha = np.inf, np.ones_like(x_mean), 0.0
     for step in range(grid):
@@ -85,7 +86,7 @@ def search_awq_scales(x: np.ndarray, weights: list[np.ndarray], scheme: QuantSch
         scales = np.maximum(x_mean**alpha, np.float32(1e-4)).astype(np.float32)
         scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
         w_hat = _quantize_dequantize(stacked * scales, scheme) / scales
-        error = float(np.mean((x @ w_hat.T - reference) ** 2))
+        error = float(np.mean((linear(x, w_hat) - reference) ** 2))
         if error < best_error:
             best_error, best_scales, best_alpha = error, scales, alpha
     logger.debug("awq scale search: alpha=%.2f mse=%.3g", best_alpha, best_error)
@@ -111,7 +112,7 @@ def search_shared_awq_scales(
     for x_g, weights in groups:
         stacked = np.concatenate([np.asarray(w, dtype=np.float32) for w in weights], axis=0)  # (sum N_i, K)
         x_g = _check_activations(x_g, stacked.shape[1])
-        prepared.append((x_g, stacked, x_g @ stacked.T))
+        prepared.append((x_g, stacked, linear(x_g, stacked)))
     best_error, best_scales, best_alpha = np.inf, np.ones_like(x_mean), 0.0
     for step in range(grid):
         alpha = step / grid
@@ -120,7 +121,7 @@ def search_shared_awq_scales(
         error = 0.0
         for x_g, stacked, reference in prepared:
             w_hat = _quantize_dequantize(stacked * scales, scheme) / scales
-            error += float(np.sum((x_g @ w_hat.T - reference) ** 2))
+            error += float(np.sum((linear(x_g, w_hat) - reference) ** 2))
         if error < best_error:
             best_error, best_scales, best_alpha = error, scales, alpha
     logger.debug("shared awq scale search over %d groups: alpha=%.2f sse=%.3g", len(groups), best_alpha, best_error)

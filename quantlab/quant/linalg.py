@@ -47,30 +47,56 @@ def cpu_session(nodes, inputs, outputs, initializers=(), *, threads: int | None 
     return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _gemm(names: tuple[str, ...], threads: int | None, **attributes):
-    """One Gemm over float32 inputs ``names`` -> y; no arena: one-off shapes, whose largest result an
-    arena would keep alive."""
+def _gemm(names: tuple[str, ...], threads: int | None, double: bool = False, **attributes):
+    """One Gemm over float32 (float64 when ``double``) inputs ``names`` -> y; no arena: one-off shapes,
+    whose largest result an arena would keep alive."""
     from onnx import TensorProto, helper
 
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["r", "c"]) for name in names]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", "n"])
+    elem = TensorProto.DOUBLE if double else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(name, elem, ["r", "c"]) for name in names]
+    output = helper.make_tensor_value_info("y", elem, ["m", "n"])
     node = helper.make_node("Gemm", list(names), ["y"], **attributes)
     return cpu_session([node], inputs, [output], threads=threads, arena=False)
 
 
 @functools.lru_cache(maxsize=16)
-def _gemm_session(trans_a: bool, alpha: float, threads: int | None):
-    """a, b f32 -> alpha * op(a) @ b; op = transpose when trans_a."""
-    return _gemm(("a", "b"), threads, transA=int(trans_a), alpha=alpha)
+def _gemm_session(trans_a: bool, trans_b: bool, alpha: float, threads: int | None, double: bool = False):
+    """a, b -> alpha * op(a) @ op(b); op = transpose when trans_a / trans_b."""
+    return _gemm(("a", "b"), threads, double, transA=int(trans_a), transB=int(trans_b), alpha=alpha)
 
 
-def matmul(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, alpha: float = 1.0, threads: int | None = None):
-    """alpha * op(a) @ b in float32 on MLAS (op(a) = a.T when trans_a); inputs are made contiguous."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    b = np.ascontiguousarray(b, dtype=np.float32)
-    if (a.shape[0] if trans_a else a.shape[1]) != b.shape[0]:
-        raise ValueError(f"matmul: inner dimensions differ, {a.shape}{'^T' if trans_a else ''} @ {b.shape}")
-    return _gemm_session(bool(trans_a), float(alpha), threads).run(None, {"a": a, "b": b})[0]
+def matmul(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    alpha: float = 1.0,
+    threads: int | None = None,
+    dtype=np.float32,
+):
+    """alpha * op(a) @ op(b) on MLAS (op(m) = m.T when trans_*), in float32 or float64 (``dtype``); inputs
+    are made contiguous. MLAS splits a product over its rows and columns, never along K, so the result
+    is the same bytes for any thread count."""
+    double = np.dtype(dtype) == np.float64
+    if not double and np.dtype(dtype) != np.float32:
+        raise ValueError(f"matmul: float32 or float64, not {np.dtype(dtype)}")
+    a = np.ascontiguousarray(a, dtype=dtype)
+    b = np.ascontiguousarray(b, dtype=dtype)
+    if (a.shape[0] if trans_a else a.shape[1]) != (b.shape[1] if trans_b else b.shape[0]):
+        raise ValueError(
+            f"matmul: inner dimensions differ, {a.shape}{'^T' if trans_a else ''} @ {b.shape}{'^T' if trans_b else ''}"
+        )
+    session = _gemm_session(bool(trans_a), bool(trans_b), float(alpha), threads, double)
+    return session.run(None, {"a": a, "b": b})[0]
+
+
+def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x (tokens, K) @ weight (N, K)^T in float32 on MLAS: the same bytes for any thread count, where
+    numpy's OpenBLAS sgemm changes its rounding with its thread count on some CPUs (AVX2 Zen: the
+    digest of quantlab.distributed.probe differed between one and two threads), and an error or a
+    search decided on those products would then differ between a cluster's nodes and this process."""
+    return matmul(x, weight, trans_b=True)
 
 
 @functools.lru_cache(maxsize=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from quantlab.cli.main import main
@@ -141,19 +142,31 @@ def tiny_q4_1(tmp_path_factory):
     return path
 
 
+def _initializers(artifact) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(artifact / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
 def test_gguf_source_codes_are_a_rung_kept_where_they_fit(tiny_q4_1, tmp_path):
     roomy = tmp_path / "roomy"
     assert main(["convert", str(tiny_q4_1), "-o", str(roomy), "--max-size", "10MB", "--no-progress"]) == 0
     fit = json.loads((roomy / "manifest.json").read_text())["fit"]
     assert set(fit["choice"].values()) == {"source"}  # the file's own codes: KL 0, nothing measured
     assert fit["sensitivity"]["measured"] == {}
-    # the file's own codes, as `--recipe source` emits them: the same tensors, so the same measured KLD
-    # (what remains of it is the int8 rounding of activations at accuracy level 4)
+    # the file's own codes, as `--recipe source` emits them: the same tensors, bit for bit. (Not the same
+    # graph: a recipe that rounds leaves the norms unfused in front of int8-accuracy MatMulNBits, see
+    # quantlab.pipelines.fusion_pipeline, so the two KLDs differ by onnxruntime's kernels, by 2e-4 of
+    # their value on a Sapphire Rapids and by more than 1e-3 on an AVX2 Zen.)
     kept = tmp_path / "kept"
     assert main(["convert", str(tiny_q4_1), "-o", str(kept), "--recipe", "source", "--no-progress"]) == 0
-    kld = json.loads((roomy / "manifest.json").read_text())["quality"]["kld_mean"]
-    # (summation order aside: the two graphs are assembled in another order)
-    assert kld == pytest.approx(json.loads((kept / "manifest.json").read_text())["quality"]["kld_mean"], rel=1e-3)
+    roomy_tensors, kept_tensors = _initializers(roomy), _initializers(kept)
+    quantized = [n for n, a in kept_tensors.items() if a.dtype == np.uint8]
+    assert len(quantized) > 2 * 4  # qkv, o, gate_up, down in each of the 2 layers, and the tied table
+    for name, array in kept_tensors.items():
+        np.testing.assert_array_equal(roomy_tensors[name], array, err_msg=name)
     # a size a little under the all-source artifact: a mix, still under the size
     tight_size = int(_model_bytes(roomy) * 0.97)
     tight = tmp_path / "tight"

@@ -31,7 +31,10 @@ threads:
                                  in onnxruntime-genai, quantlab's in its native runtime (torch-kernels), every
                                  GGUF in llama.cpp
     results/batch_smollm2.json   tokens/s decoding 1, 4, 16 sequences together (prompt 128 each), the
-                                 artifacts in onnxruntime, onnxruntime-genai and torch-kernels
+                                 artifacts in onnxruntime, onnxruntime-genai and torch-kernels, and
+                                 w4a16-g128-asym with --kv int8 (the native runtime's batch artifact)
+
+--peers-batch-only runs the second alone.
 """
 
 from __future__ import annotations
@@ -113,8 +116,14 @@ def bench(name: str, targets: list[Path], out_dir: Path, args: list[str], prefix
     return json_file
 
 
-def prepare_peers(work: Path, fresh: bool) -> dict[str, tuple[Path, str]]:
-    """name -> (artifact or GGUF, the command that made it), each made once in ``work`` and reused."""
+# Batch only: blocks of 128 and the per-token int8 cache, the native runtime's batch-16 artifact (a quarter
+# of the fp32 cache's bytes a step; plain attention, which is what reads that cache).
+BATCH_ONLY = {"w4a16-g128-asym-kv-int8": ("w4a16-g128-asym", ["--kv", "int8"])}
+
+
+def prepare_peers(work: Path, fresh: bool, gguf: bool = True) -> dict[str, tuple[Path, str]]:
+    """name -> (artifact or GGUF, the command that made it), each made once in ``work`` and reused; without
+    ``gguf`` no llama.cpp files (the batch run does not time them)."""
     from quantlab.bench import peers
 
     work.mkdir(parents=True, exist_ok=True)
@@ -124,6 +133,9 @@ def prepare_peers(work: Path, fresh: bool) -> dict[str, tuple[Path, str]]:
         extra = [*extra, "--attention", "fused"]
         folder = convert(SMOLLM2, work / name, "w4a16-g32-asym", fresh, extra)
         made[name] = folder, " ".join(["quantlab convert", SMOLLM2.name, "--recipe w4a16-g32-asym", *extra])
+    for name, (recipe, extra) in BATCH_ONLY.items():
+        folder = convert(SMOLLM2, work / name, recipe, fresh, extra)
+        made[name] = folder, " ".join(["quantlab convert", SMOLLM2.name, "--recipe", recipe, *extra])
 
     def once(path: Path, make) -> str:
         if path.exists() and not fresh:
@@ -137,6 +149,8 @@ def prepare_peers(work: Path, fresh: bool) -> dict[str, tuple[Path, str]]:
     hf_cmd = once(hf, lambda: peers.hf_folder_from_gguf(SMOLLM2, hf))
     builder = work / "genai-builder-int4"
     made["genai-builder-int4"] = builder, once(builder, lambda: peers.genai_builder(hf, builder)) + f" (from {hf_cmd})"
+    if not gguf:
+        return made
     f32 = work / f"{SMOLLM2.stem}.f32.gguf"
     f32_cmd = once(f32, lambda: peers.write_f32_gguf(SMOLLM2, f32))
     for kind in ("q4_0", "q4_K_M"):
@@ -147,17 +161,19 @@ def prepare_peers(work: Path, fresh: bool) -> dict[str, tuple[Path, str]]:
 
 
 def run_peers(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) -> None:
-    made = prepare_peers(work / "peers", fresh)
+    made = prepare_peers(work / "peers", fresh, gguf=not opts.peers_batch_only)
     label = ["--model-label", "SmolLM2-135M-Instruct"]
     common = ["--threads", "2", "--runs", str(min(opts.runs, 3)), *label] + (["--pin", opts.pin] if opts.pin else [])
     # quantlab's artifacts in onnxruntime-genai (the runtime the builder's output is made for) and in quantlab's
     # native runtime (torch-kernels: one C++ call per decoder layer); the builder's in onnxruntime-genai; the
     # GGUFs in llama.cpp
     runtimes = ["--backend", "onnxruntime-genai", "--backend", "torch-kernels"]
-    every = [path for path, _ in made.values()]
+    every = [path for name, (path, _) in made.items() if name not in BATCH_ONLY]
     onnx = [path for path, _ in made.values() if path.is_dir()]
     sweep = [*common, "--contexts", opts.peer_contexts, "--gen", str(min(opts.gen, 64)), *runtimes]
-    files = [bench("smollm2", every, out_dir, [*sweep, "--backend", "llama.cpp"], prefix="peers_")]
+    files = []
+    if not opts.peers_batch_only:
+        files.append(bench("smollm2", every, out_dir, [*sweep, "--backend", "llama.cpp"], prefix="peers_"))
     runtimes = ["--backend", "onnxruntime", *runtimes]
     batch = [*common, "--batch", "1,4,16", "--prompt-len", "128", "--gen", str(min(opts.gen, 32)), *runtimes]
     files.append(bench("smollm2", onnx, out_dir, batch, prefix="batch_"))
@@ -237,6 +253,11 @@ def main() -> int:
     ap.add_argument("--peers", action="store_true", help="quantlab against genai's builder and llama.cpp (SmolLM2)")
     ap.add_argument(
         "--peer-contexts", default="256,2048,4096", help="prompt lengths of --peers (default 256,2048,4096)"
+    )
+    ap.add_argument(
+        "--peers-batch-only",
+        action="store_true",
+        help="with --peers: only the batch run (results/batch_smollm2.json; no llama.cpp needed)",
     )
     ap.add_argument(
         "--work",

@@ -6,7 +6,10 @@
 //   F zero(); F set1(float); F load(const float*); F load(const int8_t*) (kWidth codes, exact);
 //   void store(float*, F); F fma(F a, F b, F c) = a * b + c; F mul(F, F); F sub(F, F); F add(F, F);
 //   F fnma(F a, F b, F c) = c - a * b; F min(F, F); F max(F, F); float sum(F); float max_of(F);
-//   F ldexp(F y, F n) = y * 2^n for integral n; F zero_below(F x, float t, F e) = x < t ? 0 : e.
+//   F ldexp(F y, F n) = y * 2^n for integral n; F zero_below(F x, float t, F e) = x < t ? 0 : e;
+//   F abs(F); F round(F) to the nearest integer, ties to even (nearbyint's default mode);
+//   void store_i8(int8_t*, F) (kWidth integral values within +-127);
+//   int kKeysPerPass (1, or 4 with void sum4(const F* a, float* out): out[i] = the lanes of a[i] summed).
 // No library templates here (matmul_internal.h: ISA objects must not define weak symbols).
 #ifndef QUANTLAB_ATTENTION_SIMD_H_
 #define QUANTLAB_ATTENTION_SIMD_H_
@@ -38,11 +41,40 @@ constexpr int kHeadsPerPass = 4;
 // same layout), each key row's value row is prefetched into L2 alongside: the weighted pass then
 // reads its rows from L2 while this pass waits on the keys' memory, instead of the two passes each
 // waiting on memory in turn (SmolLM2 batch-16 decode: the layers 22.2 -> 20.2 ms a step).
+// Where the traits have it (V::kKeysPerPass = 4, V::sum4), four key rows at a time: 4 G running sums,
+// reduced together (one transposition-like pass instead of 4 G horizontal sums; the sums were most of
+// the scores' instructions at head_dim 64). A query's score for key j is then computed the same way
+// for a given n, in prefill and in decode alike.
 template <class V, int G, typename T>
 void scores_g(const float* q, int64_t hd, const T* k, const float* ks, int64_t n, float scale,
               float* s, int64_t lds, const T* pf) {
   const int64_t row_bytes = hd * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  if constexpr (V::kKeysPerPass == 4) {
+    for (; j + 4 <= n; j += 4) {
+      if (pf != nullptr)
+        for (int64_t c = 0; c < 4 * row_bytes; c += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(pf + j * hd) + c, 0, 2);
+      typename V::F acc[G][4];
+      for (int h = 0; h < G; ++h)
+        for (int r = 0; r < 4; ++r) acc[h][r] = V::zero();
+      const T* kr = k + j * hd;
+      for (int64_t d = 0; d < hd; d += V::kWidth) {
+        typename V::F kv[4];
+        for (int r = 0; r < 4; ++r) kv[r] = V::load(kr + r * hd + d);
+        for (int h = 0; h < G; ++h) {
+          const typename V::F qv = V::load(q + h * hd + d);
+          for (int r = 0; r < 4; ++r) acc[h][r] = V::fma(qv, kv[r], acc[h][r]);
+        }
+      }
+      for (int h = 0; h < G; ++h) {
+        float sum[4];
+        V::sum4(acc[h], sum);
+        for (int r = 0; r < 4; ++r) s[h * lds + j + r] = sum[r] * (ks != nullptr ? ks[j + r] * scale : scale);
+      }
+    }
+  }
+  for (; j < n; ++j) {
     if (pf != nullptr)
       for (int64_t c = 0; c < row_bytes; c += 64)
         __builtin_prefetch(reinterpret_cast<const char*>(pf + j * hd) + c, 0, 2);
@@ -175,6 +207,31 @@ void swiglu(const float* gate, const float* up, int64_t n, float* act) {
   for (int64_t l = 0; l < n - e; ++l) act[e + l] = g[l];
 }
 
+// The decoder layer's quantize_row (decoder_layer.cpp) over vectors: max |x| is exact in any order
+// (a NaN is skipped as std::max skips it: the running max is max_ps's second operand), then the
+// same IEEE division, rounding and clamp per element.
+template <class V>
+float quantize_i8(const float* x, int64_t n, int8_t* q) {
+  typename V::F m = V::zero();
+  int64_t i = 0;
+  for (; i + V::kWidth <= n; i += V::kWidth) m = V::max(V::abs(V::load(x + i)), m);
+  float amax = V::max_of(m);
+  for (int64_t j = i; j < n; ++j) amax = amax < __builtin_fabsf(x[j]) ? __builtin_fabsf(x[j]) : amax;
+  const float scale = amax / 127.f;
+  if (!(scale > 0.f)) {
+    for (int64_t j = 0; j < n; ++j) q[j] = 0;
+    return scale;
+  }
+  const typename V::F s = V::set1(scale), lo = V::set1(-127.f), hi = V::set1(127.f);
+  for (i = 0; i + V::kWidth <= n; i += V::kWidth)
+    V::store_i8(q + i, V::min(V::max(V::round(V::div(V::load(x + i), s)), lo), hi));
+  for (; i < n; ++i) {
+    const float c = __builtin_nearbyintf(x[i] / scale);
+    q[i] = static_cast<int8_t>(c < -127.f ? -127.f : (c > 127.f ? 127.f : c));
+  }
+  return scale;
+}
+
 template <class V>
 void scores_f32(const float* q, int g, int64_t hd, const float* k, const float* ks, int64_t n,
                 float scale, float* s, int64_t lds, const float* v) {
@@ -200,7 +257,7 @@ void weighted_i8(const float* p, int64_t ldp, int g, const int8_t* v, int64_t n,
 template <class V>
 constexpr AttentionKernels attention_kernels() {
   return {V::kWidth,       scores_f32<V>,          scores_i8<V>, weighted_f32<V>,
-          weighted_i8<V>, softmax_numerators<V>, swiglu<V>};
+          weighted_i8<V>, softmax_numerators<V>, swiglu<V>,    quantize_i8<V>};
 }
 
 #endif  // QUANTLAB_ATTENTION_SIMD_H_

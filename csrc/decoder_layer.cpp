@@ -19,6 +19,7 @@
 #include "decoder_internal.h"
 #include "matmul_internal.h"
 #include "quantlab_kernels.h"
+#include "thread_pool.h"
 
 namespace ql {
 namespace {
@@ -27,6 +28,9 @@ using decoder::fast_exp;
 using decoder::grow;
 using decoder::LayerScratch;
 using decoder::Qkv;
+
+// Below this many elements of per-row work (rows x row length) it runs on the calling thread.
+constexpr int64_t kParallelRowWork = 4096;
 
 // y = x / sqrt(mean(x^2) + eps) * w over n elements (y may be x).
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
@@ -116,8 +120,10 @@ void swiglu(const float* gate, const float* up, int64_t n, float* act, const Att
 }
 
 // Symmetric int8 codes of one row x (n) into q, its scale returned: scale = max|x| / 127,
-// q = round_half_even(x / scale) in [-127, 127] (all zero when x is: scale 0).
-float quantize_row(const float* x, int64_t n, int8_t* q) {
+// q = round_half_even(x / scale) in [-127, 127] (all zero when x is: scale 0). The path's vector
+// code (AttentionKernels::quantize_i8, the same bits) where it has one.
+float quantize_row(const float* x, int64_t n, int8_t* q, const AttentionKernels* ak) {
+  if (ak != nullptr) return ak->quantize_i8(x, n, q);
   float amax = 0.f;
   for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float scale = amax / 127.f;
@@ -131,12 +137,12 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
 // Row `pos` of kv head `i` of batch row `b` in the cache: k and v (hd) stored as they are, or as
 // int8 codes with their scales.
 void store_kv(const ql_decoder_layer_args* a, int64_t b, int64_t i, int64_t pos, const float* k,
-              const float* v) {
+              const float* v, const AttentionKernels* ak) {
   const int64_t row = (b * a->kv_heads + i) * a->capacity + pos;  // (batch, kv_heads, capacity)
   const int64_t hd = a->head_dim;
   if (a->cache_dtype == QL_CACHE_INT8) {
-    a->k_scale[row] = quantize_row(k, hd, static_cast<int8_t*>(a->k_cache) + row * hd);
-    a->v_scale[row] = quantize_row(v, hd, static_cast<int8_t*>(a->v_cache) + row * hd);
+    a->k_scale[row] = quantize_row(k, hd, static_cast<int8_t*>(a->k_cache) + row * hd, ak);
+    a->v_scale[row] = quantize_row(v, hd, static_cast<int8_t*>(a->v_cache) + row * hd, ak);
     return;
   }
   const size_t bytes = static_cast<size_t>(hd) * sizeof(float);
@@ -158,8 +164,25 @@ int decoder_layer(const ql_decoder_layer_args* a) {
   float* ctx = grow(sc.ctx, rows * nq);
   float* proj = grow(sc.proj, rows * hidden);
 
-  for (int64_t r = 0; r < rows; ++r)
+  const AttentionKernels* ak = decoder::vector_kernels(a);
+  // The per-row work between the linears (norms, rotary embedding and cache stores, SwiGLU,
+  // residuals) runs on the pool too: at batch 16 the other thread spun idle through it (perf: the
+  // pool's wait loop was ~10% of a decode step's samples). Each row's results are the same whichever
+  // thread computes it.
+  auto per_row = [&](int64_t work_per_row, auto&& fn) {
+    if (threads <= 1 || rows < 2 || rows * work_per_row < kParallelRowWork) {
+      for (int64_t r = 0; r < rows; ++r) fn(r);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    ThreadPool::global().run(static_cast<int>(std::min<int64_t>(threads, rows)), [&] {
+      for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < rows;) fn(r);
+    });
+  };
+
+  per_row(hidden, [&](int64_t r) {
     rms_norm(a->x + r * hidden, a->input_norm, hidden, a->eps, h + r * hidden);
+  });
   Qkv p;
   if (a->qkv.b != nullptr) {
     float* y = grow(sc.q, rows * (nq + 2 * nkv));  // (rows, [q | k | v])
@@ -172,8 +195,7 @@ int decoder_layer(const ql_decoder_layer_args* a) {
     if ((status = run_linear(a->v, h, rows, p.v, a->path, threads)) != QL_OK) return status;
   }
 
-  // Per-head norms and RoPE, then the new keys and values into the cache at past .. past + seq - 1.
-  for (int64_t r = 0; r < rows; ++r) {
+  per_row(nq + 2 * nkv, [&](int64_t r) {
     const int64_t b = r / a->seq, pos = a->past + r % a->seq;
     const float *cos = a->cos + r * half, *sin = a->sin + r * half;
     for (int64_t i = 0; i < a->heads; ++i) {
@@ -185,30 +207,31 @@ int decoder_layer(const ql_decoder_layer_args* a) {
       float* k = p.k + r * p.ldkv + i * hd;
       if (a->k_norm != nullptr) rms_norm(k, a->k_norm, hd, a->eps, k);
       rope(k, cos, sin, hd, a->rope_interleaved != 0);
-      store_kv(a, b, i, pos, k, p.v + r * p.ldkv + i * hd);
+      store_kv(a, b, i, pos, k, p.v + r * p.ldkv + i * hd, ak);
     }
-  }
+  });
   decoder::attention(a, p, ctx, threads);
   if ((status = run_linear(a->o, ctx, rows, proj, a->path, threads)) != QL_OK) return status;
-  for (int64_t e = 0; e < rows * hidden; ++e) a->x[e] += proj[e];
-
-  for (int64_t r = 0; r < rows; ++r)
-    rms_norm(a->x + r * hidden, a->post_norm, hidden, a->eps, h + r * hidden);
+  per_row(hidden, [&](int64_t r) {
+    float* x = a->x + r * hidden;
+    const float* o = proj + r * hidden;
+    for (int64_t e = 0; e < hidden; ++e) x[e] += o[e];
+    rms_norm(x, a->post_norm, hidden, a->eps, h + r * hidden);
+  });
   float* act = grow(sc.act, rows * ff);
-  const AttentionKernels* ak = decoder::vector_kernels(a);
   if (a->gate_up.b != nullptr) {
     float* y = grow(sc.ff, rows * 2 * ff);  // (rows, [gate | up])
     if ((status = run_linear(a->gate_up, h, rows, y, a->path, threads)) != QL_OK) return status;
-    for (int64_t r = 0; r < rows; ++r) {
+    per_row(ff, [&](int64_t r) {
       const float *g = y + r * 2 * ff, *u = g + ff;
       swiglu(g, u, ff, act + r * ff, ak);
-    }
+    });
   } else {
     float* g = grow(sc.ff, rows * 2 * ff);  // gate rows, then up rows
     float* u = g + rows * ff;
     if ((status = run_linear(a->gate, h, rows, g, a->path, threads)) != QL_OK) return status;
     if ((status = run_linear(a->up, h, rows, u, a->path, threads)) != QL_OK) return status;
-    swiglu(g, u, rows * ff, act, ak);
+    per_row(ff, [&](int64_t r) { swiglu(g + r * ff, u + r * ff, ff, act + r * ff, ak); });
   }
   if ((status = run_linear(a->down, act, rows, proj, a->path, threads)) != QL_OK) return status;
   for (int64_t e = 0; e < rows * hidden; ++e) a->x[e] += proj[e];

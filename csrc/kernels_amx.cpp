@@ -147,11 +147,12 @@ inline int c_tile(int mt, int mts, int64_t block) {
 
 // Weight rows [n0, n0 + nr) against all activation rows [m0, m0 + mr), mr <= 64: each unpacked
 // weight chunk feeds up to four 16-row activation tiles.
-void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
+template <bool Full>
+void amx_tile_impl(const Weights& w, const Acts& a, const Tile& t, float* out) {
   const AmxActs& x = *static_cast<const AmxActs*>(a.extra);
   const int bs = w.block_size;
   const int64_t mt0 = t.m0 / kT, kb = w.k_blocks, sub = x.subchunks;
-  const int mts = (t.mr + kT - 1) / kT;
+  const int mts = Full ? 1 : (t.mr + kT - 1) / kT;
   // Unpacked weight codes of one 64-byte chunk per row, double-buffered: a chunk is unpacked one
   // iteration before its tile loads read it, so the vector stores have long reached L1 (no
   // store-to-tile-load stall). Blocks of 128 / 256: [low nibbles: 16 rows x 64 | high: 16 x 64];
@@ -159,7 +160,7 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   // The common full tile (16 weight rows, one activation tile) keeps its accumulators in
   // registers: with blocks of 32 the scaling runs once per 32 codes and its loads and stores of
   // acc were most of the kernel's time.
-  const bool full = mts == 1 && t.nr == kT;
+  constexpr bool full = Full;  // mts == 1 && t.nr == kT (amx_tile)
   alignas(64) uint8_t wbuf[2][2 * kT * 64];
   alignas(64) int32_t cbuf[kT][kT];
   alignas(64) float acc[4][kT][kT];  // [m tile][weight row][activation row]
@@ -174,15 +175,19 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
   const int64_t pf = kT * w.row_bytes;  // the next tile of rows, into L2 (see kernels_avx512.cpp)
   const int64_t chunks = (w.row_bytes + 63) / 64;
   // Small blocks: qword q of the regrouped 128 bytes is low (< 8) or high (>= 8) qword perm[q].
-  alignas(64) int64_t perm[16] = {};
-  if (bs < 128) {
+  __m512i perm0, perm1;
+  alignas(64) int64_t perm[16];  // not zeroed: a 128-byte rep stos per tile was ~1% of a batch-16 step
+  if (bs >= 128) {
+    perm0 = perm1 = _mm512_setzero_si512();
+  } else {
     const int qw = bs / 16;  // qwords per half block
     for (int q = 0; q < 16; ++q) {
       const int lb = q / (2 * qw), within = q % (2 * qw);
       perm[q] = within < qw ? lb * qw + within : 8 + lb * qw + within - qw;
     }
+    perm0 = _mm512_load_si512(perm);
+    perm1 = _mm512_load_si512(perm + 8);
   }
-  const __m512i perm0 = _mm512_load_si512(perm), perm1 = _mm512_load_si512(perm + 8);
 
   auto unpack = [&](int64_t c, uint8_t* dst) {
     const int64_t rest = w.row_bytes - c * 64;
@@ -213,26 +218,41 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
       }
     }
   };
-  __m512 racc[kT];
-  for (int j = 0; j < kT; ++j) racc[j] = _mm512_setzero_ps();
-  auto scale_full = [&](int64_t b) {
-    c_store(c_tile(0, 1, b), cbuf);
-    const __m512 dv = _mm512_load_ps(x.d + (mt0 * kb + b) * kT);
-#pragma GCC unroll 16
-    for (int j = 0; j < kT; ++j) {
-      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(t.scales[j][b]), dv);
-      racc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cbuf[j])), scale, racc[j]);
-    }
-  };
-  auto scale = [&](int64_t b) { full ? scale_full(b) : scale_block(b); };
+  // The full tile's 16 accumulators are 16 named variables (r0..r15): as an array GCC kept them in
+  // memory (too large to scalarize), a load and a store around every scaling FMA, and the scaling
+  // of blocks of 32 was most of a batch-16 step's 4-bit g32 linears. Each macro below repeats its
+  // statement for the 16 weight rows.
+#define QL_ROWS16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+#define QL_DECLARE(J) __m512 r##J = _mm512_setzero_ps();
+  QL_ROWS16(QL_DECLARE)
+#undef QL_DECLARE
+#define QL_SCALE_ROW(J)                                                                             \
+  r##J = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cbuf[J])),                            \
+                         _mm512_mul_ps(_mm512_set1_ps(t.scales[J][b_]), dv_), r##J);
+#define QL_SCALE_FULL(B)                                                   \
+  do {                                                                     \
+    const int64_t b_ = (B);                                                \
+    c_store(c_tile(0, 1, b_), cbuf);                                       \
+    const __m512 dv_ = _mm512_load_ps(x.d + (mt0 * kb + b_) * kT);         \
+    QL_ROWS16(QL_SCALE_ROW)                                                \
+  } while (0)
+#define QL_SCALE(B)            \
+  do {                         \
+    if constexpr (Full)        \
+      QL_SCALE_FULL(B);        \
+    else                       \
+      scale_block(B);          \
+  } while (0)
   // After block b's products are issued: scale it, or with alternating C tiles the block before
   // it, whose products have had time to finish.
-  auto block_done = [&](int64_t b) {
-    if (mts > 2)
-      scale(b);
-    else if (b > 0)
-      scale(b - 1);
-  };
+#define QL_BLOCK_DONE(B)       \
+  do {                         \
+    const int64_t bd_ = (B);   \
+    if (mts > 2)               \
+      QL_SCALE(bd_);           \
+    else if (bd_ > 0)          \
+      QL_SCALE(bd_ - 1);       \
+  } while (0)
   if (w.bits == 8) {
     // 8-bit codes, blocks of 64..256: a 64-byte chunk of the 16 weight rows is the A tile as the
     // rows lie in memory (a partial tile through wbuf), raw codes 0..255 as u8 against activation
@@ -242,8 +262,12 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
       const int64_t b = c / per_block;
       if (c % per_block == 0)
         for (int mt = 0; mt < mts; ++mt) c_zero(c_tile(mt, mts, b));
-      for (int j = 0; j < t.nr; ++j)
+      for (int j = 0; j < t.nr; ++j) {
         _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * 64 + pf), _MM_HINT_T1);
+        // and into L1 a few chunks ahead: a tile load that misses L1 stalls the products after
+        // it (the head's 576 x 49152 at M = 16: 1.00 -> 0.88 ms).
+        _mm_prefetch(reinterpret_cast<const char*>(brow[j] + (c + 4) * 64), _MM_HINT_T0);
+      }
       if (t.nr == kT) {
         _tile_loadd(1, brow[0] + c * 64, w.row_bytes);
       } else {
@@ -254,7 +278,7 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
         _tile_loadd(3, x.tiles + ((mt0 + mt) * sub + c) * 1024, 64);
         c_dot1(c_tile(mt, mts, b));
       }
-      if (c % per_block == per_block - 1) block_done(b);
+      if (c % per_block == per_block - 1) QL_BLOCK_DONE(b);
     }
   } else if (bs < 128) {
     unpack(0, wbuf[0]);
@@ -272,7 +296,7 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
           c_dot1(ct);
         }
         if (lb == 0 && c + 1 < chunks) unpack(c + 1, wbuf[(c + 1) & 1]);
-        block_done(b);
+        QL_BLOCK_DONE(b);
       }
     }
   } else {
@@ -291,10 +315,14 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
         c_dot(c_tile(mt, mts, b));
       }
       if (c + 1 < chunks) unpack(c + 1, wbuf[(c + 1) & 1]);  // while the tile products run
-      if (c % per_block == per_block - 1) block_done(b);
+      if (c % per_block == per_block - 1) QL_BLOCK_DONE(b);
     }
   }
-  if (mts <= 2) scale(kb - 1);
+  if (mts <= 2) QL_SCALE(kb - 1);
+#undef QL_BLOCK_DONE
+#undef QL_SCALE
+#undef QL_SCALE_FULL
+#undef QL_SCALE_ROW
   // Zero-point term: acc[.][j][m] -= sum_b s[j, b] * zp[j, b] * xsum[m, b] (raw codes: no
   // offset), blocks outer and rows inner: 16 independent sums instead of one chain of kb FMAs per row
   // (perf: the chains were a quarter of the kernel at K = 576, blocks of 32).
@@ -304,13 +332,16 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
       scaled_zero_points<8>(t.scales[j], t.zeros[j], kb, wz + j * kb);
     else
       scaled_zero_points<4>(t.scales[j], t.zeros[j], kb, wz + j * kb);
-  if (full) {
+  if constexpr (Full) {
     for (int64_t b = 0; b < kb; ++b) {
       const __m512 xs = _mm512_load_ps(x.xsum + (mt0 * kb + b) * kT);
-#pragma GCC unroll 16
-      for (int j = 0; j < kT; ++j) racc[j] = _mm512_fnmadd_ps(_mm512_set1_ps(wz[j * kb + b]), xs, racc[j]);
+#define QL_ZERO_POINT_ROW(J) r##J = _mm512_fnmadd_ps(_mm512_set1_ps(wz[J * kb + b]), xs, r##J);
+      QL_ROWS16(QL_ZERO_POINT_ROW)
+#undef QL_ZERO_POINT_ROW
     }
-    store_transposed16(racc, t.mr, kT, out, kT);
+    const __m512 r[kT] = {r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15};
+    store_transposed16(r, t.mr, kT, out, kT);
+#undef QL_ROWS16
     return;
   } else {
     for (int mt = 0; mt < mts; ++mt)
@@ -326,6 +357,16 @@ void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
     for (int j = 0; j < kT; ++j) r[j] = _mm512_load_ps(acc[mt][j]);  // rows past nr: zero
     store_transposed16(r, t.mr - mt * kT, t.nr, out + mt * kT * t.nr, t.nr);
   }
+}
+
+// The full tile (16 weight rows, one activation tile: a batch-16 decode step's shape) compiled on
+// its own: with one body for both, its 16 accumulators lived in memory (a load and a store around
+// every scaling FMA).
+void amx_tile(const Weights& w, const Acts& a, const Tile& t, float* out) {
+  if (t.mr <= kT && t.nr == kT)
+    amx_tile_impl<true>(w, a, t, out);
+  else
+    amx_tile_impl<false>(w, a, t, out);
 }
 
 // The AVX-512 kernels take 1 x (<= 4) and (<= 8) x (<= 2) tiles: run those shapes.

@@ -396,6 +396,15 @@ struct Vec8 {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
   }
   static F zero_below(F x, float t, F e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(t), _CMP_NLT_UQ)); }
+  static constexpr int kKeysPerPass = 1;  // 16 registers: four keys' sums for four heads would spill
+  static void sum4(const F*, float*) {}
+  static F abs(F x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+  static F round(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static void store_i8(int8_t* p, F x) {
+    const __m256i i = _mm256_cvtps_epi32(x);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+  }
 };
 
 // Activation quantization for 4-bit blocks of 32..256 (perm 64), bit-identical to

@@ -493,6 +493,24 @@ struct Vec16 {
   static F zero_below(F x, float t, F e) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(t), _CMP_NLT_UQ), e);
   }
+  static constexpr int kKeysPerPass = 4;
+  // out[i] = the sum of a[i]'s lanes, i < 4: pairs of vectors interleaved and added, twice, leave
+  // each 128-bit lane holding [a0 a1 a2 a3] partial sums; then the four lanes are added.
+  static void sum4(const F* a, float* out) {
+    const F t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const F t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    const __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
+    const F u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)),
+                              _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1)));
+    const __m256 v = _mm256_add_ps(_mm512_castps512_ps256(u),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+  }
+  static F abs(F x) { return _mm512_abs_ps(x); }
+  static F round(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static void store_i8(int8_t* p, F x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x)));
+  }
 };
 
 #include "attention_simd.h"

@@ -89,6 +89,9 @@ struct AttentionKernels {
   float (*softmax_numerators)(float* s, int64_t n, float* row_max);
   // act[e] = gate[e] / (1 + e^-gate[e]) * up[e] for e < n (the decoder layer's SwiGLU).
   void (*swiglu)(const float* gate, const float* up, int64_t n, float* act);
+  // An int8 cache row: q[i] = round(x[i] / s) clamped to +-127 with s = max_i |x[i]| / 127 (0 where
+  // s is 0), returns s; bit for bit the decoder layer's scalar quantize_row (decoder_layer.cpp).
+  float (*quantize_i8)(const float* x, int64_t n, int8_t* q);
 };
 
 struct PathKernels {

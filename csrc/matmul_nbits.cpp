@@ -406,7 +406,9 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
             for (int i = 0; i < tile.mr; ++i) {
               float* y = static_cast<float*>(args->y) + (tile.m0 + i) * N + tile.n0;
               const float* o = out + i * tile.nr;
-              if (bias == nullptr)
+              if (bias == nullptr && tile.nr == kMaxNr)  // a fixed size: inlined, no libc call per row
+                std::memcpy(y, o, sizeof(float) * kMaxNr);
+              else if (bias == nullptr)
                 std::memcpy(y, o, sizeof(float) * tile.nr);
               else
                 for (int j = 0; j < tile.nr; ++j) y[j] = o[j] + bias[tile.n0 + j];

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "matmul_internal.h"
 #include "quantlab_kernels.h"
 
 namespace {
@@ -297,6 +298,52 @@ void test_decoder_layer(std::mt19937& rng) {
   check(ql_decoder_layer(nullptr) == QL_ERR_ARGUMENT, "decoder layer: null pointer");
 }
 
+// The int8 cache's row quantizer of each path with vector attention kernels against the decoder
+// layer's scalar one (decoder_layer.cpp), bit for bit: scale max|x| / 127, codes nearbyint(x / scale)
+// clamped to +-127; rows of any length (vector tails), zero rows, exact ties and a NaN.
+void test_quantize_i8(std::mt19937& rng) {
+  auto reference = [](const float* x, int64_t n, int8_t* q) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = amax / 127.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float c = scale > 0.f ? std::nearbyint(x[i] / scale) : 0.f;
+      q[i] = static_cast<int8_t>(std::min(std::max(c, -127.f), 127.f));
+    }
+    return scale;
+  };
+  std::normal_distribution<float> normal(0.f, 3.f);
+  std::vector<std::vector<float>> rows;
+  for (int64_t n : {1, 7, 8, 15, 16, 17, 64, 100, 128}) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = normal(rng);
+    rows.push_back(x);
+  }
+  rows.push_back(std::vector<float>(64, 0.f));
+  std::vector<float> ties(64);  // max 127: scale 1, so k + 0.5 are exact ties (even: round down)
+  for (int64_t i = 0; i < 64; ++i) ties[i] = i == 0 ? 127.f : static_cast<float>(i % 9) - 4.5f;
+  rows.push_back(ties);
+  std::vector<float> nan_row = rows[6];
+  nan_row[5] = std::nanf("");
+  rows.push_back(nan_row);
+  for (int path : {QL_PATH_AVX2, QL_PATH_AVX_VNNI, QL_PATH_AVX512_VNNI, QL_PATH_AMX}) {
+    const ql::PathKernels* k = ql::supported_kernels(path);
+    if (k == nullptr || k->attention == nullptr) continue;
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const std::vector<float>& x = rows[r];
+      const int64_t n = static_cast<int64_t>(x.size());
+      std::vector<int8_t> want(n), got(n);
+      const float s_want = reference(x.data(), n, want.data());
+      const float s_got = k->attention->quantize_i8(x.data(), n, got.data());
+      const bool nan_row_case = r + 1 == rows.size();
+      bool same = std::memcmp(&s_want, &s_got, sizeof(float)) == 0;
+      for (int64_t i = 0; i < n; ++i)
+        same = same && (want[i] == got[i] || (nan_row_case && std::isnan(x[i])));
+      check(same, "quantize_i8 path " + std::to_string(path) + " row " + std::to_string(r));
+    }
+  }
+}
+
 // The bf16-accuracy calls the AMX path runs on bf16 tiles (amx_bf16_rows in kernels_amx_bf16.cpp), the rest
 // in fp32:
 // weights and activations rounded to bf16 (8 significant bits), products summed in fp32.
@@ -423,6 +470,7 @@ int main(int argc, char** argv) {
     check(ql_matmul_nbits(nullptr) == QL_ERR_ARGUMENT, "null pointer");
   }
   test_decoder_layer(rng);
+  test_quantize_i8(rng);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -374,7 +375,17 @@ def _genai_unavailable() -> str | None:
 
 
 def _has_genai_config(t: Target) -> bool:
-    return t.kind == ARTIFACT and (t.path / "genai_config.json").is_file()
+    """An artifact with a genai_config.json that does not say onnxruntime-genai cannot run it (a per-token int8
+    cache: quantlab.emit.artifact writes why under model.decoder.kv_cache.onnxruntime_genai)."""
+    config = t.path / "genai_config.json"
+    if t.kind != ARTIFACT or not config.is_file():
+        return False
+    try:
+        decoder = json.loads(config.read_text(encoding="utf-8"))["model"]["decoder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # let onnxruntime-genai say what is wrong with it
+    kv_cache = decoder.get("kv_cache") if isinstance(decoder, dict) else None
+    return not (isinstance(kv_cache, dict) and "onnxruntime_genai" in kv_cache)
 
 
 # --- llama.cpp ------------------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ def measure_speculative_rows(targets: list[Target], config: BenchConfig, progres
 def run_speculative_job(job: dict) -> dict:
     """Open target and draft on the job's backend; time plain and speculative decoding, alternating."""
     from quantlab.bench.worker import peak_rss_bytes
+    from quantlab.runtime.generate import freeze_heap
     from quantlab.runtime.speculative import generate_speculative
 
     if job.get("pin"):
@@ -151,6 +152,7 @@ def run_speculative_job(job: dict) -> dict:
     session = backend.open(Path(job["path"]), threads=job["threads"], max_tokens=max_tokens)
     draft = backend.open(Path(job["draft"]), threads=job["threads"], max_tokens=max_tokens).decoder
     load_s = perf() - start
+    freeze_heap()  # as quantlab.bench.worker.run_job
     plain_steps, plain_decode, spec_decode = [], [], []
     plain_ids: list[int] = []
     result = None

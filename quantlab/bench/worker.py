@@ -111,6 +111,7 @@ def run_job(job: dict) -> dict:
     import numpy as np
 
     from quantlab.bench.backends import BACKENDS
+    from quantlab.runtime.generate import freeze_heap
 
     if job.get("pin"):
         os.sched_setaffinity(0, job["pin"])
@@ -119,6 +120,7 @@ def run_job(job: dict) -> dict:
         Path(job["path"]), threads=job["threads"], max_tokens=job["prompt_len"] + job["gen"]
     )
     load_s = time.perf_counter() - start
+    freeze_heap()  # as `quantlab generate` does, for every backend alike
     # (prompt_len,) random ids, the same for every backend of one vocabulary; a batch's first prompt is that one
     batch = job.get("batch", 1)
     shape = (batch, job["prompt_len"])

@@ -89,13 +89,16 @@ def continuation_text(tok, prompt: list[int], ids: list[int]) -> str:
 
 
 def _open_decoder(folder, args):
+    from quantlab.runtime.generate import OrtDecoder, freeze_heap
+
     if args.backend == "torch":
         from quantlab.runtime.torch_decoder import TorchDecoder
 
-        return TorchDecoder(folder, threads=args.threads)
-    from quantlab.runtime.generate import OrtDecoder
-
-    return OrtDecoder(folder, threads=args.threads)
+        decoder = TorchDecoder(folder, threads=args.threads)
+    else:
+        decoder = OrtDecoder(folder, threads=args.threads)
+    freeze_heap()
+    return decoder
 
 
 def _check_draft(folder, args) -> None:

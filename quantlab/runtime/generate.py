@@ -17,6 +17,7 @@ generation runs.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -108,6 +109,15 @@ class BoundedCache:
             else:
                 out[name] = np.ascontiguousarray(t[:, :, keep])
         return out
+
+
+def freeze_heap() -> None:
+    """Once the model is loaded, before decoding: collect, then take every object alive (the imported modules,
+    the model) out of the cyclic collector's walks (``gc.freeze``). A decode loop allocates enough to trigger
+    full collections, and each walked the ~200k objects of torch, onnx and numpy: ~4% of a batch-16 decode
+    step on the native layers (SmolLM2, measured). What the loop itself leaves behind is still collected."""
+    gc.collect()
+    gc.freeze()
 
 
 def cache_length(cache: dict[str, np.ndarray]) -> int:

@@ -178,3 +178,18 @@ def test_native_runtime_batch_rows(stories_w8, tmp_path):
     assert sorted(rows) == [1, 3] and all(r["status"] == "ok" for r in rows.values()), rows
     assert rows[3]["generated_ids"] == rows[1]["generated_ids"]
     assert rows[3]["tokens_per_s"] > 0
+
+
+def test_genai_leaves_out_an_artifact_it_cannot_run(stories_fp32, tmp_path):
+    """An artifact whose genai_config says onnxruntime-genai cannot run it (the per-token int8 cache) gets no
+    onnxruntime-genai cell, instead of a failed row with genai's parse error; an fp32-cache one does."""
+    from quantlab.bench.targets import describe_target
+
+    int8 = tmp_path / "kv-int8"
+    argv = ["convert", str(model_path("stories260K.bin")), "-o", str(int8), "--kv", "int8", "--no-eval"]
+    assert main([*argv, "--no-progress"]) == 0
+    note = json.loads((int8 / "genai_config.json").read_text())["model"]["decoder"]["kv_cache"]["onnxruntime_genai"]
+    assert "cannot run" in note
+    genai = BACKENDS["onnxruntime-genai"]
+    assert not genai.accepts(describe_target(int8))
+    assert genai.accepts(describe_target(stories_fp32))

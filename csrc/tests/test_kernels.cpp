@@ -463,6 +463,13 @@ int main(int argc, char** argv) {
   // weight tile, blocks of 64 and 256.
   run_case(Case{70, 1000, 35, 8, 64, true, true, QL_F32, 2}, rng);
   run_case(Case{24, 768, 40, 8, 256, false, false, QL_F32, 3}, rng);
+  // The full AMX tile (8..16 activation rows, 16 weight rows: amx_tile_impl<true>, a batch-16
+  // decode step's shape), 4- and 8-bit, with and without bias, fp32 and fp16 output.
+  run_case(Case{8, 576, 48, 4, 128, true, false, QL_F32, 2}, rng);
+  run_case(Case{13, 640, 64, 8, 128, false, false, QL_F32, 2}, rng);
+  run_case(Case{16, 576, 40, 4, 64, true, false, QL_F32, 1}, rng);
+  run_case(Case{16, 576, 48, 4, 128, true, true, QL_F32, 2}, rng);
+  run_case(Case{12, 576, 48, 4, 32, true, false, QL_F16, 2}, rng);
   // Argument errors come back as status codes.
   {
     ql_matmul_nbits_args a{};

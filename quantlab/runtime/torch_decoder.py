@@ -229,14 +229,67 @@ class TorchDecoder:
         self._cache_names = [n for names in self._layer_names for n in names]
         self.layers = [self._native_layer(i, kernel_threads) for i in range(s.num_layers)] if self.native else []
 
+    def _fusable(self) -> list[tuple[str, ...]]:
+        """Each layer's separate q/k/v and gate/up projections (the plain graph keeps them apart) that one
+        MatMulNBits call can run: same K, bits, block size and accuracy, zero points in all or none."""
+        groups = []
+        for i in range(self.spec.num_layers):
+            for prefix, form in ((f"model.layers.{i}.self_attn", _ATTN_FORMS), (f"model.layers.{i}.mlp", _MLP_FORMS)):
+                names = tuple(f"{prefix}.{n}" for n in form["separate"])
+                lins = [self.linears.get(n) for n in names]
+                if any(lin is None or lin.kind != "MatMulNBits" for lin in lins):
+                    continue
+                keys = {(lin.K, lin.bits, lin.block, lin.level, lin.zp is None) for lin in lins}
+                if len(keys) == 1:
+                    groups.append(names)
+        return groups
+
     def _place_weights(self) -> None:
         """Moves the quantized linears' tensors into one buffer on huge pages, in graph order (the order a
-        decode step reads them): see :func:`quantlab.kernels.pack_weights` for the measured gain."""
-        linears = [lin for lin in self.linears.values() if lin.kind == "MatMulNBits"]
-        fields = [(lin, f) for lin in linears for f in ("B", "scales", "zp") if getattr(lin, f) is not None]
-        placed = kernels.pack_weights([getattr(lin, f).numpy() for lin, f in fields])
-        for (lin, f), array in zip(fields, placed, strict=True):
-            setattr(lin, f, self.torch.from_numpy(array))
+        decode step reads them): see :func:`quantlab.kernels.pack_weights` for the measured gain.
+
+        A fusable group (:meth:`_fusable`) is placed as one linear, its tensors concatenated along N (q, k, v;
+        gate, up), each projection's tensors views of those: the native layer then runs it as one call
+        (``self.fused``), as it runs the fused graph's qkv_proj / gate_up_proj. Seven calls a layer became four:
+        one activation quantization of the input instead of three and two, and the 192-row k and v
+        projections no longer split 12 tiles over the threads on their own."""
+        torch = self.torch
+        fields = ("B", "scales", "zp")
+        groups = self._fusable()
+        grouped = {name for names in groups for name in names}
+        units: list[tuple[str, ...]] = []  # in graph order: a group where its first projection is
+        first_of = {names[0]: names for names in groups}
+        for name, lin in self.linears.items():
+            if lin.kind == "MatMulNBits" and name not in grouped:
+                units.append((name,))
+            elif name in first_of:
+                units.append(first_of[name])
+        arrays, slots = [], []
+        for names in units:
+            lins = [self.linears[n] for n in names]
+            for f in fields:
+                if getattr(lins[0], f) is None:
+                    continue
+                parts = [getattr(lin, f).numpy() for lin in lins]
+                arrays.append(
+                    parts[0]
+                    if len(parts) == 1
+                    else np.concatenate([a.reshape(lin.N, -1) for a, lin in zip(parts, lins, strict=True)])
+                )
+                slots.append((names, f))
+        placed = kernels.pack_weights(arrays)
+        self.fused: dict[tuple[str, ...], dict] = {}
+        for (names, f), array in zip(slots, placed, strict=True):
+            if len(names) == 1:
+                setattr(self.linears[names[0]], f, torch.from_numpy(array))
+                continue
+            self.fused.setdefault(names, {})[f] = torch.from_numpy(array)
+            row = 0
+            for n in names:
+                lin = self.linears[n]
+                shape = getattr(lin, f).shape
+                setattr(lin, f, torch.from_numpy(array[row : row + lin.N].reshape(shape)))
+                row += lin.N
 
     def _native_unsupported(self) -> str | None:
         """Why the native layers cannot run this artifact, or None when they can."""
@@ -279,17 +332,33 @@ class TorchDecoder:
                 "accuracy_level": linear.level,
             }
 
+        def fused(names: tuple[str, ...], bias_of: tuple[str, ...]) -> dict:
+            """One call for the group :meth:`_place_weights` placed as one linear."""
+            tensors = self.fused[names]
+            return {
+                **weights(names[0], bias_of),
+                "B": tensors["B"],
+                "scales": tensors["scales"],
+                "zero_points": tensors.get("zp"),
+                "N": sum(self.linears[n].N for n in names),
+            }
+
         attn, mlp = f"{p}.self_attn", f"{p}.mlp"
-        projections = [f"{attn}.{n}" for n in _ATTN_FORMS["separate"]]
+        projections = tuple(f"{attn}.{n}" for n in _ATTN_FORMS["separate"])
         if f"{attn}.qkv_proj" in self.linears:
-            linears = {"qkv": weights(f"{attn}.qkv_proj", tuple(projections))}
+            linears = {"qkv": weights(f"{attn}.qkv_proj", projections)}
+        elif projections in self.fused:
+            linears = {"qkv": fused(projections, projections)}
         else:
             linears = {key: weights(name, (name,)) for key, name in zip("qkv", projections, strict=True)}
         linears["o"] = weights(f"{attn}.o_proj", ())
+        gate_up = tuple(f"{mlp}.{n}" for n in _MLP_FORMS["separate"])
         if f"{mlp}.gate_up_proj" in self.linears:
             linears["gate_up"] = weights(f"{mlp}.gate_up_proj", ())
+        elif gate_up in self.fused:
+            linears["gate_up"] = fused(gate_up, ())
         else:
-            linears["gate"], linears["up"] = weights(f"{mlp}.gate_proj", ()), weights(f"{mlp}.up_proj", ())
+            linears["gate"], linears["up"] = weights(gate_up[0], ()), weights(gate_up[1], ())
         linears["down"] = weights(f"{mlp}.down_proj", ())
         return DecoderLayer(
             linears=linears,

@@ -89,6 +89,35 @@ def test_native_layers_match_onnxruntime(artifacts, recipe):
     assert _greedy(torch_dec, PROMPT, 24) == _greedy(ort_dec, PROMPT, 24)
 
 
+def test_plain_graph_projections_run_as_one_call(artifacts, tmp_path, monkeypatch):
+    """The plain graph's separate q/k/v and gate/up MatMulNBits are placed as one linear each (concatenated
+    along N, each projection a view of it) and run as one call: the logits are those of the separate calls bit
+    for bit, and onnxruntime's on the same artifact."""
+    plain = tmp_path / "plain"
+    argv = ["convert", str(model_path("stories260K.bin")), "-o", str(plain), "--no-progress", "--no-eval"]
+    assert main([*argv, "--recipe", "w4a16-g32-asym", "--attention", "plain"]) == 0
+    fused = TorchDecoder(plain, threads=2)
+    assert fused.native, fused.native_reason
+    layers = fused.spec.num_layers
+    assert len(fused.fused) == 2 * layers  # q/k/v and gate/up of every layer
+    q, k, v = (fused.linears[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv")
+    qkv_b = fused.fused[tuple(f"model.layers.0.self_attn.{n}_proj" for n in "qkv")]["B"]
+    assert q.B.data_ptr() == qkv_b.data_ptr() and v.B.data_ptr() + v.B.nbytes == qkv_b.data_ptr() + qkv_b.nbytes
+    monkeypatch.setattr(TorchDecoder, "_fusable", lambda self: [])
+    separate = TorchDecoder(plain, threads=2)
+    assert separate.fused == {}
+    ort_dec = OrtDecoder(plain)
+    a, ca = fused.forward(np.array([PROMPT]), fused.empty_cache())
+    b, cb = separate.forward(np.array([PROMPT]), separate.empty_cache())
+    c, cc = ort_dec.forward(np.array([PROMPT]), ort_dec.empty_cache())
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, atol=LOGITS_ATOL, rtol=0)
+    for token in (5, 77, 300):
+        a, ca = fused.forward(np.array([[token]]), ca)
+        b, cb = separate.forward(np.array([[token]]), cb)
+        np.testing.assert_array_equal(a, b)
+
+
 def test_native_layers_match_the_torch_ops(artifacts):
     native = TorchDecoder(artifacts[FLOAT_ACTIVATIONS])
     ops = TorchDecoder(artifacts[FLOAT_ACTIVATIONS], native=False)

@@ -65,3 +65,30 @@ def test_batch_bar():
     assert report.batch_bars(doc) == [
         "- batch 16 / batch 1 tokens/s, w4a16-g32-asym-fused in torch-kernels: 650 / 100 = 6.5x (bar >= 6: met)"
     ]
+
+
+def test_speculative_bar_from_bench_speculative_rows(tmp_path):
+    """benchmarks/bench_speculative.py keeps its rows under "rows" and names its machine: the block takes its
+    bars from them (and renders no table for it)."""
+    import json
+
+    row = {
+        "target": "/w/target",
+        "backend": "torch-kernels",
+        "mode": "speculative",
+        "status": "ok",
+        "draft": "/w/draft-4-v8192",
+        "draft_tokens": 3,
+        "tpot_ratio": 0.6,
+        "acceptance_rate": 0.71,
+        "identical_to_plain": True,
+    }
+    doc = {"rows": [row, {**row, "status": "failed"}], "machine": {"cpu": "Some CPU"}}
+    (tmp_path / report.SPECULATIVE).write_text(json.dumps(doc))
+    block = report.readme_block(tmp_path, tmp_path)
+    bars = [line for line in block.splitlines() if line.startswith("- speculative")]
+    assert bars == [
+        "- speculative decoding, target with draft draft-4-v8192 (k = 3) in torch-kernels: acceptance 71%, effective "
+        "TPOT 0.60x plain (bar <= 0.65: met); same tokens as plain decoding: True (benchmarks/bench_speculative.py "
+        "on Some CPU)"
+    ]

@@ -34,7 +34,7 @@ threads:
                                  artifacts in onnxruntime, onnxruntime-genai and torch-kernels, and
                                  w4a16-g128-asym with --kv int8 (the native runtime's batch artifact)
 
---peers-batch-only runs the second alone.
+--peers-only sweep|batch runs one of the two (batch needs no llama.cpp).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def prepare_peers(work: Path, fresh: bool, gguf: bool = True) -> dict[str, tuple
 
 
 def run_peers(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) -> None:
-    made = prepare_peers(work / "peers", fresh, gguf=not opts.peers_batch_only)
+    made = prepare_peers(work / "peers", fresh, gguf=opts.peers_only != "batch")
     label = ["--model-label", "SmolLM2-135M-Instruct"]
     common = ["--threads", "2", "--runs", str(min(opts.runs, 3)), *label] + (["--pin", opts.pin] if opts.pin else [])
     # quantlab's artifacts in onnxruntime-genai (the runtime the builder's output is made for) and in quantlab's
@@ -172,11 +172,12 @@ def run_peers(work: Path, out_dir: Path, fresh: bool, opts: argparse.Namespace) 
     onnx = [path for path, _ in made.values() if path.is_dir()]
     sweep = [*common, "--contexts", opts.peer_contexts, "--gen", str(min(opts.gen, 64)), *runtimes]
     files = []
-    if not opts.peers_batch_only:
+    if opts.peers_only != "batch":
         files.append(bench("smollm2", every, out_dir, [*sweep, "--backend", "llama.cpp"], prefix="peers_"))
     runtimes = ["--backend", "onnxruntime", *runtimes]
     batch = [*common, "--batch", "1,4,16", "--prompt-len", "128", "--gen", str(min(opts.gen, 32)), *runtimes]
-    files.append(bench("smollm2", onnx, out_dir, batch, prefix="batch_"))
+    if opts.peers_only != "sweep":
+        files.append(bench("smollm2", onnx, out_dir, batch, prefix="batch_"))
     for json_file in files:  # how each target was made, beside what was measured
         doc = json.loads(json_file.read_text())
         doc["made_by"] = {os.fspath(path): command for path, command in made.values()}
@@ -255,9 +256,11 @@ def main() -> int:
         "--peer-contexts", default="256,2048,4096", help="prompt lengths of --peers (default 256,2048,4096)"
     )
     ap.add_argument(
-        "--peers-batch-only",
-        action="store_true",
-        help="with --peers: only the batch run (results/batch_smollm2.json; no llama.cpp needed)",
+        "--peers-only",
+        choices=["sweep", "batch"],
+        default=None,
+        help="with --peers: only the context sweep (peers_smollm2.json) or only the batch run (batch_smollm2.json, "
+        "no llama.cpp needed)",
     )
     ap.add_argument(
         "--work",

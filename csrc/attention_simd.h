@@ -9,7 +9,7 @@
 //   F ldexp(F y, F n) = y * 2^n for integral n; F zero_below(F x, float t, F e) = x < t ? 0 : e;
 //   F abs(F); F round(F) to the nearest integer, ties to even (nearbyint's default mode);
 //   void store_i8(int8_t*, F) (kWidth integral values within +-127);
-//   int kKeysPerPass (1, or 4 with void sum4(const F* a, float* out): out[i] = the lanes of a[i] summed).
+//   int kKeysPerPass: 1, or 4 with void sum4(const F* a, float* out) (out[i] = a[i]'s lanes summed).
 // No library templates here (matmul_internal.h: ISA objects must not define weak symbols).
 #ifndef QUANTLAB_ATTENTION_SIMD_H_
 #define QUANTLAB_ATTENTION_SIMD_H_

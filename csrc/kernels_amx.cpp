@@ -160,13 +160,12 @@ void amx_tile_impl(const Weights& w, const Acts& a, const Tile& t, float* out) {
   // The common full tile (16 weight rows, one activation tile) keeps its accumulators in
   // registers: with blocks of 32 the scaling runs once per 32 codes and its loads and stores of
   // acc were most of the kernel's time.
-  constexpr bool full = Full;  // mts == 1 && t.nr == kT (amx_tile)
   alignas(64) uint8_t wbuf[2][2 * kT * 64];
   alignas(64) int32_t cbuf[kT][kT];
   alignas(64) float acc[4][kT][kT];  // [m tile][weight row][activation row]
   // Zeroed only where read before written (8 KB a call was ~4% of the kernel at K = 576).
   if (t.nr < kT) memset(wbuf, 0, sizeof(wbuf));
-  if (!full) memset(acc, 0, sizeof(acc));
+  if (!Full) memset(acc, 0, sizeof(acc));  // Full: mts == 1 && t.nr == kT (amx_tile)
   // The tiles are configured per thread and call (tiles_begin): other code on the caller's thread
   // (oneDNN in torch, for one) may use AMX between calls.
   const __m512i m4 = _mm512_set1_epi8(0x0f);
@@ -341,7 +340,6 @@ void amx_tile_impl(const Weights& w, const Acts& a, const Tile& t, float* out) {
     }
     const __m512 r[kT] = {r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15};
     store_transposed16(r, t.mr, kT, out, kT);
-#undef QL_ROWS16
     return;
   } else {
     for (int mt = 0; mt < mts; ++mt)
@@ -358,6 +356,8 @@ void amx_tile_impl(const Weights& w, const Acts& a, const Tile& t, float* out) {
     store_transposed16(r, t.mr - mt * kT, t.nr, out + mt * kT * t.nr, t.nr);
   }
 }
+
+#undef QL_ROWS16
 
 // The full tile (16 weight rows, one activation tile: a batch-16 decode step's shape) compiled on
 // its own: with one body for both, its 16 accumulators lived in memory (a load and a store around

@@ -397,7 +397,6 @@ struct Vec8 {
   }
   static F zero_below(F x, float t, F e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(t), _CMP_NLT_UQ)); }
   static constexpr int kKeysPerPass = 1;  // 16 registers: four keys' sums for four heads would spill
-  static void sum4(const F*, float*) {}
   static F abs(F x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
   static F round(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static void store_i8(int8_t* p, F x) {

@@ -54,6 +54,15 @@ from quantlab.graph_builder.kv_cache import SCALE_SUFFIX, parse_kv_cache
 from quantlab.graph_builder.rope import rope_inv_freq
 from quantlab.io.spec import ModelSpec
 from quantlab.passes.prune_head_vocab import VOCAB_MAP
+from quantlab.runtime.artifact_linears import (
+    ATTN_FORMS,
+    MLP_FORMS,
+    Linear,
+    embedding_table,
+    fusable_groups,
+    linear_name,
+    place_weights,
+)
 
 # What csrc/decoder_layer.cpp computes, as the spec fields' values: RMSNorm, SwiGLU, full RoPE, full
 # attention scaled by 1/sqrt(head_dim), no softcaps. Any other value keeps the torch path.
@@ -73,98 +82,8 @@ _NATIVE_SPEC = {
     "final_softcap": 0.0,
     "embedding_scale": 1.0,
 }
-# A layer's linears in either form the artifact may hold: fused (passes/fuse_matmul_nbits.py) or not.
-_ATTN_FORMS = {"qkv": ("qkv_proj",), "separate": ("q_proj", "k_proj", "v_proj")}
-_MLP_FORMS = {"gate_up": ("gate_up_proj",), "separate": ("gate_proj", "up_proj")}
 MIN_CACHE_CAPACITY = 256
 KV_CACHE_KINDS = ("f32", "int8")
-
-
-def _np(value: ir.Value) -> np.ndarray:
-    producer = value.producer()
-    if value.const_value is None and producer is not None and producer.op_type == "Reshape":
-        return _np(producer.inputs[0]).reshape(_np(producer.inputs[1]))  # a tied head's view of the shared rows
-    return np.asarray(value.const_value.numpy())
-
-
-def _unpack_rows(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """(rows, bytes) uint8 -> (rows, cols) codes; 4-bit low nibble first."""
-    if bits == 8:
-        return packed[:, :cols]
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
-    return codes[:, :cols]
-
-
-def _dequantize_rows(
-    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, block: int
-) -> np.ndarray:
-    """Row-blocked dequantization: (rows, cols) codes, (rows, n_blocks) scales -> (rows, cols) fp32."""
-    rows, cols = codes.shape
-    n_blocks = scales.shape[1]
-    zp = (
-        np.full((rows, n_blocks), 1 << (bits - 1), np.float32)
-        if zero_points is None
-        else _unpack_rows(zero_points, bits, n_blocks).astype(np.float32)
-    )
-    expand = np.repeat(np.arange(n_blocks), block)[:cols]
-    return ((codes.astype(np.float32) - zp[:, expand]) * scales[:, expand]).astype(np.float32)
-
-
-class _Linear:
-    """y = x W (+ b) for one linear, in whatever form the artifact stores it."""
-
-    def __init__(self, node: ir.Node, torch, threads: int = 0):
-        self.torch = torch
-        self.threads = threads  # for our kernels; 0: every core
-        self.kind = node.op_type
-        if node.op_type == "MatMulNBits":
-            attrs = {k: a.value for k, a in node.attributes.items()}
-            self.K, self.N, self.bits = attrs["K"], attrs["N"], attrs["bits"]
-            self.block, self.level = attrs["block_size"], attrs.get("accuracy_level", 0)
-            self.B = torch.from_numpy(_np(node.inputs[1]).copy())
-            self.scales = torch.from_numpy(_np(node.inputs[2]).astype(np.float32).reshape(self.N, -1).copy())
-            zp = node.inputs[3] if len(node.inputs) > 3 else None
-            self.zp = torch.from_numpy(_np(zp).copy()) if zp is not None else None
-        else:
-            self.W = torch.from_numpy(np.array(_weight_of(node), dtype=np.float32))  # (K, N) fp32, an owned copy
-
-    def __call__(self, x):
-        if self.kind == "MatMulNBits":
-            return kernels.matmul_nbits(
-                x,
-                self.B,
-                self.scales,
-                self.zp,
-                K=self.K,
-                N=self.N,
-                bits=self.bits,
-                block_size=self.block,
-                accuracy_level=self.level,
-                threads=self.threads or None,
-            )
-        return x @ self.W
-
-
-def _weight_of(node: ir.Node) -> np.ndarray:
-    """The (K, N) float weight of a MatMul / DynamicQuantizeMatMul, dequantized when stored as integers."""
-    if node.op_type == "DynamicQuantizeMatMul":
-        return (_np(node.inputs[1]).astype(np.float32) * _np(node.inputs[2])[None, :]).astype(np.float32)
-    w = node.inputs[1]
-    producer = w.producer()
-    if producer is None:
-        return np.ascontiguousarray(_np(w), dtype=np.float32)
-    if producer.op_type == "Cast":  # fp16 storage
-        return np.ascontiguousarray(_np(producer.inputs[0]), dtype=np.float32)
-    if producer.op_type == "Transpose":  # a tied float head: the embedding table (under its fp16 Cast)
-        table = producer.inputs[0]
-        cast = table.producer()
-        return np.ascontiguousarray(_np(cast.inputs[0] if cast is not None else table).T, dtype=np.float32)
-    if producer.op_type == "DequantizeLinear":  # qdq format: (K, N) codes, blocked along K
-        codes, scales, zps = (_np(v) for v in producer.inputs)
-        block = producer.attributes["block_size"].value
-        expand = np.repeat(np.arange(scales.shape[0]), block)[: codes.shape[0]]
-        return ((codes.astype(np.float32) - zps.astype(np.float32)[expand]) * scales[expand]).astype(np.float32)
-    raise ValueError(f"{node.name}: cannot read a weight produced by {producer.op_type}")
 
 
 class TorchDecoder:
@@ -195,16 +114,17 @@ class TorchDecoder:
         if kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
         model = ir.load(self.dir / "model.onnx")
-        self.linears: dict[str, _Linear] = {}
+        self.linears: dict[str, Linear] = {}
         self.vectors: dict[str, torch.Tensor] = {}
         for node in model.graph:
             if node.op_type in ("MatMul", "MatMulNBits", "DynamicQuantizeMatMul"):
-                name = _linear_name(node)
+                name = linear_name(node)
                 if name is not None:
-                    self.linears[name] = _Linear(node, torch, kernel_threads)
+                    self.linears[name] = Linear(node, torch, kernel_threads)
             elif node.op_type in ("Gather", "GatherBlockQuantized") and node.name.startswith("model.embed_tokens"):
-                self.embed = torch.from_numpy(_weight_of_gather(node, s.hidden_size))
-        self._place_weights()
+                self.embed = torch.from_numpy(embedding_table(node, s.hidden_size))
+        # on huge pages in graph order; a plain graph's q/k/v and gate/up as one linear each (place_weights)
+        self.fused = place_weights(self.linears, fusable_groups(self.linears, s.num_layers), torch)
         # a draft's pruned head (passes/prune_head_vocab.py): its n logits go to the kept tokens, -inf elsewhere
         vocab_map = model.graph.initializers.get(VOCAB_MAP)
         self.vocab_map = None if vocab_map is None else torch.from_numpy(np.array(vocab_map.const_value.numpy()))
@@ -229,68 +149,6 @@ class TorchDecoder:
         self._cache_names = [n for names in self._layer_names for n in names]
         self.layers = [self._native_layer(i, kernel_threads) for i in range(s.num_layers)] if self.native else []
 
-    def _fusable(self) -> list[tuple[str, ...]]:
-        """Each layer's separate q/k/v and gate/up projections (the plain graph keeps them apart) that one
-        MatMulNBits call can run: same K, bits, block size and accuracy, zero points in all or none."""
-        groups = []
-        for i in range(self.spec.num_layers):
-            for prefix, form in ((f"model.layers.{i}.self_attn", _ATTN_FORMS), (f"model.layers.{i}.mlp", _MLP_FORMS)):
-                names = tuple(f"{prefix}.{n}" for n in form["separate"])
-                lins = [self.linears.get(n) for n in names]
-                if any(lin is None or lin.kind != "MatMulNBits" for lin in lins):
-                    continue
-                keys = {(lin.K, lin.bits, lin.block, lin.level, lin.zp is None) for lin in lins}
-                if len(keys) == 1:
-                    groups.append(names)
-        return groups
-
-    def _place_weights(self) -> None:
-        """Moves the quantized linears' tensors into one buffer on huge pages, in graph order (the order a
-        decode step reads them): see :func:`quantlab.kernels.pack_weights` for the measured gain.
-
-        A fusable group (:meth:`_fusable`) is placed as one linear, its tensors concatenated along N (q, k, v;
-        gate, up), each projection's tensors views of those: the native layer then runs it as one call
-        (``self.fused``), as it runs the fused graph's qkv_proj / gate_up_proj. Seven calls a layer became four:
-        one activation quantization of the input instead of three and two, and the 192-row k and v
-        projections no longer split 12 tiles over the threads on their own."""
-        torch = self.torch
-        fields = ("B", "scales", "zp")
-        groups = self._fusable()
-        grouped = {name for names in groups for name in names}
-        units: list[tuple[str, ...]] = []  # in graph order: a group where its first projection is
-        first_of = {names[0]: names for names in groups}
-        for name, lin in self.linears.items():
-            if lin.kind == "MatMulNBits" and name not in grouped:
-                units.append((name,))
-            elif name in first_of:
-                units.append(first_of[name])
-        arrays, slots = [], []
-        for names in units:
-            lins = [self.linears[n] for n in names]
-            for f in fields:
-                if getattr(lins[0], f) is None:
-                    continue
-                parts = [getattr(lin, f).numpy() for lin in lins]
-                arrays.append(
-                    parts[0]
-                    if len(parts) == 1
-                    else np.concatenate([a.reshape(lin.N, -1) for a, lin in zip(parts, lins, strict=True)])
-                )
-                slots.append((names, f))
-        placed = kernels.pack_weights(arrays)
-        self.fused: dict[tuple[str, ...], dict] = {}
-        for (names, f), array in zip(slots, placed, strict=True):
-            if len(names) == 1:
-                setattr(self.linears[names[0]], f, torch.from_numpy(array))
-                continue
-            self.fused.setdefault(names, {})[f] = torch.from_numpy(array)
-            row = 0
-            for n in names:
-                lin = self.linears[n]
-                shape = getattr(lin, f).shape
-                setattr(lin, f, torch.from_numpy(array[row : row + lin.N].reshape(shape)))
-                row += lin.N
-
     def _native_unsupported(self) -> str | None:
         """Why the native layers cannot run this artifact, or None when they can."""
         if kernels.backend() == "numpy":
@@ -301,7 +159,7 @@ class TorchDecoder:
         for i in range(self.spec.num_layers):
             p = f"model.layers.{i}"
             names = [f"{p}.self_attn.o_proj", f"{p}.mlp.down_proj"]
-            for group, forms in ((f"{p}.self_attn", _ATTN_FORMS), (f"{p}.mlp", _MLP_FORMS)):
+            for group, forms in ((f"{p}.self_attn", ATTN_FORMS), (f"{p}.mlp", MLP_FORMS)):
                 form = next((f for f in forms.values() if f"{group}.{f[0]}" in self.linears), forms["separate"])
                 names += [f"{group}.{n}" for n in form]
             for name in names:
@@ -333,7 +191,7 @@ class TorchDecoder:
             }
 
         def fused(names: tuple[str, ...], bias_of: tuple[str, ...]) -> dict:
-            """One call for the group :meth:`_place_weights` placed as one linear."""
+            """One call for the group place_weights placed as one linear."""
             tensors = self.fused[names]
             return {
                 **weights(names[0], bias_of),
@@ -344,7 +202,7 @@ class TorchDecoder:
             }
 
         attn, mlp = f"{p}.self_attn", f"{p}.mlp"
-        projections = tuple(f"{attn}.{n}" for n in _ATTN_FORMS["separate"])
+        projections = tuple(f"{attn}.{n}" for n in ATTN_FORMS["separate"])
         if f"{attn}.qkv_proj" in self.linears:
             linears = {"qkv": weights(f"{attn}.qkv_proj", projections)}
         elif projections in self.fused:
@@ -352,7 +210,7 @@ class TorchDecoder:
         else:
             linears = {key: weights(name, (name,)) for key, name in zip("qkv", projections, strict=True)}
         linears["o"] = weights(f"{attn}.o_proj", ())
-        gate_up = tuple(f"{mlp}.{n}" for n in _MLP_FORMS["separate"])
+        gate_up = tuple(f"{mlp}.{n}" for n in MLP_FORMS["separate"])
         if f"{mlp}.gate_up_proj" in self.linears:
             linears["gate_up"] = weights(f"{mlp}.gate_up_proj", ())
         elif gate_up in self.fused:
@@ -610,25 +468,3 @@ class TorchDecoder:
             x = x + self.linears[f"{mlp}.down_proj"](act)
             new_cache[self.past_key_names[i]], new_cache[self.past_value_names[i]] = k, v
         return x, new_cache
-
-
-def _linear_name(node: ir.Node) -> str | None:
-    for suffix in (".MatMulNBits", ".MatMul", ".DynamicQuantizeMatMul"):
-        if node.name and node.name.endswith(suffix):
-            return node.name.removesuffix(suffix)
-    if node.name == "logits":
-        return "lm_head"
-    return None
-
-
-def _weight_of_gather(node: ir.Node, hidden: int) -> np.ndarray:
-    """The (vocab, hidden) fp32 embedding table of a Gather or GatherBlockQuantized."""
-    if node.op_type == "Gather":
-        table = node.inputs[0]
-        producer = table.producer()
-        return np.array(_np(producer.inputs[0] if producer is not None else table), dtype=np.float32)  # a copy
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    bits, block = attrs.get("bits", 4), attrs["block_size"]
-    data, scales = _np(node.inputs[0]), _np(node.inputs[2]).astype(np.float32)
-    zp = _np(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    return _dequantize_rows(_unpack_rows(data, bits, hidden), scales, zp, bits, block)

@@ -103,7 +103,9 @@ def test_plain_graph_projections_run_as_one_call(artifacts, tmp_path, monkeypatc
     q, k, v = (fused.linears[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv")
     qkv_b = fused.fused[tuple(f"model.layers.0.self_attn.{n}_proj" for n in "qkv")]["B"]
     assert q.B.data_ptr() == qkv_b.data_ptr() and v.B.data_ptr() + v.B.nbytes == qkv_b.data_ptr() + qkv_b.nbytes
-    monkeypatch.setattr(TorchDecoder, "_fusable", lambda self: [])
+    import quantlab.runtime.torch_decoder as torch_decoder
+
+    monkeypatch.setattr(torch_decoder, "fusable_groups", lambda linears, num_layers: [])
     separate = TorchDecoder(plain, threads=2)
     assert separate.fused == {}
     ort_dec = OrtDecoder(plain)

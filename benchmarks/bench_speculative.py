@@ -88,7 +88,8 @@ def prompts(n: int) -> list[str]:
 
     pairs = [(task, topic) for task in TASKS for topic in TOPICS]
     np.random.default_rng(0).shuffle(pairs)
-    return [task.format(topic) for task, topic in pairs[:n]]
+    # Past the 630 task x topic pairs the requests come round again: each reply is sampled afresh.
+    return [task.format(topic) for task, topic in (pairs[i % len(pairs)] for i in range(n))]
 
 
 def write_training_text(target: Path, out: Path, n: int, new_tokens: int) -> dict:

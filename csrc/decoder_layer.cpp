@@ -238,8 +238,28 @@ int decoder_layer(const ql_decoder_layer_args* a) {
   return QL_OK;
 }
 
+int decoder_head(const ql_decoder_head_args* a) {
+  if (a == nullptr || a->x == nullptr || a->norm == nullptr || a->logits == nullptr ||
+      a->rows <= 0 || a->hidden <= 0 || a->head.n <= 0 ||
+      !linear_ok(a->head, a->hidden, a->head.n))
+    return QL_ERR_ARGUMENT;
+  thread_local std::vector<float> h;
+  float* y = grow(h, a->rows * a->hidden);
+  for (int64_t r = 0; r < a->rows; ++r)
+    rms_norm(a->x + r * a->hidden, a->norm, a->hidden, a->eps, y + r * a->hidden);
+  return run_linear(a->head, y, a->rows, a->logits, a->path, a->threads);
+}
+
 }  // namespace
 }  // namespace ql
+
+extern "C" QL_API int ql_decoder_head(const ql_decoder_head_args* args) {
+  try {
+    return ql::decoder_head(args);
+  } catch (...) {
+    return QL_ERR_INTERNAL;
+  }
+}
 
 extern "C" QL_API int ql_decoder_layer(const ql_decoder_layer_args* args) {
   try {

@@ -29,7 +29,9 @@ from quantlab.kernels.reference import dequantize_nbits, k_blocks, matmul_nbits_
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DecoderHead",
     "DecoderLayer",
+    "LayerStack",
     "available_paths",
     "backend",
     "build_info",
@@ -445,16 +447,67 @@ class DecoderLayer:
         run_layers([self])
 
 
+class LayerStack:
+    """Decoder layers run in order by one ``ql_decoder_layers`` call (:func:`run_layers`), the pointer array
+    to their arguments built once: a model's decode step runs the same layers every time."""
+
+    def __init__(self, layers: list[DecoderLayer]):
+        self.layers = list(layers)
+        self.args = [layer.args for layer in self.layers]
+        self._refs = (ctypes.POINTER(_native.DecoderLayerArgs) * len(self.layers))(
+            *(layer._ref for layer in self.layers)
+        )
+
+    def __call__(self) -> None:
+        status = _lib.ql_decoder_layers(self._refs, len(self.layers))
+        if status != 0:
+            raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
+
+
+class DecoderHead:
+    """The step's end after the layers in one ``ql_decoder_head`` call: logits = rmsnorm(x) * ``norm``, then
+    the MatMulNBits ``head`` (a dict as :class:`DecoderLayer`'s linears). One native call instead of a torch
+    norm and a :func:`matmul_nbits` call (quantlab_kernels.h says why). The caller keeps the tensors alive."""
+
+    def __init__(self, *, norm: Any, head: dict, hidden: int, eps: float, threads: int | None = None):
+        if _lib is None:
+            raise RuntimeError(f"decoder_head needs the C++ kernels ({_why_not})")
+        if _dtype_name(norm) != "float32" or _size(norm) != hidden or head["K"] != hidden:
+            raise ValueError(f"decoder_head: norm must be {hidden} float32 values and the head's K {hidden}")
+        self.n = head["N"]
+        self.args = _native.DecoderHeadArgs(
+            norm=_ptr(norm),
+            head=_linear_args("head", head),
+            hidden=hidden,
+            eps=eps,
+            path=_native.PATHS["auto"],
+            threads=0 if threads is None else int(threads),
+        )
+        self._keep = [norm, head]
+        self._ref = ctypes.pointer(self.args)
+
+    def __call__(self, x: Any) -> Any:
+        """x: (..., hidden) contiguous float32 CPU torch tensor -> (..., n) logits, a new tensor."""
+        import torch
+
+        if x.dtype != torch.float32 or x.shape[-1] != self.args.hidden or not x.is_contiguous():
+            raise ValueError(f"decoder_head: x must be contiguous float32 (..., {self.args.hidden}), got {x.shape}")
+        y = torch.empty((*x.shape[:-1], self.n))
+        a = self.args
+        a.x, a.logits, a.rows = x.data_ptr(), y.data_ptr(), x.numel() // a.hidden
+        status = _lib.ql_decoder_head(self._ref)
+        if status != 0:
+            raise ValueError(f"decoder_head: core returned {_native.STATUS.get(status, status)}")
+        return y
+
+
 def run_layers(layers: list[DecoderLayer]) -> None:
     """Runs ``layers``, each bound to its step's buffers (:meth:`DecoderLayer.bind`), in order in one
     ``ql_decoder_layers`` call. One call instead of one per layer: between calls the interpreter's data
     has been evicted from the core's caches by the layer's weights, which made the Python between 30
     layer calls cost ~1.3 ms a SmolLM2 decode step against ~0.1 ms with the same code and no kernels
     in between (csrc/include/quantlab_kernels.h)."""
-    refs = (ctypes.POINTER(_native.DecoderLayerArgs) * len(layers))(*(layer._ref for layer in layers))
-    status = _lib.ql_decoder_layers(refs, len(layers))
-    if status != 0:
-        raise ValueError(f"decoder_layer: core returned {_native.STATUS.get(status, status)}")
+    LayerStack(layers)()
 
 
 def _cast_like(t: Any, x: Any) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 LIB_NAME = "_libquantlab_kernels.so"
 CUDA_LIB_NAME = "_libquantlab_cuda.so"
 # Overrides the library location (a build directory's copy, for example).
@@ -122,6 +122,23 @@ class DecoderLayerArgs(ctypes.Structure):
     ]
 
 
+class DecoderHeadArgs(ctypes.Structure):
+    """Mirror of ``ql_decoder_head_args``."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("norm", ctypes.c_void_p),
+        ("head", LinearArgs),
+        ("logits", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("path", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
 CACHE_DTYPES = {"float32": 0, "int8": 1}  # ql_cache_dtype, by the cache tensors' dtype
 
 
@@ -158,6 +175,8 @@ def load_core() -> tuple[ctypes.CDLL | None, str]:
         lib.ql_decoder_layer.restype = ctypes.c_int
         lib.ql_decoder_layers.argtypes = [ctypes.POINTER(ctypes.POINTER(DecoderLayerArgs)), ctypes.c_int32]
         lib.ql_decoder_layers.restype = ctypes.c_int
+        lib.ql_decoder_head.argtypes = [ctypes.POINTER(DecoderHeadArgs)]
+        lib.ql_decoder_head.restype = ctypes.c_int
         lib.ql_gptq_columns.argtypes = [ctypes.POINTER(GPTQColumnsArgs)]
         lib.ql_gptq_columns.restype = ctypes.c_int
         lib.ql_path_available.argtypes = [ctypes.c_int32]

@@ -21,14 +21,17 @@ Native layers: when every linear of the decoder layers is MatMulNBits and the sp
 family (``_NATIVE_SPEC``), each layer is one ``ql_decoder_layer`` call (csrc/decoder_layer.cpp) instead
 of ~20 torch ops and 4-7 ctypes calls, because a small model's decode step is mostly dispatch
 (SmolLM2-135M: 211 linears per token). ``native`` says which path runs, ``native_reason`` why not.
-The cache then lives in preallocated buffers (batch, kv_heads, capacity, head_dim): the dict values
-are the views ``buf[:, :, :length]``, a forward writes the new positions in place after them and
-returns longer views of the same buffer. An old dict stays valid for rewinding (positions below its
-length are never overwritten) and slicing ``t[:, :, :n]`` trims; anything else (a copy, no room
-left) is copied once into a new, larger buffer. A forward's new buffers share one mapping on transparent
-huge pages (:func:`quantlab.kernels.huge_page_arrays`): a batched decode step streams the whole cache from
-DRAM (SmolLM2, batch 16, prompt 128: ~110 MB a step), and on 4 KiB pages each page cost a TLB walk
-(interleaved runs: the layers' time 24.1 -> 22.2 ms a step).
+The cache then lives in preallocated buffers (batch, kv_heads, capacity, head_dim): a forward returns a
+:class:`NativeCache`, a read-only mapping whose values are the views ``buf[:, :, :length]`` (made when
+read), writes the new positions in place after them and returns a longer cache over the same buffers.
+An old cache stays valid for rewinding (positions below its length are never overwritten), and
+``trim_cache`` or slicing ``t[:, :, :n]`` in a dict trims; anything else (a copy, no room left) is copied
+once into a new, larger buffer. The step's ends run natively too: the layers are bound once to the
+step's buffers and the cache's (a decode step only sets ``past``), and the final norm and a MatMulNBits
+head are one ``ql_decoder_head`` call (SmolLM2 w4, context 256: ~0.3 ms of a ~4.8 ms step). A forward's
+new buffers share one mapping on transparent huge pages (:func:`quantlab.kernels.huge_page_arrays`): a
+batched decode step streams the whole cache from DRAM (SmolLM2, batch 16, prompt 128: ~110 MB a step),
+and on 4 KiB pages each page cost a TLB walk (interleaved runs: the layers' time 24.1 -> 22.2 ms a step).
 
 KV cache (``kv_cache``): ``"f32"``, or ``"int8"`` on the native path (the default when the artifact's manifest
 says its cache is an int8 format): each (token, kv head) row of keys and values is stored as symmetric int8
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +88,36 @@ _NATIVE_SPEC = {
 }
 MIN_CACHE_CAPACITY = 256
 KV_CACHE_KINDS = ("f32", "int8")
+
+
+class NativeCache(Mapping):
+    """The cache a native forward returns: name -> the first ``length`` positions of that tensor's
+    preallocated buffer (batch, kv_heads, length[, head_dim]), a view made when first read. A decode step
+    reads none of them (the next forward takes ``buffers`` as they are), so a step makes no views."""
+
+    __slots__ = ("buffers", "length", "owner", "_views")
+
+    def __init__(self, owner: TorchDecoder, buffers: list, length: int):
+        self.owner, self.buffers, self.length = owner, buffers, length
+        self._views: dict = {}
+
+    def fits(self, batch: int, needed: int) -> bool:
+        """Whether the buffers hold ``batch`` sequences and have room for ``needed`` positions."""
+        k = self.buffers[0][0]  # every buffer has the same batch and capacity
+        return k.shape[0] == batch and k.shape[2] >= needed
+
+    def __getitem__(self, name: str):
+        view = self._views.get(name)
+        if view is None:
+            i, j = self.owner._slots[name]
+            view = self._views[name] = self.buffers[i][j][:, :, : self.length]
+        return view
+
+    def __iter__(self):
+        return iter(self.owner._cache_names)
+
+    def __len__(self) -> int:
+        return len(self.owner._cache_names)
 
 
 class TorchDecoder:
@@ -137,7 +171,8 @@ class TorchDecoder:
         self.past_key_names = [f"past_key_values.{i}.key" for i in range(s.num_layers)]
         self.past_value_names = [f"past_key_values.{i}.value" for i in range(s.num_layers)]
         self.cache_allocations = 0  # cache buffers allocated by the native path (tests count them)
-        self._last = None  # (the cache dict the last native forward returned, its views, their buffers)
+        self._step = None  # the native step's (x, cos, sin) buffers, kept while the batch and length stay
+        self._bound = None  # (cache buffers, step buffers) the native layers are bound to
         self.native_reason = self._native_unsupported() if native else "native=False"
         self.native = self.native_reason is None
         self.kv_cache = kv_cache if self.native else "f32"
@@ -148,6 +183,19 @@ class TorchDecoder:
         ]
         self._cache_names = [n for names in self._layer_names for n in names]
         self.layers = [self._native_layer(i, kernel_threads) for i in range(s.num_layers)] if self.native else []
+        self._slots = {n: (i, j) for i, names in enumerate(self._layer_names) for j, n in enumerate(names)}
+        self._stack = kernels.LayerStack(self.layers) if self.native else None
+        self._head = (
+            kernels.DecoderHead(
+                norm=self.vectors["model.norm.weight"],
+                head=self._weights("lm_head", ()),
+                hidden=s.hidden_size,
+                eps=s.rms_norm_eps,
+                threads=kernel_threads,
+            )
+            if self.native and self.linears["lm_head"].kind == "MatMulNBits"
+            else None
+        )  # the final norm and the head in one native call (kernels.DecoderHead)
 
     def _native_unsupported(self) -> str | None:
         """Why the native layers cannot run this artifact, or None when they can."""
@@ -168,27 +216,31 @@ class TorchDecoder:
                     return f"{name} is {'missing' if linear is None else linear.kind}"
         return None
 
+    def _weights(self, name: str, bias_of: tuple[str, ...]) -> dict:
+        """MatMulNBits linear ``name`` as the kernels take it, with the biases of ``bias_of`` concatenated
+        (none unless each has one)."""
+        linear = self.linears[name]
+        biases = [self.vectors.get(f"{b}.bias") for b in bias_of]
+        bias = self.torch.cat(biases).contiguous() if biases and all(b is not None for b in biases) else None
+        return {
+            "B": linear.B,
+            "scales": linear.scales,
+            "zero_points": linear.zp,
+            "bias": bias,
+            "K": linear.K,
+            "N": linear.N,
+            "bits": linear.bits,
+            "block_size": linear.block,
+            "accuracy_level": linear.level,
+        }
+
     def _native_layer(self, i: int, threads: int, path: str = "auto"):
         """Layer ``i`` as a :class:`quantlab.kernels.DecoderLayer` (``path``: the kernels it runs, tests)."""
         from quantlab.kernels import DecoderLayer
 
         s, p = self.spec, f"model.layers.{i}"
 
-        def weights(name: str, bias_of: tuple[str, ...]) -> dict:
-            linear = self.linears[name]
-            biases = [self.vectors.get(f"{b}.bias") for b in bias_of]
-            bias = self.torch.cat(biases).contiguous() if biases and all(b is not None for b in biases) else None
-            return {
-                "B": linear.B,
-                "scales": linear.scales,
-                "zero_points": linear.zp,
-                "bias": bias,
-                "K": linear.K,
-                "N": linear.N,
-                "bits": linear.bits,
-                "block_size": linear.block,
-                "accuracy_level": linear.level,
-            }
+        weights = self._weights
 
         def fused(names: tuple[str, ...], bias_of: tuple[str, ...]) -> dict:
             """One call for the group place_weights placed as one linear."""
@@ -237,6 +289,8 @@ class TorchDecoder:
 
     def trim_cache(self, cache: dict, length: int) -> dict:
         """The first ``length`` positions of ``cache``, as views (no copy; a later forward writes after them)."""
+        if type(cache) is NativeCache and cache.owner is self:
+            return NativeCache(self, cache.buffers, min(length, cache.length))
         return {name: t[:, :, :length] for name, t in cache.items()}
 
     def empty_cache(self, batch: int = 1) -> dict:
@@ -316,26 +370,35 @@ class TorchDecoder:
         with torch.inference_mode():
             ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
             batch, seq = ids.shape
-            past = next(iter(cache.values())).shape[2] if cache else 0
+            past = cache.length if type(cache) is NativeCache else next(iter(cache.values())).shape[2] if cache else 0
             total = past + seq
-            if position_ids is None:
+            if self.native:
+                x, new_cache = self._layers_native(ids, cache, attention_mask, position_ids, past)
+            elif position_ids is None:
                 cos, sin = self._rope_tables(total)
                 cos, sin = cos[past:total].expand(batch, seq, -1), sin[past:total].expand(batch, seq, -1)
             else:
                 pos = torch.as_tensor(np.asarray(position_ids), dtype=torch.long).expand(batch, seq)
                 cos, sin = self._rope_tables(max(total, int(pos.max()) + 1))
                 cos, sin = cos[pos], sin[pos]  # (batch, seq, head_dim / 2)
-            if self.native:
-                x, new_cache = self._layers_native(ids, cache, cos.contiguous(), sin.contiguous(), attention_mask, past)
-            else:
+            if not self.native:
                 x, new_cache = self._layers_torch(ids, cache, cos[:, None], sin[:, None], attention_mask, past)
-            logits = self.linears["lm_head"](self._norm(x, "model.norm.weight"))
+            if self._head is not None:
+                logits = self._head(x)
+            else:
+                logits = self.linears["lm_head"](self._norm(x, "model.norm.weight"))
             if self.vocab_map is not None:  # the graph's Pad (one -inf column) and Gather
                 logits = torch.nn.functional.pad(logits, (0, 1), value=float("-inf"))[..., self.vocab_map]
         return logits.numpy(), new_cache
 
-    def _layers_native(self, ids, cache, cos, sin, attention_mask, past):
-        """The decoder layers as one ql_decoder_layer call each, the cache written in place (module docstring)."""
+    def _layers_native(self, ids, cache, attention_mask, position_ids, past):
+        """The decoder layers as one ql_decoder_layers call, the cache written in place (module docstring).
+
+        A decode step on the cache the last step returned rebinds nothing: the step's embeddings and rotary
+        tables go into buffers kept while the batch and length stay, the layers keep their bindings to those
+        and to the cache buffers, and only ``past`` (and a key mask) is set; the cache returned is a
+        :class:`NativeCache`, whose views are made when read. (~0.3 ms a SmolLM2 step of binding 30 layers
+        and making 60 views, before.)"""
         torch = self.torch
         batch, seq = ids.shape
         total = past + seq
@@ -344,38 +407,43 @@ class TorchDecoder:
             if attention_mask is None
             else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long).contiguous()  # (batch, total)
         )
-        x = self.embed[ids]  # (batch, seq, hidden), a fresh tensor the layers update in place
-        buffers = self._last_buffers(cache, batch, total)
-        if buffers is None:
-            buffers = self._cache_buffers(cache, batch, past, total)
-        code_view = (batch, self.kv_heads, total, self.head_dim)  # (batch, kv_heads, seq, head_dim)
-        views = []
-        for i, (layer, bufs) in enumerate(zip(self.layers, buffers, strict=True)):
-            # the first layer checks the step's buffers; the caches are _cache_buffers' (batch, kv, capacity[, d])
-            k_scale, v_scale = bufs[2:] if len(bufs) == 4 else (None, None)
-            layer.bind(
-                x, bufs[0], bufs[1], cos, sin, key_mask, past=past, k_scale=k_scale, v_scale=v_scale, check=i == 0
+        step = self._step
+        if step is None or step[0].shape[:2] != (batch, seq):
+            half = self.head_dim // 2
+            step = self._step = (
+                torch.empty(batch, seq, self.spec.hidden_size),  # x: the layers update it in place
+                torch.empty(batch, seq, half),  # cos
+                torch.empty(batch, seq, half),  # sin
             )
-            views += (b.as_strided(code_view[: b.dim()], b.stride()) for b in bufs)
-        kernels.run_layers(self.layers)  # one native call for all layers (kernels.run_layers says why)
-        new_cache = dict(zip(self._cache_names, views, strict=True))
-        self._last = (new_cache, views, buffers)
-        return x, new_cache
-
-    def _last_buffers(self, cache, batch: int, needed: int):
-        """The buffers behind the cache the last forward returned when ``cache`` is that very dict, unchanged,
-        with room for ``needed`` positions: the decode loop's case, without _cache_buffer's checks per tensor
-        (~0.2 ms a step for 30 layers). None otherwise."""
-        last = self._last
-        if last is None or cache is not last[0]:
-            return None
-        _, views, buffers = last
-        k_buf = buffers[0][0]  # every buffer has the same batch and capacity
-        if k_buf.shape[0] != batch or k_buf.shape[2] < needed:
-            return None
-        if not all(cache.get(name) is t for name, t in zip(self._cache_names, views, strict=True)):
-            return None
-        return buffers
+        x, cos, sin = step
+        torch.index_select(self.embed, 0, ids.reshape(-1), out=x.view(batch * seq, -1))
+        if position_ids is None:
+            table_cos, table_sin = self._rope_tables(total)
+            cos.copy_(table_cos[past:total])  # broadcast over the batch
+            sin.copy_(table_sin[past:total])
+        else:
+            pos = torch.as_tensor(np.asarray(position_ids), dtype=torch.long).expand(batch, seq).reshape(-1)
+            table_cos, table_sin = self._rope_tables(max(total, int(pos.max()) + 1))
+            torch.index_select(table_cos, 0, pos, out=cos.view(batch * seq, -1))
+            torch.index_select(table_sin, 0, pos, out=sin.view(batch * seq, -1))
+        if type(cache) is NativeCache and cache.owner is self and cache.fits(batch, total):
+            buffers = cache.buffers
+        else:
+            buffers = self._cache_buffers(cache, batch, past, total)
+        if self._bound is None or self._bound[0] is not buffers or self._bound[1] is not step:
+            for i, (layer, bufs) in enumerate(zip(self.layers, buffers, strict=True)):
+                # the first layer checks the step's buffers; the caches are _cache_buffers' (batch, kv, capacity[, d])
+                k_scale, v_scale = bufs[2:] if len(bufs) == 4 else (None, None)
+                layer.bind(
+                    x, bufs[0], bufs[1], cos, sin, key_mask, past=past, k_scale=k_scale, v_scale=v_scale,
+                    check=i == 0,
+                )  # fmt: skip
+            self._bound = (buffers, step)
+        mask_ptr = None if key_mask is None else key_mask.data_ptr()
+        for a in self._stack.args:
+            a.past, a.key_mask = past, mask_ptr
+        self._stack()
+        return x, NativeCache(self, buffers, total)
 
     def _cache_buffers(self, cache, batch: int, past: int, needed: int) -> list:
         """Per layer, the whole buffers (batch, kv_heads, capacity[, head_dim]) behind its cache entries (key,

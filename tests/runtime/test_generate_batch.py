@@ -102,3 +102,44 @@ def test_smollm2_w4_batched_greedy_equals_alone(tmp_path, attention):
     stop = sorted(tok.eos_token_ids)
     batched = generate_batch(decoder, prompts, max_new_tokens=24, stop_ids=stop)
     assert batched == _alone(decoder, prompts, stop_ids=stop, max_new_tokens=24)
+
+
+def _candidates_by_full_sort(logits: np.ndarray, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What the sampler draws from, by the definition: sort everything, take top-k, then the top-p prefix."""
+    z = logits.astype(np.float64) / config.temperature
+    order = np.argsort(-z, kind="stable")
+    order = order[: config.top_k] if config.top_k else order
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if config.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), config.top_p) + 1)
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return order, p
+
+
+@pytest.mark.parametrize("vocab", [40, 5000, 49152])
+def test_candidates_are_the_full_sorts_tokens(vocab):
+    # candidates() sorts only the likeliest tokens (a partition finds them) and falls back to the full
+    # sort where the answer could reach past them: the same ids in the same order whatever the logits
+    # (flat or peaked, with ties, top-k below and above the sorted head), probabilities to rounding.
+    from quantlab.runtime.generate import candidates
+
+    rng = np.random.default_rng(vocab)
+    fallbacks = 0
+    for trial in range(150):
+        logits = (rng.standard_normal(vocab) * rng.choice([0.3, 3.0, 12.0])).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits)  # many ties, at the edge of the sorted head too
+        config = SamplingConfig(
+            greedy=False,
+            temperature=float(rng.choice([0.5, 1.0, 1.7])),
+            top_k=int(rng.choice([0, 0, 7, 1024, 3000])),
+            top_p=float(rng.choice([1.0, 0.5, 0.95, 0.9999])),
+        )
+        ids, p = candidates(logits, config)
+        want_ids, want_p = _candidates_by_full_sort(logits, config)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(p, want_p, rtol=1e-12, atol=1e-15)
+        fallbacks += len(ids) > 1024
+    if vocab == 49152:
+        assert fallbacks > 0  # flat logits at top-p 0.9999: the prefix reaches past the head

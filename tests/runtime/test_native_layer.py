@@ -211,6 +211,52 @@ def test_float_artifacts_keep_the_torch_path(artifacts):
     assert "MatMul" in dec.native_reason
 
 
+@pytest.mark.parametrize("recipe", ["w4a16-g32-asym", "w8a16-g32"])
+def test_decoder_head_is_the_norm_then_the_head(artifacts, recipe):
+    # kernels.DecoderHead (ql_decoder_head): rmsnorm in float32 with the sum of squares in double, as the
+    # layers' norms, then the MatMulNBits head; the same bytes as that norm written out in numpy followed by
+    # kernels.matmul_nbits. The decoder's forward ends with it on the native path.
+    dec = TorchDecoder(artifacts[recipe])
+    assert dec._head is not None
+    s, head = dec.spec, dec.linears["lm_head"]
+    x = np.random.default_rng(3).standard_normal((2, 3, s.hidden_size)).astype(np.float32)
+    w = dec.vectors["model.norm.weight"].numpy()
+    ss = (x.astype(np.float64) ** 2).sum(-1, keepdims=True) / s.hidden_size
+    normed = (x * (np.float32(1) / np.sqrt(ss.astype(np.float32) + np.float32(s.rms_norm_eps)))) * w
+    expected = head(torch.from_numpy(normed.astype(np.float32)))
+    got = dec._head(torch.from_numpy(x))
+    assert got.shape == (2, 3, head.N)
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    with pytest.raises(ValueError, match="decoder_head"):
+        dec._head(torch.from_numpy(x[..., :-1].copy()))
+    with pytest.raises(ValueError, match="decoder_head"):
+        dec._head(torch.from_numpy(x).double())
+
+
+def test_native_cache_is_a_mapping_of_views_made_when_read(artifacts):
+    # The cache a native forward returns maps every cache name, in order, to a view of its buffer's first
+    # `length` positions; a decode step on it makes no view (the next forward takes its buffers), trimming
+    # gives another such cache over the same buffers, and a plain dict of its items is a valid cache too.
+    dec = TorchDecoder(artifacts["w4a16-g32-asym"], kv_cache="int8")
+    logits, cache = dec.forward(np.array([PROMPT]), dec.empty_cache())
+    logits, cache = dec.forward(np.array([[5]]), cache)
+    assert cache._views == {}
+    assert list(cache) == dec._cache_names and len(cache) == 4 * dec.num_layers
+    key, scale = cache[dec.past_key_names[1]], cache[dec.past_key_names[1] + "_scale"]
+    assert key.shape == (1, dec.kv_heads, len(PROMPT) + 1, dec.head_dim) and key.dtype == torch.int8
+    assert scale.shape == (1, dec.kv_heads, len(PROMPT) + 1) and scale.dtype == torch.float32
+    assert key.untyped_storage().data_ptr() == cache.buffers[1][0].untyped_storage().data_ptr()
+    with pytest.raises(KeyError):
+        cache["past_key_values.999.key"]
+    trimmed = dec.trim_cache(cache, 3)
+    assert trimmed.buffers is cache.buffers and trimmed[dec.past_key_names[0]].shape[2] == 3
+    allocated = dec.cache_allocations
+    a, _ = dec.forward(np.array([[9]]), cache)
+    b, _ = dec.forward(np.array([[9]]), dict(cache.items()))  # the same views in a dict: the same buffers
+    np.testing.assert_array_equal(a, b)
+    assert dec.cache_allocations == allocated
+
+
 def test_decoder_layer_rejects_bad_shapes(artifacts):
     dec = TorchDecoder(artifacts["w4a16-g32-asym"])
     layer, s = dec.layers[0], dec.spec

@@ -16,7 +16,10 @@
    draft with its full head, for the comparison;
 5. `quantlab bench TARGET --draft DRAFT --draft-tokens k` on the native runtime (torch-kernels), greedy,
    on the bench's chat prompt ("a robot who learns to paint": no robot and no painting among the training
-   requests) and on --eval-prompts of its own.
+   requests) and on --eval-prompts of its own;
+6. what verification costs: the target's forward over k + 1 new tokens against one (``verify_ms``), and the
+   TPOT ratio a draft that is free and always right would give, verify(k + 1) / (k + 1) / verify(1)
+   (``ceiling_ratio``): no draft does better on this machine.
 
 Everything goes to --work (default out/speculative/) and is reused by a later run unless --fresh;
 the results (rows of each bench, the commands, the machine) go to results/speculative_smollm2.json.
@@ -155,6 +158,30 @@ def step_times(artifacts: dict[str, Path], reps: int = 5, steps: int = 20) -> di
     return {name: round(float(np.median(v)), 2) for name, v in medians.items()}
 
 
+def verify_times(target: Path, widths: list[int], reps: int = 5, steps: int = 20) -> dict[str, float]:
+    """Median ms of the target's forward over ``w`` new tokens after a 128-token prompt on the native runtime,
+    for each width ``w`` (1: a plain decoding step; k + 1: a speculative round's verification), the widths
+    interleaved. Their ratio bounds what any draft can give: with every drafted token accepted and drafting
+    free, a round of k drafted tokens costs verify(k + 1) for k + 1 tokens."""
+    import numpy as np
+
+    from quantlab.runtime.torch_decoder import TorchDecoder
+
+    decoder = TorchDecoder(target, threads=2)
+    cache = decoder.forward(np.arange(100, 228)[None], decoder.empty_cache())[1]
+    medians: dict[int, list[float]] = {w: [] for w in widths}
+    for _ in range(reps):
+        for w in widths:
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                _, grown = decoder.forward(np.full((1, w), 5), cache)
+                times.append(time.perf_counter() - start)
+                del grown  # every step from the same 128 positions
+            medians[w].append(float(np.median(times)) * 1e3)
+    return {str(w): round(float(np.median(v)), 2) for w, v in medians.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "out" / "speculative")
@@ -212,10 +239,15 @@ def main() -> None:
 
     doc["step_ms"] = step_times({"target": target, **drafts})
     log(f"one-token steps (ms): {doc['step_ms']}")
+    ks = [int(k) for k in opts.draft_tokens.split(",")]
+    doc["verify_ms"] = verify_times(target, [1, *(k + 1 for k in ks)])
+    one = doc["verify_ms"]["1"]
+    # the best a draft can do: all k accepted, drafting free -> verify(k + 1) / (k + 1) per token
+    doc["ceiling_ratio"] = {str(k): round(doc["verify_ms"][str(k + 1)] / (k + 1) / one, 3) for k in ks}
+    log(f"target forward over w tokens (ms): {doc['verify_ms']}; free, always-right draft: {doc['ceiling_ratio']}")
 
     prompts_measured = [BenchConfig.__dataclass_fields__["draft_prompt"].default, *EVAL_PROMPTS]
     doc["rows"] = []
-    ks = [int(k) for k in opts.draft_tokens.split(",")]
     for k in ks:
         for name, draft in drafts.items():
             for i, prompt in enumerate(prompts_measured):

@@ -122,6 +122,13 @@ def speculative_bars(doc: dict) -> list[str]:
             f"(bar <= {BAR_SPECULATIVE}: {verdict}); same tokens as plain decoding: {r.get('identical_to_plain')} "
             f"(benchmarks/bench_speculative.py on {cpu})"
         )
+    for k, ratio in doc.get("ceiling_ratio", {}).items():  # the same machine's verification costs
+        verify = doc["verify_ms"]
+        lines.append(
+            f"- speculative decoding's ceiling at k = {k} (every drafted token accepted, drafting free): "
+            f"{ratio:.2f}x plain, the target's forward over {int(k) + 1} tokens taking {verify[str(int(k) + 1)]} ms "
+            f"against {verify['1']} ms for one (benchmarks/bench_speculative.py on {cpu})"
+        )
     return lines
 
 

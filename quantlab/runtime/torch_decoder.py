@@ -28,7 +28,7 @@ An old cache stays valid for rewinding (positions below its length are never ove
 ``trim_cache`` or slicing ``t[:, :, :n]`` in a dict trims; anything else (a copy, no room left) is copied
 once into a new, larger buffer. The step's ends run natively too: the layers are bound once to the
 step's buffers and the cache's (a decode step only sets ``past``), and the final norm and a MatMulNBits
-head are one ``ql_decoder_head`` call (SmolLM2 w4, context 256: ~0.3 ms of a ~4.8 ms step). A forward's
+head are one ``ql_decoder_head`` call (SmolLM2 w4, interleaved runs: 0.15-0.3 ms off a 4-5 ms step). A forward's
 new buffers share one mapping on transparent huge pages (:func:`quantlab.kernels.huge_page_arrays`): a
 batched decode step streams the whole cache from DRAM (SmolLM2, batch 16, prompt 128: ~110 MB a step),
 and on 4 KiB pages each page cost a TLB walk (interleaved runs: the layers' time 24.1 -> 22.2 ms a step).

@@ -92,3 +92,12 @@ def test_speculative_bar_from_bench_speculative_rows(tmp_path):
         "TPOT 0.60x plain (bar <= 0.65: met); same tokens as plain decoding: True (benchmarks/bench_speculative.py "
         "on Some CPU)"
     ]
+    # the verification costs the same run measured: the ratio no draft can beat, one line per k
+    doc |= {"verify_ms": {"1": 4.0, "4": 10.0}, "ceiling_ratio": {"3": 0.625}}
+    (tmp_path / report.SPECULATIVE).write_text(json.dumps(doc))
+    block = report.readme_block(tmp_path, tmp_path)
+    assert [line for line in block.splitlines() if line.startswith("- speculative decoding's ceiling")] == [
+        "- speculative decoding's ceiling at k = 3 (every drafted token accepted, drafting free): 0.62x plain, the "
+        "target's forward over 4 tokens taking 10.0 ms against 4.0 ms for one (benchmarks/bench_speculative.py on "
+        "Some CPU)"
+    ]

@@ -28,9 +28,9 @@ An old cache stays valid for rewinding (positions below its length are never ove
 ``trim_cache`` or slicing ``t[:, :, :n]`` in a dict trims; anything else (a copy, no room left) is copied
 once into a new, larger buffer. The step's ends run natively too: the layers are bound once to the
 step's buffers and the cache's (a decode step only sets ``past``), and the final norm and a MatMulNBits
-head are one ``ql_decoder_head`` call (SmolLM2 w4, interleaved runs: 0.15-0.3 ms off a 4-5 ms step). A forward's
-new buffers share one mapping on transparent huge pages (:func:`quantlab.kernels.huge_page_arrays`): a
-batched decode step streams the whole cache from DRAM (SmolLM2, batch 16, prompt 128: ~110 MB a step),
+head are one ``ql_decoder_head`` call (SmolLM2 w4, interleaved runs: 0.15-0.3 ms off a 4-5 ms step).
+A forward's new buffers share one mapping on transparent huge pages (:func:`quantlab.kernels.huge_page_arrays`):
+a batched decode step streams the whole cache from DRAM (SmolLM2, batch 16, prompt 128: ~110 MB a step),
 and on 4 KiB pages each page cost a TLB walk (interleaved runs: the layers' time 24.1 -> 22.2 ms a step).
 
 KV cache (``kv_cache``): ``"f32"``, or ``"int8"`` on the native path (the default when the artifact's manifest
@@ -370,7 +370,10 @@ class TorchDecoder:
         with torch.inference_mode():
             ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
             batch, seq = ids.shape
-            past = cache.length if type(cache) is NativeCache else next(iter(cache.values())).shape[2] if cache else 0
+            if type(cache) is NativeCache:
+                past = cache.length
+            else:
+                past = next(iter(cache.values())).shape[2] if cache else 0
             total = past + seq
             if self.native:
                 x, new_cache = self._layers_native(ids, cache, attention_mask, position_ids, past)

@@ -412,6 +412,52 @@ void run_case(const Case& c, std::mt19937& rng) {
   }
 }
 
+// ql_decoder_head on every path the CPU has: rmsnorm (the sum of squares in double, the products in
+// float, as the layers' norms) then the MatMulNBits head, bit for bit the norm written out here
+// followed by ql_matmul_nbits on the same path; x is left as it was; bad arguments are refused.
+void test_decoder_head(std::mt19937& rng) {
+  const float eps = 1e-5f;
+  for (const Case& c : {Case{3, 64, 33, 8, 64, true, false, QL_F32, 2},
+                        Case{16, 96, 40, 4, 32, true, false, QL_F32, 2},
+                        Case{1, 64, 7, 4, 32, false, false, QL_F32, 1}}) {
+    Data d = make_data(c, rng);
+    std::normal_distribution<float> normal(1.f, 0.2f);
+    std::vector<float> w(c.k);
+    for (auto& v : w) v = normal(rng);
+    Data normed = d;
+    for (int64_t r = 0; r < c.m; ++r) {
+      const float* x = d.x.data() + r * c.k;
+      double ss = 0.0;
+      for (int64_t i = 0; i < c.k; ++i) ss += static_cast<double>(x[i]) * x[i];
+      const float inv = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(c.k)) + eps);
+      for (int64_t i = 0; i < c.k; ++i) normed.x[r * c.k + i] = x[i] * inv * w[i];
+    }
+    for (int path : {QL_PATH_SCALAR, QL_PATH_AVX2, QL_PATH_AVX_VNNI, QL_PATH_AVX512_VNNI,
+                     QL_PATH_AMX, QL_PATH_NEON, QL_PATH_NEON_DOT}) {
+      if (!ql_path_available(path)) continue;
+      int st = 0;
+      const std::vector<float> want = run(normed, c, path, QL_ACC_INT8, &st);
+      std::vector<float> got(c.m * c.n, -1.f), x_before = d.x;
+      ql_decoder_head_args a{};
+      a.x = d.x.data();
+      a.norm = w.data();
+      a.head = ql_linear{d.b.data(), d.s.data(), c.zp ? d.zp.data() : nullptr, nullptr,
+                         c.k, c.n, c.bits, c.bs, QL_ACC_INT8, 0};
+      a.logits = got.data();
+      a.rows = c.m;
+      a.hidden = c.k;
+      a.eps = eps;
+      a.path = path;
+      a.threads = c.threads;
+      check(st == QL_OK && ql_decoder_head(&a) == QL_OK, "decoder head status " + describe(c, path, 4));
+      check(got == want && d.x == x_before, "decoder head = norm + matmul " + describe(c, path, 4));
+      a.hidden = c.k + 1;  // the head's K is another width
+      check(ql_decoder_head(&a) == QL_ERR_ARGUMENT, "decoder head: hidden != K");
+    }
+  }
+  check(ql_decoder_head(nullptr) == QL_ERR_ARGUMENT, "decoder head: null pointer");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -478,6 +524,7 @@ int main(int argc, char** argv) {
   }
   test_decoder_layer(rng);
   test_quantize_i8(rng);
+  test_decoder_head(rng);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -488,11 +488,9 @@ class DecoderHead:
 
     def __call__(self, x: Any) -> Any:
         """x: (..., hidden) contiguous float32 CPU torch tensor -> (..., n) logits, a new tensor."""
-        import torch
-
-        if x.dtype != torch.float32 or x.shape[-1] != self.args.hidden or not x.is_contiguous():
+        if _dtype_name(x) != "float32" or x.shape[-1] != self.args.hidden or not x.is_contiguous():
             raise ValueError(f"decoder_head: x must be contiguous float32 (..., {self.args.hidden}), got {x.shape}")
-        y = torch.empty((*x.shape[:-1], self.n))
+        y = x.new_empty((*x.shape[:-1], self.n))
         a = self.args
         a.x, a.logits, a.rows = x.data_ptr(), y.data_ptr(), x.numel() // a.hidden
         status = _lib.ql_decoder_head(self._ref)

@@ -189,8 +189,7 @@ def _partial(z: np.ndarray, k: int, top_p: float) -> tuple[np.ndarray, np.ndarra
     zs = z[order]
     edge = zs[-1]
     e = np.exp(zs - zs[0])
-    total = e.sum() if k == head else e.sum() + np.exp(np.delete(z, part) - zs[0]).sum()
-    p = e / total
+    p = e / (e.sum() if k == head else np.exp(z - zs[0]).sum())  # top-k's mass, or the whole vocabulary's
     if top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
         if keep > head or (keep == head and k > head):

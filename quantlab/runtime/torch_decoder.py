@@ -374,17 +374,10 @@ class TorchDecoder:
                 past = cache.length
             else:
                 past = next(iter(cache.values())).shape[2] if cache else 0
-            total = past + seq
+            cos, sin = self._rope_step(batch, seq, past, position_ids)  # (batch, seq, head_dim / 2)
             if self.native:
-                x, new_cache = self._layers_native(ids, cache, attention_mask, position_ids, past)
-            elif position_ids is None:
-                cos, sin = self._rope_tables(total)
-                cos, sin = cos[past:total].expand(batch, seq, -1), sin[past:total].expand(batch, seq, -1)
+                x, new_cache = self._layers_native(ids, cache, cos, sin, attention_mask, past)
             else:
-                pos = torch.as_tensor(np.asarray(position_ids), dtype=torch.long).expand(batch, seq)
-                cos, sin = self._rope_tables(max(total, int(pos.max()) + 1))
-                cos, sin = cos[pos], sin[pos]  # (batch, seq, head_dim / 2)
-            if not self.native:
                 x, new_cache = self._layers_torch(ids, cache, cos[:, None], sin[:, None], attention_mask, past)
             if self._head is not None:
                 logits = self._head(x)
@@ -394,7 +387,16 @@ class TorchDecoder:
                 logits = torch.nn.functional.pad(logits, (0, 1), value=float("-inf"))[..., self.vocab_map]
         return logits.numpy(), new_cache
 
-    def _layers_native(self, ids, cache, attention_mask, position_ids, past):
+    def _rope_step(self, batch: int, seq: int, past: int, position_ids):
+        """cos and sin of the step's positions (batch, seq, head_dim / 2): ``past`` on, or ``position_ids``."""
+        if position_ids is None:
+            cos, sin = self._rope_tables(past + seq)
+            return cos[past : past + seq].expand(batch, seq, -1), sin[past : past + seq].expand(batch, seq, -1)
+        pos = self.torch.as_tensor(np.asarray(position_ids), dtype=self.torch.long).expand(batch, seq)
+        cos, sin = self._rope_tables(max(past + seq, int(pos.max()) + 1))
+        return cos[pos], sin[pos]
+
+    def _layers_native(self, ids, cache, cos, sin, attention_mask, past):
         """The decoder layers as one ql_decoder_layers call, the cache written in place (module docstring).
 
         A decode step on the cache the last step returned rebinds nothing: the step's embeddings and rotary
@@ -418,17 +420,11 @@ class TorchDecoder:
                 torch.empty(batch, seq, half),  # cos
                 torch.empty(batch, seq, half),  # sin
             )
-        x, cos, sin = step
+        x, step_cos, step_sin = step
         torch.index_select(self.embed, 0, ids.reshape(-1), out=x.view(batch * seq, -1))
-        if position_ids is None:
-            table_cos, table_sin = self._rope_tables(total)
-            cos.copy_(table_cos[past:total])  # broadcast over the batch
-            sin.copy_(table_sin[past:total])
-        else:
-            pos = torch.as_tensor(np.asarray(position_ids), dtype=torch.long).expand(batch, seq).reshape(-1)
-            table_cos, table_sin = self._rope_tables(max(total, int(pos.max()) + 1))
-            torch.index_select(table_cos, 0, pos, out=cos.view(batch * seq, -1))
-            torch.index_select(table_sin, 0, pos, out=sin.view(batch * seq, -1))
+        step_cos.copy_(cos)
+        step_sin.copy_(sin)
+        cos, sin = step_cos, step_sin
         if type(cache) is NativeCache and cache.owner is self and cache.fits(batch, total):
             buffers = cache.buffers
         else:

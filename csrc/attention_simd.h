@@ -9,7 +9,8 @@
 //   F ldexp(F y, F n) = y * 2^n for integral n; F zero_below(F x, float t, F e) = x < t ? 0 : e;
 //   F abs(F); F round(F) to the nearest integer, ties to even (nearbyint's default mode);
 //   void store_i8(int8_t*, F) (kWidth integral values within +-127);
-//   int kKeysPerPass: 1, or 4 with void sum4(const F* a, float* out) (out[i] = a[i]'s lanes summed).
+//   int kKeysPerPass: 1, or 4 with void sum4(const F* a, float* out) (out[i] = a[i]'s lanes summed);
+//   double sum_squares(const float* x, int64_t n) (the sum of x[i]^2 in double).
 // No library templates here (matmul_internal.h: ISA objects must not define weak symbols).
 #ifndef QUANTLAB_ATTENTION_SIMD_H_
 #define QUANTLAB_ATTENTION_SIMD_H_
@@ -232,6 +233,35 @@ float quantize_i8(const float* x, int64_t n, int8_t* q) {
   return scale;
 }
 
+// y = x / sqrt(mean(x^2) + eps) * w (y may be x): the decoder layer's rms_norm (decoder_layer.cpp)
+// on vectors. The sum of squares in double (V::sum_squares) gives the same float as the baseline's
+// order except within ~1e-16 of a float rounding boundary; the products are the same two roundings.
+template <class V>
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  const double ss = V::sum_squares(x, n);
+  const float inv = 1.f / __builtin_sqrtf(static_cast<float>(ss / static_cast<double>(n)) + eps);
+  const typename V::F vi = V::set1(inv);
+  int64_t i = 0;
+  for (; i + V::kWidth <= n; i += V::kWidth) V::store(y + i, V::mul(V::mul(V::load(x + i), vi), V::load(w + i)));
+  for (; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// Rotates one head in place (halves x[0, hd/2) and x[hd/2, hd), the non-interleaved layout) by the
+// angles of cos / sin (hd / 2 each): x1 c - x2 s and x2 c + x1 s, as decoder_layer.cpp's rope.
+// Returns false where hd / 2 is not a multiple of the vector width (the caller's loop runs).
+template <class V>
+bool rope_half(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  if (half % V::kWidth != 0) return false;
+  for (int64_t i = 0; i < half; i += V::kWidth) {
+    const typename V::F x1 = V::load(x + i), x2 = V::load(x + half + i);
+    const typename V::F c = V::load(cos + i), s = V::load(sin + i);
+    V::store(x + i, V::sub(V::mul(x1, c), V::mul(x2, s)));
+    V::store(x + half + i, V::add(V::mul(x2, c), V::mul(x1, s)));
+  }
+  return true;
+}
+
 template <class V>
 void scores_f32(const float* q, int g, int64_t hd, const float* k, const float* ks, int64_t n,
                 float scale, float* s, int64_t lds, const float* v) {
@@ -257,7 +287,8 @@ void weighted_i8(const float* p, int64_t ldp, int g, const int8_t* v, int64_t n,
 template <class V>
 constexpr AttentionKernels attention_kernels() {
   return {V::kWidth,       scores_f32<V>,          scores_i8<V>, weighted_f32<V>,
-          weighted_i8<V>, softmax_numerators<V>, swiglu<V>,    quantize_i8<V>};
+          weighted_i8<V>, softmax_numerators<V>, swiglu<V>,    quantize_i8<V>,
+          rms_norm<V>,    rope_half<V>};
 }
 
 #endif  // QUANTLAB_ATTENTION_SIMD_H_

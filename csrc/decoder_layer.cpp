@@ -29,20 +29,38 @@ using decoder::grow;
 using decoder::LayerScratch;
 using decoder::Qkv;
 
-// Below this many elements of per-row work (rows x row length) it runs on the calling thread.
-constexpr int64_t kParallelRowWork = 4096;
+// Below this many nanoseconds of per-row work (rows x a row's estimated cost) it runs on the calling
+// thread: handing rows to the pool costs ~2-4 us (the hand-over, and the rows' cache lines moving
+// to the other core and back). Measured at batch 16, SmolLM2, 2 threads, serial vs pool: the two
+// norms (~0.1 us a row of 576) 1.6 vs 5.2 us, rotary + cache rows (~0.5 us a row) 7.7 vs 8.2 us,
+// SwiGLU (~0.8 us a row of 1536) 13.0 vs 8.8 us.
+constexpr int64_t kParallelRowNs = 8000;
 
-// y = x / sqrt(mean(x^2) + eps) * w over n elements (y may be x).
-void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  double ss = 0.0;  // double: the sum of squares of 2048 values without a rounding drift
-  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+// y = x / sqrt(mean(x^2) + eps) * w over n elements (y may be x). The sum of squares is in double
+// (2048 values without a rounding drift; each square is exact in double), in 8 independent partial
+// sums (one chain of n dependent adds was ~0.5 us a row of 576); the path's vector code
+// (AttentionKernels::rms_norm) where it has one. The float result is the same for any order of the
+// double sum except within ~1e-16 of a float rounding boundary.
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y,
+              const AttentionKernels* ak) {
+  if (ak != nullptr) return ak->rms_norm(x, w, n, eps, y);
+  double part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += static_cast<double>(x[i + j]) * x[i + j];
+  double ss = 0.0;
+  for (; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  for (int j = 0; j < 8; ++j) ss += part[j];
   const float inv = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+  for (i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
-// Rotates one head in place by the angles of cos/sin (head_dim / 2 each).
-void rope(float* x, const float* cos, const float* sin, int64_t head_dim, bool interleaved) {
+// Rotates one head in place by the angles of cos/sin (head_dim / 2 each); the non-interleaved
+// layout on the path's vectors where it has them (the same products and sums per element).
+void rope(float* x, const float* cos, const float* sin, int64_t head_dim, bool interleaved,
+          const AttentionKernels* ak) {
   const int64_t half = head_dim / 2;
+  if (!interleaved && ak != nullptr && ak->rope_half(x, cos, sin, head_dim)) return;
   if (interleaved) {
     for (int64_t i = 0; i < half; ++i) {
       const float x1 = x[2 * i], x2 = x[2 * i + 1];
@@ -166,11 +184,10 @@ int decoder_layer(const ql_decoder_layer_args* a) {
 
   const AttentionKernels* ak = decoder::vector_kernels(a);
   // The per-row work between the linears (norms, rotary embedding and cache stores, SwiGLU,
-  // residuals) runs on the pool too: at batch 16 the other thread spun idle through it (perf: the
-  // pool's wait loop was ~10% of a decode step's samples). Each row's results are the same whichever
-  // thread computes it.
-  auto per_row = [&](int64_t work_per_row, auto&& fn) {
-    if (threads <= 1 || rows < 2 || rows * work_per_row < kParallelRowWork) {
+  // residuals) runs on the pool where there is enough of it (kParallelRowNs; ns_per_row: an estimate
+  // from the row's length). Each row's results are the same whichever thread computes it.
+  auto per_row = [&](int64_t ns_per_row, auto&& fn) {
+    if (threads <= 1 || rows < 2 || rows * ns_per_row < kParallelRowNs) {
       for (int64_t r = 0; r < rows; ++r) fn(r);
       return;
     }
@@ -180,8 +197,8 @@ int decoder_layer(const ql_decoder_layer_args* a) {
     });
   };
 
-  per_row(hidden, [&](int64_t r) {
-    rms_norm(a->x + r * hidden, a->input_norm, hidden, a->eps, h + r * hidden);
+  per_row(hidden / 6, [&](int64_t r) {
+    rms_norm(a->x + r * hidden, a->input_norm, hidden, a->eps, h + r * hidden, ak);
   });
   Qkv p;
   if (a->qkv.b != nullptr) {
@@ -195,34 +212,34 @@ int decoder_layer(const ql_decoder_layer_args* a) {
     if ((status = run_linear(a->v, h, rows, p.v, a->path, threads)) != QL_OK) return status;
   }
 
-  per_row(nq + 2 * nkv, [&](int64_t r) {
+  per_row((nq + 2 * nkv) / 2, [&](int64_t r) {
     const int64_t b = r / a->seq, pos = a->past + r % a->seq;
     const float *cos = a->cos + r * half, *sin = a->sin + r * half;
     for (int64_t i = 0; i < a->heads; ++i) {
       float* q = p.q + r * p.ldq + i * hd;
-      if (a->q_norm != nullptr) rms_norm(q, a->q_norm, hd, a->eps, q);
-      rope(q, cos, sin, hd, a->rope_interleaved != 0);
+      if (a->q_norm != nullptr) rms_norm(q, a->q_norm, hd, a->eps, q, ak);
+      rope(q, cos, sin, hd, a->rope_interleaved != 0, ak);
     }
     for (int64_t i = 0; i < a->kv_heads; ++i) {
       float* k = p.k + r * p.ldkv + i * hd;
-      if (a->k_norm != nullptr) rms_norm(k, a->k_norm, hd, a->eps, k);
-      rope(k, cos, sin, hd, a->rope_interleaved != 0);
+      if (a->k_norm != nullptr) rms_norm(k, a->k_norm, hd, a->eps, k, ak);
+      rope(k, cos, sin, hd, a->rope_interleaved != 0, ak);
       store_kv(a, b, i, pos, k, p.v + r * p.ldkv + i * hd, ak);
     }
   });
   decoder::attention(a, p, ctx, threads);
   if ((status = run_linear(a->o, ctx, rows, proj, a->path, threads)) != QL_OK) return status;
-  per_row(hidden, [&](int64_t r) {
+  per_row(hidden / 5, [&](int64_t r) {
     float* x = a->x + r * hidden;
     const float* o = proj + r * hidden;
     for (int64_t e = 0; e < hidden; ++e) x[e] += o[e];
-    rms_norm(x, a->post_norm, hidden, a->eps, h + r * hidden);
+    rms_norm(x, a->post_norm, hidden, a->eps, h + r * hidden, ak);
   });
   float* act = grow(sc.act, rows * ff);
   if (a->gate_up.b != nullptr) {
     float* y = grow(sc.ff, rows * 2 * ff);  // (rows, [gate | up])
     if ((status = run_linear(a->gate_up, h, rows, y, a->path, threads)) != QL_OK) return status;
-    per_row(ff, [&](int64_t r) {
+    per_row(ff / 2, [&](int64_t r) {
       const float *g = y + r * 2 * ff, *u = g + ff;
       swiglu(g, u, ff, act + r * ff, ak);
     });
@@ -231,7 +248,7 @@ int decoder_layer(const ql_decoder_layer_args* a) {
     float* u = g + rows * ff;
     if ((status = run_linear(a->gate, h, rows, g, a->path, threads)) != QL_OK) return status;
     if ((status = run_linear(a->up, h, rows, u, a->path, threads)) != QL_OK) return status;
-    per_row(ff, [&](int64_t r) { swiglu(g + r * ff, u + r * ff, ff, act + r * ff, ak); });
+    per_row(ff / 2, [&](int64_t r) { swiglu(g + r * ff, u + r * ff, ff, act + r * ff, ak); });
   }
   if ((status = run_linear(a->down, act, rows, proj, a->path, threads)) != QL_OK) return status;
   for (int64_t e = 0; e < rows * hidden; ++e) a->x[e] += proj[e];
@@ -245,8 +262,10 @@ int decoder_head(const ql_decoder_head_args* a) {
     return QL_ERR_ARGUMENT;
   thread_local std::vector<float> h;
   float* y = grow(h, a->rows * a->hidden);
+  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
+  const AttentionKernels* ak = k != nullptr ? k->attention : nullptr;  // the layers' norm
   for (int64_t r = 0; r < a->rows; ++r)
-    rms_norm(a->x + r * a->hidden, a->norm, a->hidden, a->eps, y + r * a->hidden);
+    rms_norm(a->x + r * a->hidden, a->norm, a->hidden, a->eps, y + r * a->hidden, ak);
   return run_linear(a->head, y, a->rows, a->logits, a->path, a->threads);
 }
 

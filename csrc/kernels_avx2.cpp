@@ -398,6 +398,21 @@ struct Vec8 {
   static F zero_below(F x, float t, F e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, set1(t), _CMP_NLT_UQ)); }
   static constexpr int kKeysPerPass = 1;  // 16 registers: four keys' sums for four heads would spill
   static F abs(F x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+  // sum x[i]^2 over n in double (each square exact), 8 at a time into two accumulators.
+  static double sum_squares(const float* x, int64_t n) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256d lo = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), hi = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4));
+      a0 = _mm256_fmadd_pd(lo, lo, a0);
+      a1 = _mm256_fmadd_pd(hi, hi, a1);
+    }
+    const __m256d a = _mm256_add_pd(a0, a1);
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    double ss = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+    for (; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+    return ss;
+  }
   static F round(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static void store_i8(int8_t* p, F x) {
     const __m256i i = _mm256_cvtps_epi32(x);

@@ -92,6 +92,11 @@ struct AttentionKernels {
   // An int8 cache row: q[i] = round(x[i] / s) clamped to +-127 with s = max_i |x[i]| / 127 (0 where
   // s is 0), returns s; bit for bit the decoder layer's scalar quantize_row (decoder_layer.cpp).
   float (*quantize_i8)(const float* x, int64_t n, int8_t* q);
+  // The decoder layer's rms_norm (y = x / sqrt(mean(x^2) + eps) * w, the sum of squares in double)
+  // and its non-interleaved rotary embedding of one head in place (false: hd / 2 is not a multiple
+  // of the vector width, the caller's loop runs instead).
+  void (*rms_norm)(const float* x, const float* w, int64_t n, float eps, float* y);
+  bool (*rope_half)(float* x, const float* cos, const float* sin, int64_t hd);
 };
 
 struct PathKernels {

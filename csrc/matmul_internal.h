@@ -7,6 +7,8 @@
 
 #include <vector>
 
+struct ql_matmul_nbits_args;  // quantlab_kernels.h
+
 namespace ql {
 
 // The weights of one call, in onnxruntime's MatMulNBits layout (see quantlab_kernels.h).
@@ -128,6 +130,21 @@ struct PathKernels {
 inline int code_offset(int bits, int accuracy_int8) {
   return (bits == 8 && accuracy_int8) ? 128 : 0;
 }
+
+// ql_matmul_nbits over a [gate | up] weight (n = 2 * ff rows, the decoder layer's fused gate and up
+// projections) that writes act (m, ff) = silu(gate) * up to y instead of the (m, 2 ff) products:
+// each tile computes gate rows [n0, n0 + nr) and up rows [ff + n0, ff + n0 + nr) for the same rows
+// of A and applies fn to each row's nr pairs (bias added first). fn must give each element the
+// same value wherever it lies in a call (the layer's SwiGLU does), so the result is bit for bit
+// the products followed by fn over whole rows where ff is a multiple of the path's tile width (then
+// every weight row sits at the same place of its tile as in the plain call; the 8-bit AVX-512
+// kernel's zero-point sum, for one, may round differently at another place). f32 activations only.
+struct SwigluEpilogue {
+  int64_t ff;
+  void (*fn)(const float* gate, const float* up, int64_t n, float* act, const void* ctx);
+  const void* ctx;
+};
+int matmul_nbits_swiglu(const ql_matmul_nbits_args* args, const SwigluEpilogue& ep);
 
 // A path's kernels only where the CPU has every feature the path is compiled with (cpu_features.h),
 // else nullptr. A path that hands work to another path must look it up here: calling another path's

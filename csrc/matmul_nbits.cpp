@@ -239,9 +239,13 @@ const PathKernels* neon_dot_kernels() {
 }
 #endif
 
-int matmul_nbits(const ql_matmul_nbits_args* args) {
+namespace {
+
+int matmul_nbits_impl(const ql_matmul_nbits_args* args, const SwigluEpilogue* ep) {
   int status = validate(args);
   if (status != QL_OK) return status;
+  if (ep != nullptr && (args->dtype != QL_F32 || ep->fn == nullptr || ep->ff <= 0 || args->n != 2 * ep->ff))
+    return QL_ERR_ARGUMENT;
   const int path = args->path == QL_PATH_AUTO ? best_path() : args->path;
   const PathKernels* kern = kernels_for(path);
   if (kern == nullptr) return QL_ERR_UNSUPPORTED;
@@ -342,7 +346,8 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
   const int mr_max = M == 1 ? 1 : kern->mr_max;
   const int nr_max = M == 1 ? kern->nr_decode : kern->nr_prefill;
   const TileFn tile_fn = int8 || float_rows ? kern->int8_tile : kern->fp32_tile;
-  const int64_t n_tiles = (N + nr_max - 1) / nr_max;
+  const int64_t n_cols = ep != nullptr ? ep->ff : N;  // output columns: act's with the epilogue
+  const int64_t n_tiles = (n_cols + nr_max - 1) / nr_max;
   threads = static_cast<int>(std::min<int64_t>(threads, n_tiles));
   const int64_t zp_row_bytes = bits == 4 ? (kb + 1) / 2 : kb;
 
@@ -357,7 +362,8 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
   struct alignas(64) Counter {
     std::atomic<int64_t> v{0};
   } next_tile;
-  const int64_t min_run = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, nr_max * w.row_bytes));
+  const int64_t tile_bytes = (ep != nullptr ? 2 : 1) * nr_max * w.row_bytes;
+  const int64_t min_run = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, tile_bytes));
   auto claim = [&](int64_t& t0, int64_t& t1) {
     int64_t cur = next_tile.v.load(std::memory_order_relaxed);
     for (;;) {
@@ -374,7 +380,7 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
     std::vector<float> s_buf(a_is_f32 ? 0 : nr_max * kb);
     const float* srows[kMaxNr];
     const uint8_t* zrows[kMaxNr];
-    float out[kMaxMr * kMaxNr];
+    float out[kMaxMr * kMaxNr], out_up[kMaxMr * kMaxNr];  // out_up: the epilogue's up rows
     Tile tile;
     tile.scales = srows;
     tile.zeros = zrows;
@@ -385,19 +391,42 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
       if (!begun && kern->tiles_begin != nullptr) kern->tiles_begin(w, acts);
       begun = true;
       for (int64_t t = t0; t < t1; ++t) {
-        tile.n0 = t * nr_max;
-        tile.nr = static_cast<int>(std::min<int64_t>(nr_max, N - tile.n0));
-        for (int j = 0; j < tile.nr; ++j) {
-          const int64_t n = tile.n0 + j;
-          if (a_is_f32) {
-            srows[j] = static_cast<const float*>(args->scales) + n * kb;
-          } else {
-            float* s = s_buf.data() + j * kb;
-            to_f32(args->scales, n * kb, kb, s);
-            srows[j] = s;
+        const int64_t col0 = t * nr_max;  // first output column
+        tile.nr = static_cast<int>(std::min<int64_t>(nr_max, n_cols - col0));
+        // Weight rows from n0 (the up rows of the epilogue's pairs: ff + col0).
+        auto set_rows = [&](int64_t n0) {
+          tile.n0 = n0;
+          for (int j = 0; j < tile.nr; ++j) {
+            const int64_t n = n0 + j;
+            if (a_is_f32) {
+              srows[j] = static_cast<const float*>(args->scales) + n * kb;
+            } else {
+              float* s = s_buf.data() + j * kb;
+              to_f32(args->scales, n * kb, kb, s);
+              srows[j] = s;
+            }
+            zrows[j] = args->zero_points ? args->zero_points + n * zp_row_bytes : nullptr;
           }
-          zrows[j] = args->zero_points ? args->zero_points + n * zp_row_bytes : nullptr;
+        };
+        if (ep != nullptr) {
+          const float* bias = static_cast<const float*>(args->bias);
+          for (tile.m0 = 0; tile.m0 < M; tile.m0 += mr_max) {
+            tile.mr = static_cast<int>(std::min<int64_t>(mr_max, M - tile.m0));
+            set_rows(col0);
+            tile_fn(w, acts, tile, out);
+            set_rows(ep->ff + col0);
+            tile_fn(w, acts, tile, out_up);
+            for (int i = 0; i < tile.mr; ++i) {
+              float* g = out + i * tile.nr;
+              float* u = out_up + i * tile.nr;
+              if (bias != nullptr)
+                for (int j = 0; j < tile.nr; ++j) g[j] += bias[col0 + j], u[j] += bias[ep->ff + col0 + j];
+              ep->fn(g, u, tile.nr, static_cast<float*>(args->y) + (tile.m0 + i) * ep->ff + col0, ep->ctx);
+            }
+          }
+          continue;
         }
+        set_rows(col0);
         for (tile.m0 = 0; tile.m0 < M; tile.m0 += mr_max) {
           tile.mr = static_cast<int>(std::min<int64_t>(mr_max, M - tile.m0));
           tile_fn(w, acts, tile, out);
@@ -429,6 +458,20 @@ int matmul_nbits(const ql_matmul_nbits_args* args) {
   };
   ThreadPool::global().run(threads, work);
   return QL_OK;
+}
+
+}  // namespace
+
+int matmul_nbits(const ql_matmul_nbits_args* args) {
+  return matmul_nbits_impl(args, nullptr);
+}
+
+int matmul_nbits_swiglu(const ql_matmul_nbits_args* args, const SwigluEpilogue& ep) {
+  try {
+    return matmul_nbits_impl(args, &ep);
+  } catch (...) {
+    return QL_ERR_INTERNAL;
+  }
 }
 
 std::string build_info() {

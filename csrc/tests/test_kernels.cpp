@@ -458,6 +458,63 @@ void test_decoder_head(std::mt19937& rng) {
   check(ql_decoder_head(nullptr) == QL_ERR_ARGUMENT, "decoder head: null pointer");
 }
 
+// matmul_nbits_swiglu (the decoder layer's fused gate / up linear) on every path the CPU has: bit
+// for bit ql_matmul_nbits over the [gate | up] rows on the same path followed by the epilogue's
+// function over whole rows (the path's SwiGLU, lane-wise, where it has one; else a plain loop),
+// for decode (M = 1), AMX (8..16 and 20 rows), bias and zero points, ff a multiple of the tile
+// widths (matmul_internal.h); wrong shapes and non-f32 activations refused.
+void plain_swiglu(const float* g, const float* u, int64_t n, float* act, const void*) {
+  for (int64_t e = 0; e < n; ++e) act[e] = g[e] / (1.f + std::exp(-g[e])) * u[e];
+}
+void path_swiglu(const float* g, const float* u, int64_t n, float* act, const void* ctx) {
+  static_cast<const ql::AttentionKernels*>(ctx)->swiglu(g, u, n, act);
+}
+
+void test_matmul_swiglu(std::mt19937& rng) {
+  for (const Case& c : {Case{1, 576, 2 * 40, 4, 32, true, false, QL_F32, 2},
+                        Case{16, 576, 2 * 48, 4, 128, true, false, QL_F32, 2},
+                        Case{16, 576, 2 * 32, 4, 32, false, true, QL_F32, 2},
+                        Case{20, 320, 2 * 22, 8, 64, true, true, QL_F32, 3},
+                        Case{3, 1000, 2 * 16, 4, 64, true, false, QL_F32, 1}}) {
+    const Data d = make_data(c, rng);
+    const int64_t ff = c.n / 2;
+    for (int path : {QL_PATH_SCALAR, QL_PATH_AVX2, QL_PATH_AVX_VNNI, QL_PATH_AVX512_VNNI,
+                     QL_PATH_AMX, QL_PATH_NEON, QL_PATH_NEON_DOT}) {
+      if (!ql_path_available(path)) continue;
+      const ql::PathKernels* k = ql::supported_kernels(path);
+      const ql::AttentionKernels* ak = k != nullptr ? k->attention : nullptr;
+      const ql::SwigluEpilogue ep = {ff, ak != nullptr ? path_swiglu : plain_swiglu, ak};
+      int st = 0;
+      const std::vector<float> y = run(d, c, path, QL_ACC_INT8, &st);
+      std::vector<float> want(c.m * ff), got(c.m * ff, -1.f);
+      for (int64_t r = 0; r < c.m; ++r) ep.fn(&y[r * c.n], &y[r * c.n + ff], ff, &want[r * ff], ak);
+      ql_matmul_nbits_args a{};
+      a.a = d.x.data();
+      a.b = d.b.data();
+      a.scales = d.s.data();
+      a.zero_points = c.zp ? d.zp.data() : nullptr;
+      a.bias = c.bias ? d.bias.data() : nullptr;
+      a.y = got.data();
+      a.m = c.m;
+      a.k = c.k;
+      a.n = c.n;
+      a.bits = c.bits;
+      a.block_size = c.bs;
+      a.dtype = QL_F32;
+      a.accuracy = QL_ACC_INT8;
+      a.path = path;
+      a.threads = c.threads;
+      const int fused = ql::matmul_nbits_swiglu(&a, ep);
+      check(st == QL_OK && fused == QL_OK && got == want, "swiglu epilogue = products + swiglu " + describe(c, path, 4));
+      ql::SwigluEpilogue bad = ep;
+      bad.ff = ff + 1;
+      check(ql::matmul_nbits_swiglu(&a, bad) == QL_ERR_ARGUMENT, "swiglu epilogue: n != 2 ff");
+      a.dtype = QL_F16;
+      check(ql::matmul_nbits_swiglu(&a, ep) == QL_ERR_ARGUMENT, "swiglu epilogue: f16 refused");
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -525,6 +582,7 @@ int main(int argc, char** argv) {
   test_decoder_layer(rng);
   test_quantize_i8(rng);
   test_decoder_head(rng);
+  test_matmul_swiglu(rng);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

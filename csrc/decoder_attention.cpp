@@ -284,15 +284,45 @@ bool merge_chunks(const ql_decoder_layer_args* a, const float* parts, int64_t ch
 // Cache positions per attend_chunk task at least: below this the merge costs more than it saves.
 constexpr int64_t kMinChunk = 256;
 
-// A decode step's attention as attend_chunk tasks when the (batch row, kv head) pairs are too few
-// to keep `threads` busy and the cache is long enough; false: not split (the caller goes on).
+// The attention kernels of the layer's matmul path where it has them for this head size, else
+// nullptr (the baseline loops).
+const AttentionKernels* attention_kernels(const ql_decoder_layer_args* a) {
+  const AttentionKernels* ak = vector_kernels(a);
+  return ak != nullptr && a->head_dim % ak->hd_multiple == 0 ? ak : nullptr;
+}
+
+// How a call is split. A decode step goes along the cache (decode_split: chunks >= 2) when the
+// (batch row, kv head) pairs are too few to keep `threads` busy and the cache is long enough;
+// otherwise into tasks (block of query rows, group, part) (attention_t).
+struct Plan {
+  int64_t chunks = 0;  // >= 2: decode_split
+  int64_t blocks = 1, groups = 1, parts = 1;
+  bool serial = true;
+};
+Plan plan(const ql_decoder_layer_args* a, int threads) {
+  Plan pl;
+  const int64_t group = a->heads / a->kv_heads, pairs = a->batch * a->kv_heads;
+  if (attention_kernels(a) != nullptr && a->seq == 1 && threads > 1 && group <= kMaxHeadsPerGroup) {
+    const int64_t chunks = std::min((2 * threads + pairs - 1) / pairs, (a->past + 1) / kMinChunk);
+    if (chunks >= 2) {
+      pl.chunks = chunks;
+      return pl;
+    }
+  }
+  pl.blocks = (a->seq + kRowsPerTask - 1) / kRowsPerTask;
+  pl.groups = pairs;
+  const int64_t work = a->batch * a->heads * a->seq * (a->past + a->seq) * a->head_dim;
+  pl.serial = threads <= 1 || work < kParallelAttentionWork;
+  pl.parts = pl.serial ? 1 : std::min(group, (2 * threads + pl.groups * pl.blocks - 1) / (pl.groups * pl.blocks));
+  return pl;
+}
+
+// A decode step's attention as attend_chunk tasks over `chunks` stretches of the cache per pair.
 template <typename T>
-bool decode_split(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,
-                  const AttentionKernels* ak, T) {
+void decode_split(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,
+                  const AttentionKernels* ak, int64_t chunks, T) {
   const int64_t total = a->past + 1, pairs = a->batch * a->kv_heads, hd = a->head_dim;
   const int64_t group = a->heads / a->kv_heads;
-  const int64_t chunks = std::min((2 * threads + pairs - 1) / pairs, total / kMinChunk);
-  if (chunks < 2 || group > kMaxHeadsPerGroup) return false;
   const int64_t span = (total + chunks - 1) / chunks, part_size = group * (hd + 2);
   thread_local std::vector<float> parts_buf;
   float* parts = grow(parts_buf, pairs * chunks * part_size);
@@ -316,33 +346,26 @@ bool decode_split(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int 
       attend<T>(a, p, b, kvh, 0, group, 0, 1, ctx, s, ak);
     }
   }
-  return true;
-}
-
-// The attention kernels of the layer's matmul path where it has them for this head size, else
-// nullptr (the baseline loops).
-const AttentionKernels* attention_kernels(const ql_decoder_layer_args* a) {
-  const AttentionKernels* ak = vector_kernels(a);
-  return ak != nullptr && a->head_dim % ak->hd_multiple == 0 ? ak : nullptr;
 }
 
 template <typename T>
-void attention_t(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads) {
+void attention_t(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,
+                 const PairFn* before) {
   const AttentionKernels* ak = attention_kernels(a);
-  if (ak != nullptr && a->seq == 1 && threads > 1 && decode_split(a, p, ctx, threads, ak, T{}))
-    return;
-  const int64_t blocks = (a->seq + kRowsPerTask - 1) / kRowsPerTask, group = a->heads / a->kv_heads;
-  const int64_t groups = a->batch * a->kv_heads;
-  const int64_t work = a->batch * a->heads * a->seq * (a->past + a->seq) * a->head_dim;
-  const bool serial = threads <= 1 || work < kParallelAttentionWork;
-  const int64_t parts =
-      serial ? 1 : std::min(group, (2 * threads + groups * blocks - 1) / (groups * blocks));
+  const Plan pl = plan(a, threads);
+  const bool per_task = before != nullptr && a->seq == 1 && pl.chunks < 2 && pl.parts == 1;
+  if (before != nullptr && !per_task)  // not taken task by task: all pairs first
+    for (int64_t pair = 0; pair < a->batch * a->kv_heads; ++pair) (*before)(pair / a->kv_heads, pair % a->kv_heads);
+  if (pl.chunks >= 2) return decode_split(a, p, ctx, threads, ak, pl.chunks, T{});
+  const int64_t blocks = pl.blocks, groups = pl.groups, parts = pl.parts, group = a->heads / a->kv_heads;
+  const bool serial = pl.serial;
   const int64_t tasks = groups * blocks * parts;
   const int64_t scratch = group * (a->past + a->seq + 1) + a->head_dim;
   auto task = [&](int64_t i, float* s) {
     const int64_t block = blocks - 1 - i / (groups * parts), g = i % (groups * parts) / parts;
     const int64_t part = i % parts, h0 = part * group / parts, h1 = (part + 1) * group / parts;
     const int64_t t0 = block * kRowsPerTask, t1 = std::min(a->seq, t0 + kRowsPerTask);
+    if (per_task) (*before)(g / a->kv_heads, g % a->kv_heads);  // this pair's rows, read only here
     attend<T>(a, p, g / a->kv_heads, g % a->kv_heads, h0, h1, t0, t1, ctx, s, ak);
   };
   if (serial || tasks == 1) {
@@ -366,11 +389,17 @@ const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a) {
   return k != nullptr ? k->attention : nullptr;
 }
 
-void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads) {
+bool attention_takes_pairs(const ql_decoder_layer_args* a, int threads) {
+  const Plan pl = plan(a, threads);
+  return a->seq == 1 && pl.chunks < 2 && pl.parts == 1;
+}
+
+void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,
+               const PairFn* before) {
   if (a->cache_dtype == QL_CACHE_INT8)
-    attention_t<int8_t>(a, p, ctx, threads);
+    attention_t<int8_t>(a, p, ctx, threads, before);
   else
-    attention_t<float>(a, p, ctx, threads);
+    attention_t<float>(a, p, ctx, threads, before);
 }
 
 }  // namespace decoder

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "quantlab_kernels.h"
@@ -102,9 +103,18 @@ struct Qkv {
   int64_t ldq, ldkv;
 };
 
+// Work on one (batch row, kv head) pair of a decode step: its query heads' and its key's rotary
+// embedding and its cache row's store (decoder_layer.cpp).
+using PairFn = std::function<void(int64_t b, int64_t kvh)>;
+
 // ctx (rows, heads * head_dim) = grouped-query attention of the step's query rows over the cache,
-// for the cache's dtype (decoder_attention.cpp).
-void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads);
+// for the cache's dtype (decoder_attention.cpp). With `before`, a decode step whose tasks are one
+// (batch row, kv head) pair each runs before(b, kvh) at the start of that pair's task (the pair's
+// rows are read by that task only); otherwise before runs for every pair first, on this thread.
+void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,
+               const PairFn* before = nullptr);
+// Whether attention() would run `before` task by task for this call.
+bool attention_takes_pairs(const ql_decoder_layer_args* a, int threads);
 
 // The vector kernels (AttentionKernels) of the layer's matmul path, nullptr where it has none:
 // the attention's loops and the layer's elementwise work (decoder_attention.cpp).

@@ -117,9 +117,8 @@ void oracle(const Data& d, const Case& c, std::vector<double>& y, std::vector<do
   }
 }
 
-std::vector<float> run(const Data& d, const Case& c, int path, int accuracy, int* status) {
-  std::vector<float> y(c.m * c.n, 0.f);
-  std::vector<uint16_t> y16(c.m * c.n, 0);
+// The call's arguments for case c's data, output to y (of c.dtype).
+ql_matmul_nbits_args make_args(const Data& d, const Case& c, int path, int accuracy, void* y) {
   ql_matmul_nbits_args a{};
   const bool f32 = c.dtype == QL_F32;
   a.a = f32 ? static_cast<const void*>(d.x.data()) : d.x16.data();
@@ -127,7 +126,7 @@ std::vector<float> run(const Data& d, const Case& c, int path, int accuracy, int
   a.scales = f32 ? static_cast<const void*>(d.s.data()) : d.s16.data();
   a.zero_points = c.zp ? d.zp.data() : nullptr;
   a.bias = !c.bias ? nullptr : f32 ? static_cast<const void*>(d.bias.data()) : d.bias16.data();
-  a.y = f32 ? static_cast<void*>(y.data()) : y16.data();
+  a.y = y;
   a.m = c.m;
   a.k = c.k;
   a.n = c.n;
@@ -137,6 +136,15 @@ std::vector<float> run(const Data& d, const Case& c, int path, int accuracy, int
   a.accuracy = accuracy;
   a.path = path;
   a.threads = c.threads;
+  return a;
+}
+
+std::vector<float> run(const Data& d, const Case& c, int path, int accuracy, int* status) {
+  std::vector<float> y(c.m * c.n, 0.f);
+  std::vector<uint16_t> y16(c.m * c.n, 0);
+  const bool f32 = c.dtype == QL_F32;
+  const ql_matmul_nbits_args a =
+      make_args(d, c, path, accuracy, f32 ? static_cast<void*>(y.data()) : y16.data());
   *status = ql_matmul_nbits(&a);
   if (!f32)
     for (size_t i = 0; i < y.size(); ++i) y[i] = from16(y16[i], c.dtype);
@@ -488,22 +496,7 @@ void test_matmul_swiglu(std::mt19937& rng) {
       const std::vector<float> y = run(d, c, path, QL_ACC_INT8, &st);
       std::vector<float> want(c.m * ff), got(c.m * ff, -1.f);
       for (int64_t r = 0; r < c.m; ++r) ep.fn(&y[r * c.n], &y[r * c.n + ff], ff, &want[r * ff], ak);
-      ql_matmul_nbits_args a{};
-      a.a = d.x.data();
-      a.b = d.b.data();
-      a.scales = d.s.data();
-      a.zero_points = c.zp ? d.zp.data() : nullptr;
-      a.bias = c.bias ? d.bias.data() : nullptr;
-      a.y = got.data();
-      a.m = c.m;
-      a.k = c.k;
-      a.n = c.n;
-      a.bits = c.bits;
-      a.block_size = c.bs;
-      a.dtype = QL_F32;
-      a.accuracy = QL_ACC_INT8;
-      a.path = path;
-      a.threads = c.threads;
+      ql_matmul_nbits_args a = make_args(d, c, path, QL_ACC_INT8, got.data());
       const int fused = ql::matmul_nbits_swiglu(&a, ep);
       check(st == QL_OK && fused == QL_OK && got == want, "swiglu epilogue = products + swiglu " + describe(c, path, 4));
       ql::SwigluEpilogue bad = ep;

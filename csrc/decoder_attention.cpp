@@ -317,6 +317,12 @@ Plan plan(const ql_decoder_layer_args* a, int threads) {
   return pl;
 }
 
+// A decode step run as one task per (batch row, kv head) pair: attention() can hand each pair's
+// own rows to its task (attention_takes_pairs).
+bool one_task_per_pair(const ql_decoder_layer_args* a, const Plan& pl) {
+  return a->seq == 1 && pl.chunks < 2 && pl.parts == 1;
+}
+
 // A decode step's attention as attend_chunk tasks over `chunks` stretches of the cache per pair.
 template <typename T>
 void decode_split(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,
@@ -353,7 +359,7 @@ void attention_t(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int t
                  const PairFn* before) {
   const AttentionKernels* ak = attention_kernels(a);
   const Plan pl = plan(a, threads);
-  const bool per_task = before != nullptr && a->seq == 1 && pl.chunks < 2 && pl.parts == 1;
+  const bool per_task = before != nullptr && one_task_per_pair(a, pl);
   if (before != nullptr && !per_task)  // not taken task by task: all pairs first
     for (int64_t pair = 0; pair < a->batch * a->kv_heads; ++pair) (*before)(pair / a->kv_heads, pair % a->kv_heads);
   if (pl.chunks >= 2) return decode_split(a, p, ctx, threads, ak, pl.chunks, T{});
@@ -384,14 +390,17 @@ void attention_t(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int t
 
 }  // namespace
 
-const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a) {
-  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
+const AttentionKernels* vector_kernels(int path) {
+  const PathKernels* k = supported_kernels(path == QL_PATH_AUTO ? ql_best_path() : path);
   return k != nullptr ? k->attention : nullptr;
 }
 
+const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a) {
+  return vector_kernels(a->path);
+}
+
 bool attention_takes_pairs(const ql_decoder_layer_args* a, int threads) {
-  const Plan pl = plan(a, threads);
-  return a->seq == 1 && pl.chunks < 2 && pl.parts == 1;
+  return one_task_per_pair(a, plan(a, threads));
 }
 
 void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int threads,

@@ -116,8 +116,10 @@ void attention(const ql_decoder_layer_args* a, const Qkv& p, float* ctx, int thr
 // Whether attention() would run `before` task by task for this call.
 bool attention_takes_pairs(const ql_decoder_layer_args* a, int threads);
 
-// The vector kernels (AttentionKernels) of the layer's matmul path, nullptr where it has none:
-// the attention's loops and the layer's elementwise work (decoder_attention.cpp).
+// The vector kernels (AttentionKernels) of a matmul path (QL_PATH_AUTO: the CPU's best), nullptr
+// where it has none: the attention's loops and the layer's elementwise work (decoder_attention.cpp).
+const AttentionKernels* vector_kernels(int path);
+// The layer's path's (a->path).
 const AttentionKernels* vector_kernels(const ql_decoder_layer_args* a);
 
 }  // namespace decoder

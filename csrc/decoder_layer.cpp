@@ -283,8 +283,7 @@ int decoder_head(const ql_decoder_head_args* a) {
     return QL_ERR_ARGUMENT;
   thread_local std::vector<float> h;
   float* y = grow(h, a->rows * a->hidden);
-  const PathKernels* k = supported_kernels(a->path == QL_PATH_AUTO ? ql_best_path() : a->path);
-  const AttentionKernels* ak = k != nullptr ? k->attention : nullptr;  // the layers' norm
+  const AttentionKernels* ak = decoder::vector_kernels(a->path);  // the layers' norm
   for (int64_t r = 0; r < a->rows; ++r)
     rms_norm(a->x + r * a->hidden, a->norm, a->hidden, a->eps, y + r * a->hidden, ak);
   return run_linear(a->head, y, a->rows, a->logits, a->path, a->threads);

@@ -313,21 +313,8 @@ void amx_tile_impl(const Weights& w, const Acts& a, const Tile& t, float* out) {
         _tile_loadd(4, bt + 1024, 64);
         c_dot(c_tile(mt, mts, b));
       }
-      const bool done = c % per_block == per_block - 1;
-      if constexpr (Full) {
-        // The previous block's C is stored before the next chunk's unpacking and read after it:
-        // vector loads of a tile store's bytes right behind it stall until the store completes.
-        if (done && b > 0) c_store(c_tile(0, 1, b - 1), cbuf);
-        if (c + 1 < chunks) unpack(c + 1, wbuf[(c + 1) & 1]);
-        if (done && b > 0) {
-          const int64_t b_ = b - 1;
-          const __m512 dv_ = _mm512_load_ps(x.d + (mt0 * kb + b_) * kT);
-          QL_ROWS16(QL_SCALE_ROW)
-        }
-        continue;
-      }
       if (c + 1 < chunks) unpack(c + 1, wbuf[(c + 1) & 1]);  // while the tile products run
-      if (done) QL_BLOCK_DONE(b);
+      if (c % per_block == per_block - 1) QL_BLOCK_DONE(b);
     }
   }
   if (mts <= 2) QL_SCALE(kb - 1);

@@ -377,13 +377,13 @@ int matmul_nbits_impl(const ql_matmul_nbits_args* args, const SwigluEpilogue* ep
     }
   };
   auto work = [&] {
-    std::vector<float> s_buf(a_is_f32 ? 0 : nr_max * kb);
-    const float* srows[kMaxNr];
-    const uint8_t* zrows[kMaxNr];
+    // Scale and zero-point rows of the tile's weight rows; with the epilogue a second set for its
+    // up rows (ff + the tile's columns), both set once per column tile.
+    std::vector<float> s_buf(a_is_f32 ? 0 : (ep != nullptr ? 2 : 1) * nr_max * kb);
+    const float* srows[2][kMaxNr];
+    const uint8_t* zrows[2][kMaxNr];
     float out[kMaxMr * kMaxNr], out_up[kMaxMr * kMaxNr];  // out_up: the epilogue's up rows
     Tile tile;
-    tile.scales = srows;
-    tile.zeros = zrows;
     bool begun = false;
     for (;;) {
       int64_t t0, t1;
@@ -393,28 +393,35 @@ int matmul_nbits_impl(const ql_matmul_nbits_args* args, const SwigluEpilogue* ep
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t col0 = t * nr_max;  // first output column
         tile.nr = static_cast<int>(std::min<int64_t>(nr_max, n_cols - col0));
-        // Weight rows from n0 (the up rows of the epilogue's pairs: ff + col0).
-        auto set_rows = [&](int64_t n0) {
-          tile.n0 = n0;
+        // Set r of the row pointers: weight rows from n0 (the epilogue's up rows: ff + col0).
+        auto set_rows = [&](int r, int64_t n0) {
           for (int j = 0; j < tile.nr; ++j) {
             const int64_t n = n0 + j;
             if (a_is_f32) {
-              srows[j] = static_cast<const float*>(args->scales) + n * kb;
+              srows[r][j] = static_cast<const float*>(args->scales) + n * kb;
             } else {
-              float* s = s_buf.data() + j * kb;
+              float* s = s_buf.data() + (r * nr_max + j) * kb;
               to_f32(args->scales, n * kb, kb, s);
-              srows[j] = s;
+              srows[r][j] = s;
             }
-            zrows[j] = args->zero_points ? args->zero_points + n * zp_row_bytes : nullptr;
+            zrows[r][j] = args->zero_points ? args->zero_points + n * zp_row_bytes : nullptr;
           }
         };
+        // The tile over weight rows from n0 with row pointer set r.
+        auto use_rows = [&](int r, int64_t n0) {
+          tile.n0 = n0;
+          tile.scales = srows[r];
+          tile.zeros = zrows[r];
+        };
+        set_rows(0, col0);
         if (ep != nullptr) {
+          set_rows(1, ep->ff + col0);
           const float* bias = static_cast<const float*>(args->bias);
           for (tile.m0 = 0; tile.m0 < M; tile.m0 += mr_max) {
             tile.mr = static_cast<int>(std::min<int64_t>(mr_max, M - tile.m0));
-            set_rows(col0);
+            use_rows(0, col0);
             tile_fn(w, acts, tile, out);
-            set_rows(ep->ff + col0);
+            use_rows(1, ep->ff + col0);
             tile_fn(w, acts, tile, out_up);
             for (int i = 0; i < tile.mr; ++i) {
               float* g = out + i * tile.nr;
@@ -426,7 +433,7 @@ int matmul_nbits_impl(const ql_matmul_nbits_args* args, const SwigluEpilogue* ep
           }
           continue;
         }
-        set_rows(col0);
+        use_rows(0, col0);
         for (tile.m0 = 0; tile.m0 < M; tile.m0 += mr_max) {
           tile.mr = static_cast<int>(std::min<int64_t>(mr_max, M - tile.m0));
           tile_fn(w, acts, tile, out);

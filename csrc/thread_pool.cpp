@@ -8,22 +8,24 @@
 namespace ql {
 
 namespace {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
 constexpr auto kSpin = std::chrono::microseconds(50);
 
-// Spins until pred() or kSpin elapses; returns pred(). pred() is checked after every pause and the
-// clock after every 64: a pause is ~140 cycles on Skylake-SP and later, so checking pred() only
-// every 64 pauses (~3 us) made each hand-over between the caller and a worker wait ~1.5 us on
-// average, ~10 such waits a decoder layer.
+// Spins until pred() or kSpin elapses; returns pred().
 template <class Pred>
 bool spin_until(Pred pred) {
   const auto start = std::chrono::steady_clock::now();
-  for (;;) {
-    for (int i = 0; i < 64; ++i) {
-      if (pred()) return true;
-      cpu_relax();
-    }
-    if (std::chrono::steady_clock::now() - start > kSpin) return pred();
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() - start > kSpin) return false;
+    for (int i = 0; i < 64; ++i) cpu_relax();
   }
+  return true;
 }
 }  // namespace
 

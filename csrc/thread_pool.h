@@ -18,15 +18,6 @@
 
 namespace ql {
 
-// A spin-wait's pause (x86 PAUSE, AArch64 YIELD).
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
-#endif
-}
-
 class ThreadPool {
  public:
   ThreadPool() = default;
